@@ -1,0 +1,176 @@
+"""Weight conversion between PyTorch state_dicts and Flax NNX models, in both directions.
+
+Each model has one explicit key table (`cnn_rules`, ...): a list of `Rule`s mapping a torch key
+onto a Flax parameter path with a layout transform. Conversion is exhaustive: every torch key is
+consumed, every Flax parameter is written, every shape is checked, and anything left over on
+either side is an error that names it.
+
+Layouts (REFERENCE.md): torch conv kernels are (O, I, kh, kw) and Flax's (kh, kw, I, O); torch
+Linear weights are (out, in) and Flax kernels (in, out). The first Linear after a flatten also
+differs in row order: torch flattens (C, H, W), Flax (H, W, C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvision.configs import CNNConfig
+from jaxvision.errors import ConversionError
+
+Path = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """torch key <-> Flax path, with the layout transform between them.
+
+    kind: 'copy' (biases, norms, embeddings), 'linear' (transpose), 'conv' (OIHW <-> HWIO), or
+    'linear_chw' (a Linear fed by a flatten of a (C, H, W) map; `chw` gives its shape).
+    """
+
+    torch_key: str
+    flax_path: Path
+    kind: str = "copy"
+    chw: tuple[int, int, int] | None = None
+
+    def to_flax(self, w: np.ndarray) -> np.ndarray:
+        if self.kind == "copy":
+            return w
+        if self.kind == "linear":
+            return w.T  # (out, in) -> (in, out)
+        if self.kind == "conv":
+            return w.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
+        if self.kind == "linear_chw":
+            c, h, wd = self.chw
+            w = w.reshape(-1, c, h, wd)  # (out, C*H*W) -> (out, C, H, W)
+            return w.transpose(2, 3, 1, 0).reshape(h * wd * c, -1)  # -> (H*W*C, out)
+        raise ValueError(f"unknown rule kind {self.kind!r}")
+
+    def to_torch(self, w: np.ndarray) -> np.ndarray:
+        if self.kind == "copy":
+            return w
+        if self.kind == "linear":
+            return w.T  # (in, out) -> (out, in)
+        if self.kind == "conv":
+            return w.transpose(3, 2, 0, 1)  # (kh, kw, I, O) -> (O, I, kh, kw)
+        if self.kind == "linear_chw":
+            c, h, wd = self.chw
+            w = w.reshape(h, wd, c, -1)  # (H*W*C, out) -> (H, W, C, out)
+            return w.transpose(3, 2, 0, 1).reshape(-1, c * h * wd)  # -> (out, C*H*W)
+        raise ValueError(f"unknown rule kind {self.kind!r}")
+
+
+def _linear(torch_name: str, flax_name: str | Path | None = None) -> list[Rule]:
+    path = _as_path(flax_name or torch_name)
+    return [Rule(f"{torch_name}.weight", path + ("kernel",), "linear"),
+            Rule(f"{torch_name}.bias", path + ("bias",))]
+
+
+def _conv(torch_name: str, flax_name: str | Path | None = None) -> list[Rule]:
+    path = _as_path(flax_name or torch_name)
+    return [Rule(f"{torch_name}.weight", path + ("kernel",), "conv"),
+            Rule(f"{torch_name}.bias", path + ("bias",))]
+
+
+def _as_path(name: str | Path) -> Path:
+    if isinstance(name, tuple):
+        return name
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def cnn_rules(config: CNNConfig) -> list[Rule]:
+    s = config.pooled_size
+    return [
+        *_conv("conv1"),
+        *_conv("conv2"),
+        Rule("fc1.weight", ("fc1", "kernel"), "linear_chw", (config.conv2_features, s, s)),
+        Rule("fc1.bias", ("fc1", "bias")),
+        *_linear("fc2"),
+    ]
+
+
+def rules_for(model: nnx.Module) -> list[Rule]:
+    config = getattr(model, "config", None)
+    if isinstance(config, CNNConfig):
+        return cnn_rules(config)
+    raise ConversionError(f"no conversion table for {type(model).__name__}")
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if hasattr(t, "detach"):  # a torch.Tensor, without importing torch here
+        t = t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+def _flax_params(model: nnx.Module) -> dict[Path, nnx.Variable]:
+    return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def load_torch_state_dict(
+    model: nnx.Module, state_dict: Mapping[str, Any], rules: Sequence[Rule] | None = None
+) -> nnx.Module:
+    """Writes a torch state_dict into the Flax `model`, in place, and returns the model."""
+    rules = rules_for(model) if rules is None else rules
+    params = _flax_params(model)
+    _check_coverage(rules, params)
+    missing = [r.torch_key for r in rules if r.torch_key not in state_dict]
+    if missing:
+        raise ConversionError(f"state_dict lacks {len(missing)} key(s) the model needs: {missing}")
+    used = {r.torch_key for r in rules}
+    leftover = [k for k in state_dict if k not in used]
+    if leftover:
+        raise ConversionError(
+            f"state_dict has {len(leftover)} key(s) the {type(model).__name__} does not use: "
+            f"{leftover}; is it from another architecture or preset?"
+        )
+    new_values = {}
+    for rule in rules:
+        src = _to_numpy(state_dict[rule.torch_key])
+        var = params[rule.flax_path]
+        try:
+            value = rule.to_flax(src)
+        except ValueError as e:  # a reshape that cannot work: the shapes disagree
+            raise ConversionError(
+                f"{rule.torch_key}: torch shape {src.shape} does not fit Flax "
+                f"{'.'.join(map(str, rule.flax_path))} {var.shape} ({e})"
+            ) from None
+        if value.shape != var.shape:
+            raise ConversionError(
+                f"{rule.torch_key}: torch shape {src.shape} becomes {value.shape}, but Flax "
+                f"{'.'.join(map(str, rule.flax_path))} is {var.shape}"
+            )
+        new_values[rule.flax_path] = jnp.asarray(value, dtype=var.dtype)
+    for path, value in new_values.items():  # write only once everything has been checked
+        params[path].set_value(value)
+    return model
+
+
+def to_torch_state_dict(model: nnx.Module, rules: Sequence[Rule] | None = None) -> dict:
+    """The torch state_dict (an ordered dict of CPU tensors) of the Flax `model`."""
+    import torch
+
+    rules = rules_for(model) if rules is None else rules
+    params = _flax_params(model)
+    _check_coverage(rules, params)
+    out = {}
+    for rule in rules:
+        w = np.asarray(params[rule.flax_path][...])
+        out[rule.torch_key] = torch.from_numpy(np.array(rule.to_torch(w), copy=True, order="C"))
+    return out
+
+
+def _check_coverage(rules: Sequence[Rule], params: Mapping[Path, Any]) -> None:
+    ruled = {r.flax_path for r in rules}
+    unknown = [".".join(map(str, p)) for p in ruled if p not in params]
+    uncovered = [".".join(map(str, p)) for p in params if p not in ruled]
+    if unknown or uncovered:
+        raise ConversionError(
+            f"conversion table and Flax model disagree: table paths not in the model {unknown}, "
+            f"model parameters not in the table {uncovered}"
+        )

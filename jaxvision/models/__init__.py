@@ -1,0 +1,16 @@
+"""Flax NNX models, one architecture per file, mirrored in `torch_reference.models`."""
+
+from flax import nnx
+
+from jaxvision.configs import CNNConfig
+from jaxvision.models.cnn import CNN
+
+
+def build_model(config, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The Flax model for a config from `jaxvision.configs.get_config`."""
+    if isinstance(config, CNNConfig):
+        return CNN(config, rngs=rngs)
+    raise TypeError(f"no Flax model for {type(config).__name__}")
+
+
+__all__ = ["CNN", "build_model"]

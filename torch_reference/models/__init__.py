@@ -1,0 +1,16 @@
+"""PyTorch twins of `jaxvision.models`, with the same class, attribute and preset names."""
+
+from torch import nn
+
+from jaxvision.configs import CNNConfig
+from torch_reference.models.cnn import CNN
+
+
+def build_model(config) -> nn.Module:
+    """The torch model for a config from `jaxvision.configs.get_config`."""
+    if isinstance(config, CNNConfig):
+        return CNN(config)
+    raise TypeError(f"no torch model for {type(config).__name__}")
+
+
+__all__ = ["CNN", "build_model"]

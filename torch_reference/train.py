@@ -1,0 +1,119 @@
+"""PyTorch training and evaluation, the twin of `jaxvision.train` (same recipe, same data order).
+
+The dataset is preloaded on the device as a uint8 tensor; batches are index-gathered from it with
+the same per-epoch permutation the JAX backend uses. No `Dataset.__getitem__` loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jaxvision.configs import get_config
+from jaxvision.data import Dataset, epoch_permutation
+from jaxvision.run import LossTracker, RunResult, TrainConfig, run_epochs
+from torch_reference import metrics
+from torch_reference.models import build_model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
+
+
+def to_nchw(x: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)  # (N,H,W,C)->(N,C,H,W)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 standardised with the training set's statistics."""
+    return (x.float() / 255.0 - mean) / std
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def _fetch(losses: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(losses).double().cpu().numpy()
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, data: Dataset, device=None):
+        self.device = device or default_device()
+        self.model = model.to(self.device)
+        self.config = config
+        self.data = data
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.x_train = to_nchw(data.x_train, self.device)  # (N, C, H, W) uint8
+        self.y_train = torch.from_numpy(data.y_train).to(self.device)
+        self.x_test = to_nchw(data.x_test, self.device)
+        self.y_test = torch.from_numpy(data.y_test).to(self.device)
+        shape = (1, -1, 1, 1)  # per-channel statistics, broadcast over (B, C, H, W)
+        self.mean = torch.tensor(data.mean, device=self.device).reshape(shape)
+        self.std = torch.tensor(data.std, device=self.device).reshape(shape)
+
+    def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
+        cfg = self.config
+        steps = cfg.steps_per_epoch(self.data.n_train)
+        perm = torch.from_numpy(epoch_permutation(self.data.n_train, cfg.seed, epoch)).to(self.device)
+        self.model.train()
+        self._sync()
+        t0 = time.perf_counter()
+        tracker = LossTracker(cfg, epoch, steps, _fetch, bar)
+        for step in range(steps):
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]  # (B,)
+            x = normalize(self.x_train[idx], self.mean, self.std)  # (B, C, H, W) float32
+            loss = F.cross_entropy(self.model(x), self.y_train[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            tracker.add(loss.detach())
+        self._sync()
+        return tracker.mean, time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        e = self.config.eval_batch_size
+        losses, preds = [], []
+        for i in range(0, self.data.n_test, e):
+            x = normalize(self.x_test[i : i + e], self.mean, self.std)
+            logits = self.model(x)  # (E, K)
+            losses.append(F.cross_entropy(logits, self.y_test[i : i + e], reduction="none"))
+            preds.append(logits.argmax(-1))
+        loss, pred = torch.cat(losses), torch.cat(preds)
+        k = self.data.num_classes
+        return {
+            "loss": loss.mean().item(),
+            "accuracy": metrics.accuracy(self.y_test, pred).item(),
+            "f1_macro": metrics.f1_macro(self.y_test, pred, k).item(),
+            "preds": pred.cpu().numpy(),
+        }
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
+    h, w, c = data.image_shape
+    model_config = get_config(config.arch, config.preset, num_classes=data.num_classes,
+                              in_channels=c, image_size=h)
+    torch.manual_seed(config.seed)  # initialisation and dropout
+    trainer = Trainer(build_model(model_config), config, data)
+    steps = config.steps_per_epoch(data.n_train)
+    history, preds = run_epochs(config, steps, trainer.train_epoch, trainer.evaluate)
+    return RunResult(history, count_params(trainer.model), describe_device(trainer.device), 0.0, preds)
