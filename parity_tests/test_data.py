@@ -12,15 +12,23 @@ from jaxvision import data
 from jaxvision.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def write_split(folder: Path, sample, suffix: str = "", n_train: int = 300, n_test: int = 100):
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = (sample.x_train[:n_train, ..., 0], sample.y_train[:n_train].astype(np.uint8),
-              sample.x_test[:n_test, ..., 0], sample.y_test[:n_test].astype(np.uint8))
-    for name, arr in zip(FILES, arrays):
+    arrays = (
+        sample.x_train[:n_train, ..., 0],
+        sample.y_train[:n_train].astype(np.uint8),
+        sample.x_test[:n_test, ..., 0],
+        sample.y_test[:n_test].astype(np.uint8),
+    )
+    for name, arr in zip(FILES, arrays, strict=True):
         data.write_idx(folder / (name + suffix), arr)
     return folder
 
@@ -125,7 +133,9 @@ def test_empty_folder(tmp_path):
 
 
 def test_unknown_dataset_and_source():
-    with pytest.raises(DataError, match=r"unknown dataset 'cifar10'; available: mnist, fashion_mnist"):
+    with pytest.raises(
+        DataError, match=r"unknown dataset 'cifar10'; available: mnist, fashion_mnist"
+    ):
         data.load_dataset("cifar10")
     with pytest.raises(DataError, match=r"unknown data source 'web'"):
         data.load_dataset("mnist", source="web")
@@ -143,8 +153,13 @@ def test_host_probe_fails_fast_for_an_unresolvable_host():
 
 
 def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, sample):

@@ -12,8 +12,10 @@ from torch_reference import metrics as tm
 rng = np.random.default_rng(0)
 CASES = {
     "random": (rng.integers(0, 10, 1000), rng.integers(0, 10, 1000)),
-    "mostly_right": (np.arange(1000) % 10, np.where(rng.random(1000) < 0.95, np.arange(1000) % 10,
-                                                   rng.integers(0, 10, 1000))),
+    "mostly_right": (
+        np.arange(1000) % 10,
+        np.where(rng.random(1000) < 0.95, np.arange(1000) % 10, rng.integers(0, 10, 1000)),
+    ),
     # class 9 never occurs, class 8 is never predicted, class 7 only predicted: sklearn averages
     # over the classes present in either array and scores an unpredicted class 0.
     "absent_classes": (np.array([0, 1, 2, 8, 8, 3, 3, 4]), np.array([0, 1, 2, 7, 1, 3, 4, 4])),

@@ -14,9 +14,23 @@ from jaxvision.run import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
-    "arch", "backend", "dataset", "data_source", "n_train", "n_test", "epochs", "test_accuracy",
-    "test_f1_macro", "train_loss", "test_loss", "train_time_s", "compile_time_s", "params",
-    "device", "seed", "config",
+    "arch",
+    "backend",
+    "dataset",
+    "data_source",
+    "n_train",
+    "n_test",
+    "epochs",
+    "test_accuracy",
+    "test_f1_macro",
+    "train_loss",
+    "test_loss",
+    "train_time_s",
+    "compile_time_s",
+    "params",
+    "device",
+    "seed",
+    "config",
 }
 
 
@@ -45,10 +59,12 @@ def test_short_run_accuracy_in_both_frameworks(short_runs):
 def test_reported_metrics_are_sklearns_on_the_predictions(short_runs, sample, backend):
     r = short_runs[backend]
     assert r.predictions.shape == (sample.n_test,)
-    assert r.final.test_accuracy == pytest.approx(accuracy_score(sample.y_test, r.predictions),
-                                                  abs=1e-6)
+    assert r.final.test_accuracy == pytest.approx(
+        accuracy_score(sample.y_test, r.predictions), abs=1e-6
+    )
     assert r.final.test_f1_macro == pytest.approx(
-        f1_score(sample.y_test, r.predictions, average="macro"), abs=1e-6)
+        f1_score(sample.y_test, r.predictions, average="macro"), abs=1e-6
+    )
 
 
 def test_same_seed_same_jax_run(sample):
@@ -62,14 +78,31 @@ def test_same_seed_same_jax_run(sample):
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend):
-    r = cli("--arch", "cnn", "--backend", backend, "--preset", "tiny", "--epochs", "1",
-            "--batch-size", "64", "--out", str(tmp_path / "run"))
+    r = cli(
+        "--arch",
+        "cnn",
+        "--backend",
+        backend,
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert REQUIRED_KEYS <= record.keys()
@@ -102,8 +135,21 @@ def test_cli_bad_requests_are_one_line_exit_2(args, message):
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path, backend):
-    r = cli("--backend", backend, "--optimizer", "sgd", "--lr", "1e30", "--preset", "tiny",
-            "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"))
+    r = cli(
+        "--backend",
+        backend,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e30",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: training loss became nan at epoch 1, step ")

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from jaxvision.configs import get_config
 from jaxvision.data import Dataset, epoch_permutation
-from jaxvision.run import LossTracker, RunResult, TrainConfig, run_epochs
+from jaxvision.run import LossTracker, RunResult, TrainConfig, lr_factor, run_epochs
 from torch_reference import metrics
+from torch_reference.augment import random_affine
 from torch_reference.models import build_model
 
 
@@ -31,15 +32,27 @@ def to_nchw(x: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)  # (N,H,W,C)->(N,C,H,W)
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 standardised with the training set's statistics."""
-    return (x.float() / 255.0 - mean) / std
-
-
-def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "adamw":
+        # Decay weight matrices and conv kernels only (the Flax side's "kernel" mask).
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim >= 2]
+        ids = {id(p) for p in decay}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+
+
+def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
+    if config.schedule == "constant":
+        return None
+    total, warmup = config.epochs * steps_per_epoch, config.warmup_steps(steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
 
 
 def _fetch(losses: list[torch.Tensor]) -> np.ndarray:
@@ -56,7 +69,11 @@ class Trainer:
         self.model = model.to(self.device)
         self.config = config
         self.data = data
-        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.optimizer = make_optimizer(config, self.model)
+        self.scheduler = make_scheduler(
+            config, self.optimizer, config.steps_per_epoch(data.n_train)
+        )
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)  # augmentation
         self.x_train = to_nchw(data.x_train, self.device)  # (N, C, H, W) uint8
         self.y_train = torch.from_numpy(data.y_train).to(self.device)
         self.x_test = to_nchw(data.x_test, self.device)
@@ -68,18 +85,29 @@ class Trainer:
     def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
         cfg = self.config
         steps = cfg.steps_per_epoch(self.data.n_train)
-        perm = torch.from_numpy(epoch_permutation(self.data.n_train, cfg.seed, epoch)).to(self.device)
+        perm = torch.from_numpy(epoch_permutation(self.data.n_train, cfg.seed, epoch)).to(
+            self.device
+        )
         self.model.train()
         self._sync()
         t0 = time.perf_counter()
         tracker = LossTracker(cfg, epoch, steps, _fetch, bar)
         for step in range(steps):
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]  # (B,)
-            x = normalize(self.x_train[idx], self.mean, self.std)  # (B, C, H, W) float32
-            loss = F.cross_entropy(self.model(x), self.y_train[idx])
+            x = self.x_train[idx].float() / 255.0  # (B, C, H, W) in [0, 1]
+            if cfg.augment:
+                x = random_affine(x, self.generator)
+            x = (x - self.mean) / self.std
+            loss = F.cross_entropy(
+                self.model(x), self.y_train[idx], label_smoothing=cfg.label_smoothing
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             tracker.add(loss.detach())
         self._sync()
         return tracker.mean, time.perf_counter() - t0
@@ -90,7 +118,7 @@ class Trainer:
         e = self.config.eval_batch_size
         losses, preds = [], []
         for i in range(0, self.data.n_test, e):
-            x = normalize(self.x_test[i : i + e], self.mean, self.std)
+            x = (self.x_test[i : i + e].float() / 255.0 - self.mean) / self.std
             logits = self.model(x)  # (E, K)
             losses.append(F.cross_entropy(logits, self.y_test[i : i + e], reduction="none"))
             preds.append(logits.argmax(-1))
@@ -108,12 +136,34 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
 
+@torch.inference_mode()
+def attention_weights(model: torch.nn.Module, images: np.ndarray, data: Dataset):
+    """Eval-mode attention weights, per layer (B, heads, T, T), and predictions, as numpy."""
+    model.eval()
+    device = next(model.parameters()).device
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(data.mean, device=device).reshape(shape)
+    std = torch.tensor(data.std, device=device).reshape(shape)
+    x = (to_nchw(images, device).float() / 255.0 - mean) / std
+    logits, out = model.forward_intermediates(x)
+    attns = [out[f"attn{i}"].cpu().numpy() for i in range(model.config.depth)]
+    return attns, logits.argmax(-1).cpu().numpy()
+
+
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
     h, w, c = data.image_shape
-    model_config = get_config(config.arch, config.preset, num_classes=data.num_classes,
-                              in_channels=c, image_size=h)
+    model_config = get_config(
+        config.arch, config.preset, num_classes=data.num_classes, in_channels=c, image_size=h
+    )
     torch.manual_seed(config.seed)  # initialisation and dropout
     trainer = Trainer(build_model(model_config), config, data)
     steps = config.steps_per_epoch(data.n_train)
     history, preds = run_epochs(config, steps, trainer.train_epoch, trainer.evaluate)
-    return RunResult(history, count_params(trainer.model), describe_device(trainer.device), 0.0, preds)
+    return RunResult(
+        history,
+        count_params(trainer.model),
+        describe_device(trainer.device),
+        0.0,
+        preds,
+        trainer.model,
+    )

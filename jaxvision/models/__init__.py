@@ -2,15 +2,18 @@
 
 from flax import nnx
 
-from jaxvision.configs import CNNConfig
+from jaxvision.configs import CNNConfig, ViTConfig
 from jaxvision.models.cnn import CNN
+from jaxvision.models.vit import ViT
 
 
 def build_model(config, *, rngs: nnx.Rngs) -> nnx.Module:
     """The Flax model for a config from `jaxvision.configs.get_config`."""
     if isinstance(config, CNNConfig):
         return CNN(config, rngs=rngs)
+    if isinstance(config, ViTConfig):
+        return ViT(config, rngs=rngs)
     raise TypeError(f"no Flax model for {type(config).__name__}")
 
 
-__all__ = ["CNN", "build_model"]
+__all__ = ["CNN", "ViT", "build_model"]

@@ -35,10 +35,12 @@ class CNN(nnx.Module):
     def __init__(self, config: CNNConfig = CNNConfig(), *, rngs: nnx.Rngs):
         self.config = config
         pad = ((1, 1), (1, 1))  # torch's padding=1; 'SAME' would be the same here, but be explicit
-        self.conv1 = nnx.Conv(config.in_channels, config.conv1_features, (3, 3), padding=pad,
-                              rngs=rngs)
-        self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, (3, 3), padding=pad,
-                              rngs=rngs)
+        self.conv1 = nnx.Conv(
+            config.in_channels, config.conv1_features, (3, 3), padding=pad, rngs=rngs
+        )
+        self.conv2 = nnx.Conv(
+            config.conv1_features, config.conv2_features, (3, 3), padding=pad, rngs=rngs
+        )
         flat = config.pooled_size**2 * config.conv2_features
         self.fc1 = nnx.Linear(flat, config.hidden, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)

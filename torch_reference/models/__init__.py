@@ -2,15 +2,18 @@
 
 from torch import nn
 
-from jaxvision.configs import CNNConfig
+from jaxvision.configs import CNNConfig, ViTConfig
 from torch_reference.models.cnn import CNN
+from torch_reference.models.vit import ViT
 
 
 def build_model(config) -> nn.Module:
     """The torch model for a config from `jaxvision.configs.get_config`."""
     if isinstance(config, CNNConfig):
         return CNN(config)
+    if isinstance(config, ViTConfig):
+        return ViT(config)
     raise TypeError(f"no torch model for {type(config).__name__}")
 
 
-__all__ = ["CNN", "build_model"]
+__all__ = ["CNN", "ViT", "build_model"]

@@ -1,0 +1,102 @@
+"""ViT training end to end: both frameworks learn the bundled digits, and --save-attention."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxvision.cli import backend_trainer
+from jaxvision.run import ARCH_DEFAULTS, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def short_vit_runs(sample):
+    """The default recipe (AdamW, warmup + cosine, clipping, smoothing, augmentation) on the
+    `tiny` preset, cut to 6 epochs, on the bundled 4,000 digits, in each framework."""
+    recipe = {**ARCH_DEFAULTS["vit"], "epochs": 6, "warmup_epochs": 1.0}
+    results = {}
+    for backend in ("jax", "torch"):
+        config = TrainConfig(arch="vit", backend=backend, preset="tiny", progress=False, **recipe)
+        results[backend] = backend_trainer(backend)(config, sample)
+    return results
+
+
+def test_short_vit_run_accuracy_in_both_frameworks(short_vit_runs):
+    # Floor: 85% after 6 epochs on 4,000 digits (chance is 10%; the lab's ViTs reported 75.9%
+    # to 97.1% on all 60,000). The two frameworks land within 2 points of each other.
+    acc = {b: r.final.test_accuracy for b, r in short_vit_runs.items()}
+    assert acc["jax"] >= 0.85 and acc["torch"] >= 0.85, acc
+    assert abs(acc["jax"] - acc["torch"]) <= 0.02, acc
+    for r in short_vit_runs.values():
+        assert r.history[-1].train_loss < r.history[0].train_loss
+        assert r.params == 139_018
+
+
+def test_save_attention_writes_a_png_grid(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--arch",
+            "vit",
+            "--preset",
+            "micro",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--no-progress",
+            "--save-attention",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr
+    png = out / "attention.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w, _ = matplotlib.image.imread(png).shape
+    assert w > 2 * h  # a row of digits above a row of maps
+    assert f"wrote {png}" in r.stdout
+
+
+def test_save_attention_refuses_a_cnn():
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "cnn", "--save-attention"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip() == "error: --save-attention draws a ViT's attention; --arch cnn has none"
+    )
+
+
+def test_attention_rollout_is_row_stochastic_and_mixes_the_identity():
+    from jaxvision.attention import attention_rollout, patch_map
+
+    rng = np.random.default_rng(0)
+    attns = []
+    for _ in range(3):
+        a = rng.random((2, 4, 17, 17))
+        attns.append(a / a.sum(-1, keepdims=True))
+    rollout = attention_rollout(attns)
+    np.testing.assert_allclose(rollout.sum(-1), 1.0, atol=1e-12)
+    # One layer of uniform attention: 0.5 identity + 0.5 uniform.
+    uniform = np.full((1, 1, 5, 5), 0.2)
+    np.testing.assert_allclose(attention_rollout([uniform])[0], 0.5 * np.eye(5) + 0.1)
+    maps = patch_map(rollout, 4, has_cls=True)
+    assert maps.shape == (2, 4, 4)
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0)
