@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from jaxvision import configs, data, run
 from jaxvision.errors import UserError
 
@@ -157,8 +159,9 @@ def backend_trainer(backend: str):
 
 
 def save_attention(
-    config: run.TrainConfig, dataset: data.Dataset, result: run.RunResult, out_dir: Path, n: int = 8
+    config: run.TrainConfig, dataset: data.Dataset, result: run.RunResult, out_dir: Path
 ) -> Path:
+    """attention.png: the first test digit of each class above its attention rollout."""
     from jaxvision import attention
 
     if config.backend == "jax":
@@ -166,7 +169,9 @@ def save_attention(
     else:
         from torch_reference.train import attention_weights
     model_config = result.model.config
-    images = dataset.x_test[:n]  # (n, H, W, C) uint8
+    first = [np.flatnonzero(dataset.y_test == c) for c in range(dataset.num_classes)]
+    idx = np.array([f[0] for f in first if len(f)])
+    images = dataset.x_test[idx]  # (n, H, W, C) uint8
     attns, preds = attention_weights(result.model, images, dataset)
     rollout = attention.attention_rollout(attns)
     has_cls = model_config.pool == "cls"
@@ -177,7 +182,7 @@ def save_attention(
         f"{'[CLS] token row' if has_cls else 'mean of token rows'}"
     )
     return attention.save_attention_grid(
-        images[..., 0], maps, dataset.y_test[:n], preds, out_dir / "attention.png", title
+        images[..., 0], maps, dataset.y_test[idx], preds, out_dir / "attention.png", title
     )
 
 
@@ -197,11 +202,11 @@ def train(config: run.TrainConfig) -> dict:
     record = run.metrics_record(config, dataset, result)
     out_dir = Path(config.out) if config.out else run.default_out_dir(config)
     path = run.write_metrics(record, out_dir)
-    if config.save_attention:
-        print(f"wrote {save_attention(config, dataset, result, out_dir)}")
     print(run.RESULTS_HEADER)
     print(run.results_row(record))
     print(f"wrote {path}")
+    if config.save_attention:
+        print(f"wrote {save_attention(config, dataset, result, out_dir)}")
     return record
 
 

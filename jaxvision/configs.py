@@ -93,12 +93,14 @@ class ViTConfig:
 # `lab`: the lab's small ViT: a 7x7 grid of 4x4-pixel patches (49 patches + [CLS], seeds 002 and
 #   003), 2 blocks, 2 heads, sinusoidal positions, and dim 8 as in the tutorial seed 004 follows.
 #   1,994 parameters; seed 002's "~10k" was a rough figure.
-# `tiny`: the CLI default, sized for a 2-core CPU: 4x4 patches, 4 blocks of dim 64.
+# `tiny`: the CLI default, sized for a 2-core CPU: a 4x4 grid of 7x7 patches (16 + [CLS] tokens),
+#   4 blocks of dim 64. On 4,000 digits it beat 4x4 patches both per epoch (88.5% vs 79.6% after
+#   10 epochs) and per second (2.5x faster), so the CPU budget buys more epochs.
 # `mnistvit`: asnelt/mnistvit's network (99.65% on full MNIST in its recipe), 11M parameters.
 # `micro`: for tests only.
 VIT_PRESETS: dict[str, ViTConfig] = {
     "lab": ViTConfig(patch_size=4, dim=8, depth=2, heads=2, mlp_dim=32, pos_encoding="sinusoidal"),
-    "tiny": ViTConfig(patch_size=4, dim=64, depth=4, heads=4, mlp_dim=128, dropout=0.1),
+    "tiny": ViTConfig(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=128),
     "mnistvit": ViTConfig(patch_size=4, dim=420, depth=9, heads=28, mlp_dim=615, dropout=0.06),
     "micro": ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32),
 }

@@ -43,9 +43,9 @@ ARCH_DEFAULTS: dict[str, dict] = {
         augment=False,
     ),
     "vit": dict(
-        epochs=40,
+        epochs=100,
         batch_size=128,
-        lr=1e-3,
+        lr=3e-3,
         optimizer="adamw",
         momentum=0.9,
         weight_decay=0.05,

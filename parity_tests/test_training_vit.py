@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def short_vit_runs(sample):
     """The default recipe (AdamW, warmup + cosine, clipping, smoothing, augmentation) on the
-    `tiny` preset, cut to 6 epochs, on the bundled 4,000 digits, in each framework."""
-    recipe = {**ARCH_DEFAULTS["vit"], "epochs": 6, "warmup_epochs": 1.0}
+    `tiny` preset, cut to 10 epochs, on the bundled 4,000 digits, in each framework."""
+    recipe = {**ARCH_DEFAULTS["vit"], "epochs": 10, "warmup_epochs": 1.0}
     results = {}
     for backend in ("jax", "torch"):
         config = TrainConfig(arch="vit", backend=backend, preset="tiny", progress=False, **recipe)
@@ -26,8 +26,9 @@ def short_vit_runs(sample):
 
 
 def test_short_vit_run_accuracy_in_both_frameworks(short_vit_runs):
-    # Floor: 85% after 6 epochs on 4,000 digits (chance is 10%; the lab's ViTs reported 75.9%
-    # to 97.1% on all 60,000). The two frameworks land within 2 points of each other.
+    # Floor: 85% after 10 epochs on 4,000 digits (measured: ~88%; the full 60-epoch default
+    # reaches ~98%; the lab's ViTs reported 75.9% to 97.1% on all 60,000 digits). The two
+    # frameworks land within 2 points of each other.
     acc = {b: r.final.test_accuracy for b, r in short_vit_runs.items()}
     assert acc["jax"] >= 0.85 and acc["torch"] >= 0.85, acc
     assert abs(acc["jax"] - acc["torch"]) <= 0.02, acc
