@@ -104,10 +104,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="random affine: rotation 15 deg, shift 10%%, scale 0.9-1.1, per image, on "
         "the device " + arch_default("augment"),
     )
+    g = p.add_argument_group("fine-tuning (vgg16, alexnet)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize inputs to this (on the device) " + arch_default("image_size"),
+    )
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="torchvision's ImageNet weights, from --weights or torch hub's cache "
+                   + arch_default("pretrained"))  # fmt: skip
+    g.add_argument("--weights", default=None, help="a torchvision .pth state_dict to start from")
+    g.add_argument(
+        "--unfreeze",
+        action="store_true",
+        help="train the convolutional features too (at --feature-lr)",
+    )
+    g.add_argument(
+        "--feature-lr",
+        type=float,
+        default=None,
+        help="the features' learning rate with --unfreeze " + arch_default("feature_lr"),
+    )
+    g.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        dest="lr",
+        help="the classifier's learning rate (the same as --lr)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=run.DTYPES,
+        help="compute dtype; parameters stay float32",
+    )
+    g = p.add_argument_group("reproducibility")
     g.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data order")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder [runs/<arch>-<backend>-<time>/]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    g.add_argument(
+        "--save-weights",
+        action="store_true",
+        help="write model.pth, the trained weights as a torch state_dict (from either backend; "
+        "VGG16 and AlexNet load into torchvision)",
+    )
     g.add_argument(
         "--save-attention",
         action="store_true",
@@ -147,6 +189,12 @@ def config_from_args(args: argparse.Namespace) -> run.TrainConfig:
         out=args.out,
         progress=not args.no_progress,
         save_attention=args.save_attention,
+        image_size=pick("image_size"),
+        pretrained=pick("pretrained"),
+        weights=args.weights,
+        unfreeze=args.unfreeze,
+        feature_lr=pick("feature_lr"),
+        dtype=args.dtype,
     )
 
 
@@ -186,9 +234,29 @@ def save_attention(
     )
 
 
-def train(config: run.TrainConfig) -> dict:
+def write_torch_weights(config: run.TrainConfig, result: run.RunResult, out_dir: Path) -> Path:
+    """model.pth: the trained weights as a torch state_dict, whichever backend trained them, so
+    that torchvision (or torch_reference) loads them with `load_state_dict`."""
+    import torch
+
+    if config.backend == "jax":
+        from jaxvision import convert
+
+        state_dict = convert.to_torch_state_dict(result.model)
+    else:
+        state_dict = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    path = out_dir / "model.pth"
+    torch.save(state_dict, path)
+    return path
+
+
+def train(config: run.TrainConfig, save_weights: bool = False) -> dict:
     """Loads the data, trains, writes metrics.json, prints the results row; returns the record."""
     configs.get_config(config.arch, config.preset)  # fail on a bad preset before loading data
+    if config.arch in configs.IMAGENET_ARCHS and config.pretrained:  # and on missing weights
+        from jaxvision import pretrained
+
+        pretrained.find_weights(config.arch, config.weights)
     if config.save_attention and config.arch != "vit":
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
     dataset = data.load_dataset(
@@ -207,13 +275,15 @@ def train(config: run.TrainConfig) -> dict:
     print(f"wrote {path}")
     if config.save_attention:
         print(f"wrote {save_attention(config, dataset, result, out_dir)}")
+    if save_weights:
+        print(f"wrote {write_torch_weights(config, result, out_dir)}")
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        train(config_from_args(args))
+        train(config_from_args(args), save_weights=args.save_weights)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

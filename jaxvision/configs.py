@@ -106,10 +106,85 @@ VIT_PRESETS: dict[str, ViTConfig] = {
 }
 
 
+# torchvision's VGG config 'D' (VGG16): conv widths, 'M' for a 2x2 max-pool.
+VGG16_LAYERS = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
+
+
+def _check_image_size(name: str, size: int, minimum: int) -> None:
+    from jaxvision.errors import UserError
+
+    if size < minimum:
+        raise UserError(f"{name} needs --image-size of at least {minimum}, got {size}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VGGConfig:
+    """VGG16 (Simonyan & Zisserman 2015) as torchvision builds it; see `jaxvision.models.vgg`."""
+
+    num_classes: int = 10
+    image_size: int = 224  # inputs are resized to this and replicated to 3 channels
+    layers: tuple = VGG16_LAYERS
+    hidden: int = 4096
+    dropout: float = 0.5
+    in_channels: int = 3
+    pool_size: int = 7  # AdaptiveAvgPool2d((7, 7)) before the classifier
+
+    def __post_init__(self):
+        _check_image_size("vgg16", self.image_size, 2 ** self.layers.count("M"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlexNetConfig:
+    """AlexNet (Krizhevsky 2014, "One weird trick") as torchvision builds it."""
+
+    num_classes: int = 10
+    image_size: int = 224
+    hidden: int = 4096
+    dropout: float = 0.5
+    in_channels: int = 3
+    pool_size: int = 6  # AdaptiveAvgPool2d((6, 6)) before the classifier
+
+    def __post_init__(self):
+        _check_image_size("alexnet", self.image_size, 63)  # the smallest that survives 3 pools
+
+
+VGG_PRESETS: dict[str, VGGConfig] = {"vgg16": VGGConfig()}
+ALEXNET_PRESETS: dict[str, AlexNetConfig] = {"alexnet": AlexNetConfig()}
+# ImageNet-pretrained archs: MNIST is resized to --image-size, replicated to 3 channels and
+# normalised with ImageNet's statistics.
+IMAGENET_ARCHS = ("vgg16", "alexnet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 # Every arch the lab compared. The ones without presets are not built yet.
-ARCH_PRESETS: dict[str, dict] = {"cnn": CNN_PRESETS, "vit": VIT_PRESETS}
+ARCH_PRESETS: dict[str, dict] = {
+    "cnn": CNN_PRESETS,
+    "vit": VIT_PRESETS,
+    "vgg16": VGG_PRESETS,
+    "alexnet": ALEXNET_PRESETS,
+}
 PLANNED_ARCHS = ("vit", "vgg16", "alexnet", "faster_rcnn")
-DEFAULT_PRESET = {"cnn": "lab", "vit": "tiny"}
+DEFAULT_PRESET = {"cnn": "lab", "vit": "tiny", "vgg16": "vgg16", "alexnet": "alexnet"}
 
 
 def check_arch(arch: str) -> None:

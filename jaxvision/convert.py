@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvision.configs import CNNConfig, ViTConfig
+from jaxvision.configs import AlexNetConfig, CNNConfig, VGGConfig, ViTConfig
 from jaxvision.errors import ConversionError
 
 Path = tuple[str | int, ...]
@@ -120,12 +120,44 @@ def vit_rules(config: ViTConfig) -> list[Rule]:
     return rules + _layer_norm("norm") + _linear("head")
 
 
+def vgg_rules(config: VGGConfig) -> list[Rule]:
+    rules, idx, width = [], 0, config.in_channels
+    for v in config.layers:  # torchvision's features: conv, ReLU per number; one pool per 'M'
+        if v == "M":
+            idx += 1
+        else:
+            rules += _conv(f"features.{idx}")
+            idx, width = idx + 2, v
+    s = config.pool_size
+    return rules + [
+        Rule("classifier.0.weight", ("classifier", 0, "kernel"), "linear_chw", (width, s, s)),
+        Rule("classifier.0.bias", ("classifier", 0, "bias")),
+        *_linear("classifier.3"),
+        *_linear("classifier.6"),
+    ]
+
+
+def alexnet_rules(config: AlexNetConfig) -> list[Rule]:
+    s = config.pool_size
+    return [
+        *[r for i in (0, 3, 6, 8, 10) for r in _conv(f"features.{i}")],
+        Rule("classifier.1.weight", ("classifier", 1, "kernel"), "linear_chw", (256, s, s)),
+        Rule("classifier.1.bias", ("classifier", 1, "bias")),
+        *_linear("classifier.4"),
+        *_linear("classifier.6"),
+    ]
+
+
 def rules_for(model: nnx.Module) -> list[Rule]:
     config = getattr(model, "config", None)
     if isinstance(config, CNNConfig):
         return cnn_rules(config)
     if isinstance(config, ViTConfig):
         return vit_rules(config)
+    if isinstance(config, VGGConfig):
+        return vgg_rules(config)
+    if isinstance(config, AlexNetConfig):
+        return alexnet_rules(config)
     raise ConversionError(f"no conversion table for {type(model).__name__}")
 
 

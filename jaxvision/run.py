@@ -56,6 +56,16 @@ ARCH_DEFAULTS: dict[str, dict] = {
         augment=True,
     ),
 }
+# The lab's fine-tuning: ImageNet weights, features frozen, a new 10-way head.
+for _arch in ("vgg16", "alexnet"):
+    ARCH_DEFAULTS[_arch] = dict(
+        epochs=3, batch_size=64, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
+        schedule="constant", warmup_epochs=0.0, clip_norm=0.0, label_smoothing=0.0,
+        augment=False, image_size=224, pretrained=True, feature_lr=1e-4,
+    )  # fmt: skip
+for _defaults in (ARCH_DEFAULTS["cnn"], ARCH_DEFAULTS["vit"]):
+    _defaults.update(image_size=None, pretrained=False, feature_lr=None)
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,6 +89,13 @@ class TrainConfig:
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 is off
     label_smoothing: float = 0.0
     augment: bool = False  # random affine (jaxvision.augment), on the device
+    # VGG16 / AlexNet fine-tuning
+    image_size: int | None = None  # inputs resized to this; None: the data's own size
+    pretrained: bool = False  # torchvision's ImageNet weights (jaxvision.pretrained)
+    weights: str | None = None  # a .pth state_dict instead of torch hub's cache
+    unfreeze: bool = False  # train the convolutional features too, at feature_lr
+    feature_lr: float | None = None
+    dtype: str = "float32"  # compute dtype; parameters stay float32
     seed: int = 0
     out: str | None = None  # None: runs/<arch>-<backend>-<timestamp>/
     progress: bool = True
@@ -99,6 +116,10 @@ class TrainConfig:
                 )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
+        if self.unfreeze and self.feature_lr is None:
+            raise UserError("--unfreeze needs --feature-lr (the features' learning rate)")
         if self.schedule not in SCHEDULES:
             raise UserError(
                 f"unknown --schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}"
@@ -128,6 +149,20 @@ class TrainConfig:
 
     def warmup_steps(self, steps_per_epoch: int) -> int:
         return round(self.warmup_epochs * steps_per_epoch)
+
+
+def model_config(config: TrainConfig, data: Dataset):
+    """The model's config: the preset, sized for the data (or for --image-size)."""
+    from jaxvision.configs import IMAGENET_ARCHS, get_config
+
+    h, _, c = data.image_shape
+    if config.arch in IMAGENET_ARCHS:  # 3-channel input at --image-size; the head is replaced
+        return get_config(
+            config.arch, config.preset, num_classes=data.num_classes, image_size=config.image_size
+        )
+    return get_config(
+        config.arch, config.preset, num_classes=data.num_classes, in_channels=c, image_size=h
+    )
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -12,6 +12,7 @@ How the step is built (Flax's performance guide, REFERENCE.md):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -23,15 +24,29 @@ from flax import nnx
 
 from jaxvision import metrics
 from jaxvision.augment import random_affine
-from jaxvision.configs import get_config
+from jaxvision.configs import IMAGENET_ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from jaxvision.data import Dataset, epoch_permutation
 from jaxvision.models import build_model
-from jaxvision.run import LossTracker, RunResult, TrainConfig, run_epochs
+from jaxvision.run import LossTracker, RunResult, TrainConfig, model_config, run_epochs
 
 
 def standardize(x: jax.Array, mean, std) -> jax.Array:
     """float32 images in [0, 1] -> standardised with the training set's statistics."""
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def imagenet_input(x: jax.Array, size: int) -> jax.Array:
+    """[0, 1] images (B, H, W, C) -> (B, size, size, 3), ImageNet-normalised, for VGG / AlexNet.
+
+    Bilinear without antialiasing: torch's interpolate(mode='bilinear', align_corners=False,
+    antialias=False), which the torch backend uses (a test checks the two agree).
+    """
+    b, h, w, c = x.shape
+    if (h, w) != (size, size):
+        x = jax.image.resize(x, (b, size, size, c), "bilinear", antialias=False)
+    if c == 1:
+        x = jnp.broadcast_to(x, (b, size, size, 3))  # grey -> RGB
+    return standardize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
@@ -53,14 +68,40 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree.map_with_path(is_kernel, params)
 
 
+def _in_head(path) -> bool:
+    return any(getattr(k, "key", None) == "classifier" for k in path)
+
+
+def head_labels(params: nnx.State) -> nnx.State:
+    """'head' for the classifier's parameters, 'features' for the rest."""
+    return jax.tree.map_with_path(lambda p, _: "head" if _in_head(p) else "features", params)
+
+
+def trainable_filter(config: TrainConfig):
+    """What gets gradients: everything, or (fine-tuning with frozen features) the classifier."""
+    if config.arch in IMAGENET_ARCHS and not config.unfreeze:
+        return nnx.All(nnx.Param, nnx.PathContains("classifier"))
+    return nnx.Param
+
+
+def _base_optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
+    if config.optimizer == "adam":  # b1 0.9, b2 0.999, eps 1e-8: torch.optim.Adam's defaults
+        return optax.adam(lr)
+    if config.optimizer == "adamw":  # decoupled: p -= lr * wd * p, as torch.optim.AdamW
+        return optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
+    return optax.sgd(lr, momentum=config.momentum or None)
+
+
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     lr = learning_rate(config, steps_per_epoch)
-    if config.optimizer == "adam":  # b1 0.9, b2 0.999, eps 1e-8: torch.optim.Adam's defaults
-        opt = optax.adam(lr)
-    elif config.optimizer == "adamw":  # decoupled: p -= lr * wd * p, as torch.optim.AdamW
-        opt = optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
-    else:
-        opt = optax.sgd(lr, momentum=config.momentum or None)
+    opt = _base_optimizer(config, lr)
+    if config.arch in IMAGENET_ARCHS and config.unfreeze:  # features at their own, lower lr
+        feature_lr = learning_rate(
+            dataclasses.replace(config, lr=config.feature_lr), steps_per_epoch
+        )
+        opt = optax.multi_transform(
+            {"head": opt, "features": _base_optimizer(config, feature_lr)}, head_labels
+        )
     if config.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
     return opt
@@ -98,10 +139,12 @@ class Trainer:
         self.config = config
         self.data = data
         self.tx = make_optimizer(config, config.steps_per_epoch(data.n_train))
-        self.train_graphdef, self.params, self.rest = nnx.split(
-            with_mode(model, train=True), nnx.Param, ...
+        # Frozen parameters are split off: no gradient is computed or stored for them.
+        trainable = trainable_filter(config)
+        self.train_graphdef, self.params, self.frozen, self.rest = nnx.split(
+            with_mode(model, train=True), trainable, nnx.Param, ...
         )
-        self.eval_graphdef = nnx.split(with_mode(model, train=False), nnx.Param, ...)[0]
+        self.eval_graphdef = nnx.split(with_mode(model, train=False), trainable, nnx.Param, ...)[0]
         self.opt_state = self.tx.init(self.params)
 
         # The data goes on the device once, as uint8.
@@ -113,14 +156,25 @@ class Trainer:
         self.eval_batch, self.n_eval_batches = e, n_eval_batches
         self.x_test = jax.device_put(np.pad(data.x_test, ((0, pad), (0, 0), (0, 0), (0, 0))))
         self.y_test = jax.device_put(np.pad(data.y_test.astype(np.int32), (0, pad)))
-        self.norm = functools.partial(standardize, mean=data.mean, std=data.std)
+        if config.arch in IMAGENET_ARCHS:
+            self.norm = functools.partial(imagenet_input, size=config.image_size)
+        else:
+            self.norm = functools.partial(standardize, mean=data.mean, std=data.std)
+        self.compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 2, 3))
         self._evaluate = jax.jit(self._eval)
 
     # --- pure functions, traced once -------------------------------------------------------------
 
-    def _step(self, params, rest, opt_state, x_all, y_all, perm, step, global_step, key):
+    def _cast(self, params, frozen, x):
+        """bf16 compute: cast the float32 parameters on the way in (gradients flow back)."""
+        if self.compute_dtype == jnp.float32:
+            return params, frozen
+        cast = functools.partial(jax.tree.map, lambda a: a.astype(self.compute_dtype))
+        return cast(params), cast(frozen)
+
+    def _step(self, params, frozen, rest, opt_state, x_all, y_all, perm, step, global_step, key):
         b = self.config.batch_size
         idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)  # (B,)
         x = jnp.take(x_all, idx, axis=0).astype(jnp.float32) / 255.0  # (B, H, W, C) in [0, 1]
@@ -131,25 +185,25 @@ class Trainer:
         x = self.norm(x)
 
         def loss_fn(p):
-            model = nnx.merge(self.train_graphdef, p, rest)
-            logits = model(x, rngs=dropout_key)  # (B, K)
+            model = nnx.merge(self.train_graphdef, *self._cast(p, frozen, x), rest)
+            logits = model(x.astype(self.compute_dtype), rngs=dropout_key).astype(jnp.float32)
             loss = cross_entropy(logits, y, self.config.label_smoothing)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)  # trainable only
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, rest, opt_state, loss
 
-    def _eval(self, params, rest, x_pad, y_pad):
-        model = nnx.merge(self.eval_graphdef, params, rest)
+    def _eval(self, params, frozen, rest, x_pad, y_pad):
+        model = nnx.merge(self.eval_graphdef, *self._cast(params, frozen, None), rest)
         e, n = self.eval_batch, self.data.n_test
 
         def one_batch(i):
             x = jax.lax.dynamic_slice_in_dim(x_pad, i * e, e).astype(jnp.float32) / 255.0
             x = self.norm(x)  # (E, H, W, C)
             y = jax.lax.dynamic_slice_in_dim(y_pad, i * e, e)  # (E,)
-            logits = model(x)  # (E, K)
+            logits = model(x.astype(self.compute_dtype)).astype(jnp.float32)  # (E, K)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits.argmax(-1)
 
         losses, preds = jax.lax.map(one_batch, jnp.arange(self.n_eval_batches))  # (nb, E) each
@@ -171,10 +225,11 @@ class Trainer:
         perm = jnp.zeros(self.data.n_train, jnp.int32)
         key = jax.random.key(0)
         self._train_step = self._train_step.lower(
-            self.params, self.rest, self.opt_state, self.x_train, self.y_train, perm, 0, 0, key
-        ).compile()
+            self.params, self.frozen, self.rest, self.opt_state, self.x_train, self.y_train, perm,
+            0, 0, key,
+        ).compile()  # fmt: skip
         self._evaluate = self._evaluate.lower(
-            self.params, self.rest, self.x_test, self.y_test
+            self.params, self.frozen, self.rest, self.x_test, self.y_test
         ).compile()
         return time.perf_counter() - t0
 
@@ -191,6 +246,7 @@ class Trainer:
         for step in range(steps):
             self.params, self.rest, self.opt_state, loss = self._train_step(
                 self.params,
+                self.frozen,
                 self.rest,
                 self.opt_state,
                 self.x_train,
@@ -205,13 +261,12 @@ class Trainer:
         return tracker.mean, time.perf_counter() - t0
 
     def evaluate(self) -> dict:
-        out = self._evaluate(self.params, self.rest, self.x_test, self.y_test)
+        out = self._evaluate(self.params, self.frozen, self.rest, self.x_test, self.y_test)
         return jax.device_get(out)
 
     def model(self, *, train: bool = False) -> nnx.Module:
-        return nnx.merge(
-            self.train_graphdef if train else self.eval_graphdef, self.params, self.rest
-        )
+        graphdef = self.train_graphdef if train else self.eval_graphdef
+        return nnx.merge(graphdef, self.params, self.frozen, self.rest)
 
 
 def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
@@ -222,13 +277,24 @@ def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
     return attns, np.asarray(logits.argmax(-1))
 
 
+def create_model(config: TrainConfig, model_cfg, key: jax.Array, verbose: bool = True):
+    """The Flax model to train: fresh, or (VGG16 / AlexNet) torchvision's ImageNet weights with a
+    new `num_classes`-way last layer."""
+    if not (config.arch in IMAGENET_ARCHS and config.pretrained):
+        return build_model(model_cfg, rngs=nnx.Rngs(params=key))
+    from jaxvision import pretrained
+
+    model = build_model(dataclasses.replace(model_cfg, num_classes=1000), rngs=nnx.Rngs(0))
+    pretrained.load_into_flax(model, config.arch, config.weights, verbose=verbose)
+    head = nnx.Linear(model_cfg.hidden, model_cfg.num_classes, rngs=nnx.Rngs(params=key))
+    model.classifier[len(model.classifier) - 1] = head
+    model.config = model_cfg
+    return model
+
+
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
-    h, w, c = data.image_shape
-    model_config = get_config(
-        config.arch, config.preset, num_classes=data.num_classes, in_channels=c, image_size=h
-    )
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    model = build_model(model_config, rngs=nnx.Rngs(params=init_key))
+    model = create_model(config, model_config(config, data), init_key)
     trainer = Trainer(model, config, data)
     compile_s = trainer.compile()
     steps = config.steps_per_epoch(data.n_train)

@@ -6,15 +6,24 @@ the same per-epoch permutation the JAX backend uses. No `Dataset.__getitem__` lo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jaxvision.configs import get_config
+from jaxvision.configs import IMAGENET_ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from jaxvision.data import Dataset, epoch_permutation
-from jaxvision.run import LossTracker, RunResult, TrainConfig, lr_factor, run_epochs
+from jaxvision.run import (
+    LossTracker,
+    RunResult,
+    TrainConfig,
+    lr_factor,
+    model_config,
+    run_epochs,
+)
 from torch_reference import metrics
 from torch_reference.augment import random_affine
 from torch_reference.models import build_model
@@ -32,20 +41,50 @@ def to_nchw(x: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)  # (N,H,W,C)->(N,C,H,W)
 
 
+def imagenet_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] images (B, C, H, W) -> (B, 3, size, size), ImageNet-normalised, for VGG / AlexNet."""
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+        )
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # grey -> RGB
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def freeze_features(config: TrainConfig, model: torch.nn.Module) -> None:
+    """Fine-tuning as the lab did it: the convolutional features get no gradient."""
+    if config.arch in IMAGENET_ARCHS and not config.unfreeze:
+        for p in model.features.parameters():
+            p.requires_grad_(False)
+
+
+def _is_decayed(name: str, p: torch.Tensor) -> bool:
+    return name.endswith("weight") and p.ndim >= 2  # the Flax side's "kernel" mask
+
+
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr)
-    if config.optimizer == "adamw":
-        # Decay weight matrices and conv kernels only (the Flax side's "kernel" mask).
-        decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim >= 2]
-        ids = {id(p) for p in decay}
-        rest = [p for p in model.parameters() if id(p) not in ids]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.arch in IMAGENET_ARCHS and config.unfreeze:  # features at their own, lower lr
+        head = [p for n, p in named if n.startswith("classifier.")]
+        features = [p for n, p in named if not n.startswith("classifier.")]
+        groups = [{"params": head}, {"params": features, "lr": config.feature_lr}]
+    elif config.optimizer == "adamw":
+        decay = [p for n, p in named if _is_decayed(n, p)]
+        rest = [p for n, p in named if not _is_decayed(n, p)]
         groups = [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": rest, "weight_decay": 0.0},
         ]
+    else:
+        groups = [{"params": [p for _, p in named]}]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
 def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
@@ -69,6 +108,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.config = config
         self.data = data
+        freeze_features(config, self.model)
         self.optimizer = make_optimizer(config, self.model)
         self.scheduler = make_scheduler(
             config, self.optimizer, config.steps_per_epoch(data.n_train)
@@ -79,8 +119,14 @@ class Trainer:
         self.x_test = to_nchw(data.x_test, self.device)
         self.y_test = torch.from_numpy(data.y_test).to(self.device)
         shape = (1, -1, 1, 1)  # per-channel statistics, broadcast over (B, C, H, W)
-        self.mean = torch.tensor(data.mean, device=self.device).reshape(shape)
-        self.std = torch.tensor(data.std, device=self.device).reshape(shape)
+        mean = torch.tensor(data.mean, device=self.device).reshape(shape)
+        std = torch.tensor(data.std, device=self.device).reshape(shape)
+        if config.arch in IMAGENET_ARCHS:
+            self.norm = functools.partial(imagenet_input, size=config.image_size)
+        else:
+            self.norm = lambda x: (x - mean) / std
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
+                             enabled=config.dtype == "bfloat16")  # fmt: skip
 
     def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
         cfg = self.config
@@ -97,9 +143,11 @@ class Trainer:
             x = self.x_train[idx].float() / 255.0  # (B, C, H, W) in [0, 1]
             if cfg.augment:
                 x = random_affine(x, self.generator)
-            x = (x - self.mean) / self.std
+            x = self.norm(x)
+            with torch.autocast(**self.autocast):
+                logits = self.model(x)
             loss = F.cross_entropy(
-                self.model(x), self.y_train[idx], label_smoothing=cfg.label_smoothing
+                logits.float(), self.y_train[idx], label_smoothing=cfg.label_smoothing
             )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -118,8 +166,9 @@ class Trainer:
         e = self.config.eval_batch_size
         losses, preds = [], []
         for i in range(0, self.data.n_test, e):
-            x = (self.x_test[i : i + e].float() / 255.0 - self.mean) / self.std
-            logits = self.model(x)  # (E, K)
+            x = self.norm(self.x_test[i : i + e].float() / 255.0)
+            with torch.autocast(**self.autocast):
+                logits = self.model(x).float()  # (E, K)
             losses.append(F.cross_entropy(logits, self.y_test[i : i + e], reduction="none"))
             preds.append(logits.argmax(-1))
         loss, pred = torch.cat(losses), torch.cat(preds)
@@ -150,13 +199,23 @@ def attention_weights(model: torch.nn.Module, images: np.ndarray, data: Dataset)
     return attns, logits.argmax(-1).cpu().numpy()
 
 
+def create_model(config: TrainConfig, model_cfg, verbose: bool = True) -> torch.nn.Module:
+    """The torch model to train: fresh, or (VGG16 / AlexNet) torchvision's ImageNet weights with
+    a new `num_classes`-way last layer."""
+    if not (config.arch in IMAGENET_ARCHS and config.pretrained):
+        return build_model(model_cfg)
+    from jaxvision import pretrained
+
+    model = build_model(dataclasses.replace(model_cfg, num_classes=1000))
+    pretrained.load_into_torch(model, config.arch, config.weights, verbose=verbose)
+    model.classifier[-1] = torch.nn.Linear(model_cfg.hidden, model_cfg.num_classes)
+    model.config = model_cfg
+    return model
+
+
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
-    h, w, c = data.image_shape
-    model_config = get_config(
-        config.arch, config.preset, num_classes=data.num_classes, in_channels=c, image_size=h
-    )
     torch.manual_seed(config.seed)  # initialisation and dropout
-    trainer = Trainer(build_model(model_config), config, data)
+    trainer = Trainer(create_model(config, model_config(config, data)), config, data)
     steps = config.steps_per_epoch(data.n_train)
     history, preds = run_epochs(config, steps, trainer.train_epoch, trainer.evaluate)
     return RunResult(

@@ -2,8 +2,10 @@
 
 from flax import nnx
 
-from jaxvision.configs import CNNConfig, ViTConfig
+from jaxvision.configs import AlexNetConfig, CNNConfig, VGGConfig, ViTConfig
+from jaxvision.models.alexnet import AlexNet
 from jaxvision.models.cnn import CNN
+from jaxvision.models.vgg import VGG
 from jaxvision.models.vit import ViT
 
 
@@ -13,7 +15,11 @@ def build_model(config, *, rngs: nnx.Rngs) -> nnx.Module:
         return CNN(config, rngs=rngs)
     if isinstance(config, ViTConfig):
         return ViT(config, rngs=rngs)
+    if isinstance(config, VGGConfig):
+        return VGG(config, rngs=rngs)
+    if isinstance(config, AlexNetConfig):
+        return AlexNet(config, rngs=rngs)
     raise TypeError(f"no Flax model for {type(config).__name__}")
 
 
-__all__ = ["CNN", "ViT", "build_model"]
+__all__ = ["CNN", "ViT", "VGG", "AlexNet", "build_model"]

@@ -1,0 +1,52 @@
+"""AlexNet in Flax NNX, laid out as torchvision's `models.alexnet`.
+
+Krizhevsky 2014 ("One weird trick"), the variant torchvision ships. `features`, `avgpool` and
+`classifier` keep torchvision's names and Sequential indices, so conversion is a lookup
+(`jaxvision.convert.alexnet_rules`). The torch twin is torchvision's own model;
+random weights follow torch's default initialisation, as torchvision's AlexNet does.
+"""
+
+import jax
+from flax import nnx
+
+from jaxvision.configs import ALEXNET_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.configs import AlexNetConfig
+from jaxvision.models.layers import (
+    AdaptiveAvgPool,
+    Dropout,
+    MaxPool,
+    ReLU,
+    sequential,
+    torch_conv,
+    torch_linear,
+)
+
+
+class AlexNet(nnx.Module):
+    def __init__(self, config: AlexNetConfig = AlexNetConfig(), *, rngs: nnx.Rngs):
+        self.config = c = config
+        self.features = nnx.List([
+            torch_conv(c.in_channels, 64, 11, 4, 2, rngs), ReLU(), MaxPool(3, 2),
+            torch_conv(64, 192, 5, 1, 2, rngs), ReLU(), MaxPool(3, 2),
+            torch_conv(192, 384, 3, 1, 1, rngs), ReLU(),
+            torch_conv(384, 256, 3, 1, 1, rngs), ReLU(),
+            torch_conv(256, 256, 3, 1, 1, rngs), ReLU(), MaxPool(3, 2),
+        ])  # fmt: skip
+        self.avgpool = AdaptiveAvgPool(c.pool_size)
+        self.classifier = nnx.List([
+            Dropout(c.dropout), torch_linear(256 * c.pool_size**2, c.hidden, rngs), ReLU(),
+            Dropout(c.dropout), torch_linear(c.hidden, c.hidden, rngs), ReLU(),
+            torch_linear(c.hidden, c.num_classes, rngs),
+        ])  # fmt: skip
+
+    def forward_intermediates(self, x: jax.Array, *, rngs=None) -> tuple[jax.Array, dict]:
+        """x: (B, S, S, 3) normalised. Returns the logits and `features`, `avgpool`, ... ."""
+        out = {}
+        out["features"] = x = sequential(self.features, x, rngs=rngs)  # (B, h, w, 256)
+        out["avgpool"] = x = self.avgpool(x)  # (B, 6, 6, 256)
+        x = x.reshape(x.shape[0], -1)  # (B, 6*6*256) in (H, W, C) order; see the converter
+        out["logits"] = x = sequential(self.classifier, x, rngs=rngs)  # (B, num_classes)
+        return x, out
+
+    def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
+        return self.forward_intermediates(x, rngs=rngs)[0]

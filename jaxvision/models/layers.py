@@ -1,0 +1,111 @@
+"""Parameter-free layers that mirror torch.nn ones, so that Flax models can keep torchvision's
+Sequential indices (`features.3`, `classifier.6`) and convert key for key."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvision.models.cnn import max_pool_2x2
+
+
+class ReLU(nnx.Module):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.relu(x)
+
+
+class MaxPool(nnx.Module):
+    """torch.nn.MaxPool2d(kernel, stride) on NHWC, no padding, floor mode."""
+
+    def __init__(self, kernel: int, stride: int):
+        self.kernel, self.stride = kernel, stride
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kernel == self.stride == 2:
+            return max_pool_2x2(x)  # same function, a much cheaper gradient (see cnn.py)
+        k, s = (self.kernel, self.kernel), (self.stride, self.stride)
+        return nnx.max_pool(x, k, strides=s, padding="VALID")
+
+
+class Dropout(nnx.Dropout):
+    """nnx.Dropout with the `rngs` keyword every layer here takes."""
+
+    def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
+        return super().__call__(x, rngs=rngs)
+
+
+def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging weights with torch's AdaptiveAvgPool bins:
+    bin i covers [floor(i * size / out), ceil((i + 1) * size / out))."""
+    m = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class AdaptiveAvgPool(nnx.Module):
+    """torch.nn.AdaptiveAvgPool2d(out) on NHWC; the identity when the input is already out x out."""
+
+    def __init__(self, out: int):
+        self.out = out
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, h, w, _ = x.shape
+        if (h, w) == (self.out, self.out):
+            return x
+        ph = jnp.asarray(adaptive_pool_matrix(h, self.out))  # (out, H)
+        pw = jnp.asarray(adaptive_pool_matrix(w, self.out))  # (out, W)
+        return jnp.einsum("oh,bhwc,pw->bopc", ph, x, pw)  # (B, H, W, C) -> (B, out, out, C)
+
+
+def sequential(layers, x: jax.Array, out: dict | None = None, name: str = "", *, rngs=None):
+    """Runs an nnx.List of layers; records each output as `name.i` when `out` is given."""
+    for i, layer in enumerate(layers):
+        # Only Dropout draws randomness; Conv and Linear take no rngs argument.
+        x = layer(x, rngs=rngs) if isinstance(layer, Dropout) else layer(x)
+        if out is not None:
+            out[f"{name}.{i}"] = x
+    return x
+
+
+# torchvision's initialisation schemes, so that --no-pretrained starts where torchvision does.
+def torch_default_kernel_init():
+    """torch's default for Conv/Linear weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))."""
+    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+    """torch's default bias: U(+-1/sqrt(fan_in)) with the layer's fan_in."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_conv(
+    cin: int, cout: int, k: int, stride: int, pad: int, rngs: nnx.Rngs, *, vgg: bool = False
+) -> nnx.Conv:
+    """A Conv laid out like torch's Conv2d(cin, cout, k, stride, pad), with torchvision's init:
+    kaiming_normal(fan_out, relu) and zero bias for VGG, torch's default otherwise."""
+    if vgg:
+        inits = dict(kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                     bias_init=nnx.initializers.zeros)  # fmt: skip
+    else:
+        inits = dict(kernel_init=torch_default_kernel_init(),
+                     bias_init=torch_default_bias_init(cin * k * k))  # fmt: skip
+    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+                    rngs=rngs, **inits)  # fmt: skip
+
+
+def torch_linear(din: int, dout: int, rngs: nnx.Rngs, *, vgg: bool = False) -> nnx.Linear:
+    """A Linear with torchvision's init: N(0, 0.01) and zero bias for VGG, torch's default
+    otherwise."""
+    if vgg:
+        inits = dict(kernel_init=nnx.initializers.normal(0.01), bias_init=nnx.initializers.zeros)
+    else:
+        inits = dict(kernel_init=torch_default_kernel_init(),
+                     bias_init=torch_default_bias_init(din))  # fmt: skip
+    return nnx.Linear(din, dout, rngs=rngs, **inits)

@@ -1,0 +1,56 @@
+"""VGG16 in Flax NNX, laid out as torchvision's `models.vgg16` (config 'D').
+
+Simonyan & Zisserman 2015. `features`, `avgpool` and `classifier` keep torchvision's names and
+Sequential indices (ReLU, pooling and dropout slots included), so `features.28.weight` converts to
+`features[28].kernel` by lookup (`jaxvision.convert.vgg_rules`). The torch twin is torchvision's
+own model (`torch_reference.models.vgg`), and random weights follow torchvision's
+initialisation (kaiming-normal convs, N(0, 0.01) linears). Input is NHWC; the adaptive pool
+follows torch's bin rule, so inputs other than 224x224 give torchvision's result too.
+"""
+
+import jax
+from flax import nnx
+
+from jaxvision.configs import VGG_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.configs import VGGConfig
+from jaxvision.models.layers import (
+    AdaptiveAvgPool,
+    Dropout,
+    MaxPool,
+    ReLU,
+    sequential,
+    torch_conv,
+    torch_linear,
+)
+
+
+class VGG(nnx.Module):
+    def __init__(self, config: VGGConfig = VGGConfig(), *, rngs: nnx.Rngs):
+        self.config = c = config
+        layers, width = [], c.in_channels
+        for v in c.layers:
+            if v == "M":
+                layers.append(MaxPool(2, 2))
+            else:
+                layers += [torch_conv(width, v, 3, 1, 1, rngs, vgg=True), ReLU()]
+                width = v
+        self.features = nnx.List(layers)
+        self.avgpool = AdaptiveAvgPool(c.pool_size)
+        flat = width * c.pool_size**2
+        self.classifier = nnx.List([
+            torch_linear(flat, c.hidden, rngs, vgg=True), ReLU(), Dropout(c.dropout),
+            torch_linear(c.hidden, c.hidden, rngs, vgg=True), ReLU(), Dropout(c.dropout),
+            torch_linear(c.hidden, c.num_classes, rngs, vgg=True),
+        ])  # fmt: skip
+
+    def forward_intermediates(self, x: jax.Array, *, rngs=None) -> tuple[jax.Array, dict]:
+        """x: (B, S, S, 3) normalised. Returns the logits and `features`, `avgpool`, ... ."""
+        out = {}
+        out["features"] = x = sequential(self.features, x, rngs=rngs)  # (B, S/32, S/32, 512)
+        out["avgpool"] = x = self.avgpool(x)  # (B, 7, 7, 512)
+        x = x.reshape(x.shape[0], -1)  # (B, 7*7*512) in (H, W, C) order; see the converter
+        out["logits"] = x = sequential(self.classifier, x, rngs=rngs)  # (B, num_classes)
+        return x, out
+
+    def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
+        return self.forward_intermediates(x, rngs=rngs)[0]

@@ -1,0 +1,229 @@
+"""VGG16 and AlexNet: torchvision's layout in Flax, conversion, the input pipeline, frozen
+fine-tuning, pretrained-weight handling. Offline: torchvision models are random-initialised.
+
+Tolerance: logits and `features` within 1e-4 max abs difference (float32, highest precision).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from jaxvision import convert, pretrained
+from jaxvision.configs import AlexNetConfig, VGGConfig
+from jaxvision.errors import UserError
+from jaxvision.models import build_model
+from jaxvision.models.layers import adaptive_pool_matrix
+from jaxvision.run import TrainConfig
+from jaxvision.train import Trainer, imagenet_input
+from torch_reference.models import build_model as torch_build
+from torch_reference.train import Trainer as TorchTrainer
+from torch_reference.train import imagenet_input as torch_imagenet_input
+
+REPO = Path(__file__).resolve().parents[1]
+ATOL = 1e-4
+TORCHVISION_PARAMS = {"vgg16": 138_357_544, "alexnet": 61_100_840}  # at 1000 classes
+CONFIGS = {"vgg16": VGGConfig, "alexnet": AlexNetConfig}
+
+
+def pair(arch: str, size: int, classes: int = 1000, seed: int = 0):
+    c = CONFIGS[arch](num_classes=classes, image_size=size)
+    torch.manual_seed(seed)
+    tmodel = torch_build(c).eval()
+    fmodel = nnx.view(build_model(c, rngs=nnx.Rngs(seed)), deterministic=True)
+    return tmodel, convert.load_torch_state_dict(fmodel, tmodel.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "alexnet"])
+def test_parameter_counts_equal_torchvisions(arch):
+    c = CONFIGS[arch](num_classes=1000)
+    n_flax = sum(x.size for x in jax.tree.leaves(nnx.state(build_model(c, rngs=nnx.Rngs(0)))))
+    n_torch = sum(p.numel() for p in torch_build(c).parameters())
+    assert n_flax == n_torch == TORCHVISION_PARAMS[arch]
+
+
+@pytest.mark.parametrize("arch, size", [("vgg16", 224), ("vgg16", 64), ("alexnet", 224),
+                                        ("alexnet", 100)])  # fmt: skip
+def test_converted_weights_give_torchvisions_logits(arch, size):
+    tmodel, fmodel = pair(arch, size)
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        t_features, t_logits = tmodel.features(xt), tmodel(xt)
+    f_logits, f_out = fmodel.forward_intermediates(jnp.asarray(x))
+    np.testing.assert_allclose(
+        np.asarray(f_out["features"]), t_features.permute(0, 2, 3, 1).numpy(), atol=ATOL, rtol=0
+    )
+    np.testing.assert_allclose(np.asarray(f_logits), t_logits.numpy(), atol=ATOL, rtol=0)
+    assert t_features.abs().max() > 1e-2 and t_logits.abs().max() > 1e-3
+
+
+def test_adaptive_pool_bins_follow_torch():
+    for size, out in [(7, 7), (13, 6), (2, 7), (9, 4)]:
+        x = np.random.default_rng(size).normal(size=(1, size, size, 3)).astype(np.float32)
+        m = adaptive_pool_matrix(size, out)
+        mine = np.einsum("oh,bhwc,pw->bopc", m, x, m)
+        want = F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), out)
+        np.testing.assert_allclose(mine, want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_flax_torch_flax_round_trip_is_exact():
+    c = AlexNetConfig(num_classes=10)
+    fmodel = build_model(c, rngs=nnx.Rngs(3))
+    state_dict = convert.to_torch_state_dict(fmodel)
+    tmodel = torch_build(c)
+    tmodel.load_state_dict(state_dict, strict=True)  # loads into torchvision's own model
+    back = convert.load_torch_state_dict(build_model(c, rngs=nnx.Rngs(4)), tmodel.state_dict())
+    for a, b in zip(jax.tree.leaves(nnx.state(fmodel, nnx.Param)),
+                    jax.tree.leaves(nnx.state(back, nnx.Param)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_resize_and_normalise_agree_on_real_digits(sample, size):
+    x = sample.x_test[:16].astype(np.float32) / 255.0  # (16, 28, 28, 1)
+    j = np.asarray(imagenet_input(jnp.asarray(x), size))
+    t = torch_imagenet_input(torch.from_numpy(x).permute(0, 3, 1, 2), size)
+    assert j.shape == (16, size, size, 3)
+    np.testing.assert_allclose(j, t.permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=0)
+
+
+def small(sample, n_train=64, n_test=32):
+    from jaxvision.data import make_dataset
+
+    x, y = sample.x_train[:n_train], sample.y_train[:n_train]
+    return make_dataset("mnist", "subset", x, y, sample.x_test[:n_test], sample.y_test[:n_test], 10)
+
+
+@pytest.mark.parametrize("arch, size", [("alexnet", 64), ("vgg16", 32)])
+def test_one_frozen_step_changes_only_the_head_in_both_frameworks(sample, arch, size):
+    data = small(sample)
+    config = TrainConfig(arch=arch, epochs=1, batch_size=32, optimizer="sgd", lr=0.1,
+                         momentum=0.0, image_size=size, progress=False)  # fmt: skip
+    tmodel, fmodel = pair(arch, size, classes=10)
+    before = {k: v.clone() for k, v in tmodel.state_dict().items()}
+
+    jt = Trainer(fmodel, config, data)
+    assert {p[0] for p in dict(nnx.to_flat_state(jt.params))} == {"classifier"}  # no feature grads
+    jt.train_epoch(0, jax.random.key(0))
+    tt = TorchTrainer(tmodel, config, data)
+    assert all(not p.requires_grad for p in tmodel.features.parameters())
+    torch.manual_seed(0)
+    tt.train_epoch(0)
+
+    after_jax = convert.to_torch_state_dict(jt.model())
+    after_torch = tmodel.state_dict()
+    for k, v in before.items():
+        if k.startswith("features."):
+            assert torch.equal(after_torch[k], v), k  # bit-identical
+            assert torch.equal(after_jax[k], v), k
+        elif k == "classifier.6.weight":
+            assert not torch.equal(after_torch[k], v) and not torch.equal(after_jax[k], v)
+
+
+def test_frozen_step_gives_the_same_head_in_both_frameworks(sample):
+    """Dropout off (eval-mode forward would hide it), SGD: the same step, the same weights."""
+    data = small(sample)
+    config = TrainConfig(arch="alexnet", epochs=1, batch_size=32, optimizer="sgd", lr=0.05,
+                         momentum=0.0, image_size=64, progress=False)  # fmt: skip
+    c = AlexNetConfig(num_classes=10, image_size=64, dropout=0.0)
+    torch.manual_seed(0)
+    tmodel = torch_build(c)
+    fmodel = convert.load_torch_state_dict(build_model(c, rngs=nnx.Rngs(0)), tmodel.state_dict())
+    jt, tt = Trainer(fmodel, config, data), TorchTrainer(tmodel, config, data)
+    jt.train_epoch(0, jax.random.key(0))
+    tt.train_epoch(0)
+    after_jax = convert.to_torch_state_dict(jt.model())
+    for k, v in tmodel.state_dict().items():
+        np.testing.assert_allclose(after_jax[k].numpy(), v.numpy(), atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_unfreeze_trains_features_at_their_own_rate(sample):
+    data = small(sample)
+    config = TrainConfig(arch="alexnet", epochs=1, batch_size=32, optimizer="sgd", lr=0.1,
+                         momentum=0.0, image_size=64, unfreeze=True, feature_lr=1e-3,
+                         progress=False)  # fmt: skip
+    tmodel, fmodel = pair("alexnet", 64, classes=10)
+    jt = Trainer(fmodel, config, data)
+    assert {p[0] for p in dict(nnx.to_flat_state(jt.params))} == {"features", "classifier"}
+    tt = TorchTrainer(tmodel, config, data)
+    lrs = sorted(g["lr"] for g in tt.optimizer.param_groups)
+    assert lrs == [1e-3, 0.1]
+
+
+def test_bf16_compute_keeps_float32_parameters(sample):
+    data = small(sample)
+    config = TrainConfig(arch="alexnet", epochs=1, batch_size=32, image_size=64,
+                         dtype="bfloat16", progress=False)  # fmt: skip
+    _, fmodel = pair("alexnet", 64, classes=10)
+    jt = Trainer(fmodel, config, data)
+    jt.compile()
+    loss, _ = jt.train_epoch(0, jax.random.key(0))
+    assert np.isfinite(loss)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(jt.params))
+    assert np.isfinite(jt.evaluate()["loss"])
+
+
+def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(pretrained, "host_reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(UserError, match=r"no pretrained vgg16 weights: expected .*vgg16-397923af"
+                                         r".pth .* or use --no-pretrained"):  # fmt: skip
+        pretrained.find_weights("vgg16")
+    with pytest.raises(UserError, match=r"--weights .*nope.pth does not exist"):
+        pretrained.find_weights("vgg16", tmp_path / "nope.pth")
+
+
+def test_weights_file_loads_converts_and_caches(tmp_path):
+    torch.manual_seed(0)
+    tmodel = torch_build(AlexNetConfig(num_classes=1000))
+    path = tmp_path / "alexnet.pth"
+    torch.save(tmodel.state_dict(), path)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # converts, then reads the cache
+        model = build_model(AlexNetConfig(num_classes=1000), rngs=nnx.Rngs(1))
+        pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
+        got = convert.to_torch_state_dict(model)
+        for k, v in tmodel.state_dict().items():
+            assert torch.equal(got[k], v), k
+    assert len(list(cache.glob("*.npz"))) == 1
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict"):
+        pretrained.load_state_dict(tmp_path / "junk.pth")
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cli_fine_tunes_offline_with_no_pretrained(tmp_path, backend):
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "alexnet", "--backend",
+         backend, "--no-pretrained", "--image-size", "64", "--epochs", "1", "--no-progress",
+         "--save-weights", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "metrics.json").exists()
+    assert f"| alexnet | {backend} |" in r.stdout and "57,044,810" in r.stdout
+    # --save-weights: a torchvision state_dict that torchvision's own AlexNet loads.
+    state_dict = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
+    torch_build(AlexNetConfig(num_classes=10, image_size=64)).load_state_dict(state_dict)
+
+
+def test_cli_pretrained_without_weights_is_one_line(tmp_path):
+    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "vgg16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--no-pretrained" in r.stderr
+    assert "Traceback" not in r.stderr
