@@ -6,7 +6,6 @@ Krizhevsky 2014 ("One weird trick"), the variant torchvision ships. `features`, 
 random weights follow torch's default initialisation, as torchvision's AlexNet does.
 """
 
-import jax
 from flax import nnx
 
 from jaxvision.configs import ALEXNET_PRESETS as PRESETS  # noqa: F401  (re-exported)
@@ -16,13 +15,13 @@ from jaxvision.models.layers import (
     Dropout,
     MaxPool,
     ReLU,
-    sequential,
+    TorchvisionClassifier,
     torch_conv,
     torch_linear,
 )
 
 
-class AlexNet(nnx.Module):
+class AlexNet(TorchvisionClassifier):
     def __init__(self, config: AlexNetConfig = AlexNetConfig(), *, rngs: nnx.Rngs):
         self.config = c = config
         self.features = nnx.List([
@@ -38,15 +37,3 @@ class AlexNet(nnx.Module):
             Dropout(c.dropout), torch_linear(c.hidden, c.hidden, rngs), ReLU(),
             torch_linear(c.hidden, c.num_classes, rngs),
         ])  # fmt: skip
-
-    def forward_intermediates(self, x: jax.Array, *, rngs=None) -> tuple[jax.Array, dict]:
-        """x: (B, S, S, 3) normalised. Returns the logits and `features`, `avgpool`, ... ."""
-        out = {}
-        out["features"] = x = sequential(self.features, x, rngs=rngs)  # (B, h, w, 256)
-        out["avgpool"] = x = self.avgpool(x)  # (B, 6, 6, 256)
-        x = x.reshape(x.shape[0], -1)  # (B, 6*6*256) in (H, W, C) order; see the converter
-        out["logits"] = x = sequential(self.classifier, x, rngs=rngs)  # (B, num_classes)
-        return x, out
-
-    def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
-        return self.forward_intermediates(x, rngs=rngs)[0]

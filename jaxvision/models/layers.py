@@ -59,6 +59,31 @@ class AdaptiveAvgPool(nnx.Module):
         return jnp.einsum("oh,bhwc,pw->bopc", ph, x, pw)  # (B, H, W, C) -> (B, out, out, C)
 
 
+class TorchvisionClassifier(nnx.Module):
+    """The shape torchvision's VGG and AlexNet share: features, avgpool, flatten, classifier.
+
+    Subclasses build `features` and `classifier` (nnx.Lists in torchvision's index order) and
+    `avgpool`. The flatten runs in (H, W, C) order; the converter permutes the first classifier
+    layer's rows to match torch's (C, H, W).
+    """
+
+    features: nnx.List
+    avgpool: AdaptiveAvgPool
+    classifier: nnx.List
+
+    def forward_intermediates(self, x: jax.Array, *, rngs=None) -> tuple[jax.Array, dict]:
+        """x: (B, S, S, 3) normalised. Returns the logits and `features`, `avgpool`, `logits`."""
+        out = {}
+        out["features"] = x = sequential(self.features, x, rngs=rngs)  # (B, h, w, C)
+        out["avgpool"] = x = self.avgpool(x)  # (B, p, p, C)
+        x = x.reshape(x.shape[0], -1)  # (B, p*p*C), (H, W, C) order
+        out["logits"] = x = sequential(self.classifier, x, rngs=rngs)  # (B, num_classes)
+        return x, out
+
+    def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
+        return self.forward_intermediates(x, rngs=rngs)[0]
+
+
 def sequential(layers, x: jax.Array, out: dict | None = None, name: str = "", *, rngs=None):
     """Runs an nnx.List of layers; records each output as `name.i` when `out` is given."""
     for i, layer in enumerate(layers):

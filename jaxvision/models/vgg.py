@@ -8,7 +8,6 @@ initialisation (kaiming-normal convs, N(0, 0.01) linears). Input is NHWC; the ad
 follows torch's bin rule, so inputs other than 224x224 give torchvision's result too.
 """
 
-import jax
 from flax import nnx
 
 from jaxvision.configs import VGG_PRESETS as PRESETS  # noqa: F401  (re-exported)
@@ -18,13 +17,13 @@ from jaxvision.models.layers import (
     Dropout,
     MaxPool,
     ReLU,
-    sequential,
+    TorchvisionClassifier,
     torch_conv,
     torch_linear,
 )
 
 
-class VGG(nnx.Module):
+class VGG(TorchvisionClassifier):
     def __init__(self, config: VGGConfig = VGGConfig(), *, rngs: nnx.Rngs):
         self.config = c = config
         layers, width = [], c.in_channels
@@ -42,15 +41,3 @@ class VGG(nnx.Module):
             torch_linear(c.hidden, c.hidden, rngs, vgg=True), ReLU(), Dropout(c.dropout),
             torch_linear(c.hidden, c.num_classes, rngs, vgg=True),
         ])  # fmt: skip
-
-    def forward_intermediates(self, x: jax.Array, *, rngs=None) -> tuple[jax.Array, dict]:
-        """x: (B, S, S, 3) normalised. Returns the logits and `features`, `avgpool`, ... ."""
-        out = {}
-        out["features"] = x = sequential(self.features, x, rngs=rngs)  # (B, S/32, S/32, 512)
-        out["avgpool"] = x = self.avgpool(x)  # (B, 7, 7, 512)
-        x = x.reshape(x.shape[0], -1)  # (B, 7*7*512) in (H, W, C) order; see the converter
-        out["logits"] = x = sequential(self.classifier, x, rngs=rngs)  # (B, num_classes)
-        return x, out
-
-    def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
-        return self.forward_intermediates(x, rngs=rngs)[0]
