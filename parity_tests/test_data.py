@@ -1,8 +1,6 @@
 """Data loading: IDX round trips on real digits, every bad-input case, the sample split, order."""
 
 import gzip
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,6 @@ import pytest
 from jaxvision import data
 from jaxvision.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
 FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -152,20 +149,10 @@ def test_host_probe_fails_fast_for_an_unresolvable_host():
     assert data.host_reachable("https://no-such-host.invalid/", timeout=1.0) is False
 
 
-def cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
-def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, sample):
+def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, sample, train_cli):
     write_split(tmp_path, sample)
     (tmp_path / FILES[0]).write_bytes(gzip.compress(b"junk"))  # not even the right suffix
-    r = cli("--data-dir", str(tmp_path), "--epochs", "1")
+    r = train_cli("--data-dir", str(tmp_path), "--epochs", "1")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]

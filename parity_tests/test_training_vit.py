@@ -1,16 +1,10 @@
 """ViT training end to end: both frameworks learn the bundled digits, and --save-attention."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from jaxvision.cli import backend_trainer
 from jaxvision.run import ARCH_DEFAULTS, TrainConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +31,10 @@ def test_short_vit_run_accuracy_in_both_frameworks(short_vit_runs):
         assert r.params == 139_018
 
 
-def test_save_attention_writes_a_png_grid(tmp_path):
+def test_save_attention_writes_a_png_grid(tmp_path, train_cli):
     out = tmp_path / "run"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            "--arch",
-            "vit",
-            "--preset",
-            "micro",
-            "--epochs",
-            "1",
-            "--warmup-epochs",
-            "0",
-            "--no-progress",
-            "--save-attention",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    r = train_cli("--arch", "vit", "--preset", "micro", "--epochs", "1", "--warmup-epochs", "0",
+                  "--no-progress", "--save-attention", "--out", str(out), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     png = out / "attention.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -71,14 +45,8 @@ def test_save_attention_writes_a_png_grid(tmp_path):
     assert f"wrote {png}" in r.stdout
 
 
-def test_save_attention_refuses_a_cnn():
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "cnn", "--save-attention"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+def test_save_attention_refuses_a_cnn(train_cli):
+    r = train_cli("--arch", "cnn", "--save-attention", timeout=120)
     assert r.returncode == 2
     assert (
         r.stderr.strip() == "error: --save-attention draws a ViT's attention; --arch cnn has none"
