@@ -104,21 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="random affine: rotation 15 deg, shift 10%%, scale 0.9-1.1, per image, on "
         "the device " + arch_default("augment"),
     )
-    g = p.add_argument_group("fine-tuning (vgg16, alexnet)")
+    g = p.add_argument_group("fine-tuning (vgg16, alexnet, faster_rcnn)")
     g.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="resize inputs to this (on the device) " + arch_default("image_size"),
+        help="resize inputs to this (on the device; faster_rcnn: the transform's min_size and "
+        "max_size) " + arch_default("image_size"),
     )
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="torchvision's ImageNet weights, from --weights or torch hub's cache "
-                   + arch_default("pretrained"))  # fmt: skip
+                   help="torchvision's weights (ImageNet; COCO for faster_rcnn), from --weights "
+                   "or torch hub's cache " + arch_default("pretrained"))  # fmt: skip
     g.add_argument("--weights", default=None, help="a torchvision .pth state_dict to start from")
     g.add_argument(
         "--unfreeze",
         action="store_true",
-        help="train the convolutional features too (at --feature-lr)",
+        help="train the convolutional features too (at --feature-lr); faster_rcnn: the whole "
+        "backbone, not only its last 3 layers",
     )
     g.add_argument(
         "--feature-lr",
@@ -139,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=run.DTYPES,
         help="compute dtype; parameters stay float32",
     )
+    g = p.add_argument_group("detector (faster_rcnn, torch backend)")
+    g.add_argument(
+        "--detector",
+        default=None,
+        choices=list(configs.DETECTORS),
+        help="fasterrcnn_mobilenet_v3_large_320_fpn or fasterrcnn_resnet50_fpn (the same as "
+        "--preset) [mobilenet_v3_320]",
+    )
+    g.add_argument(
+        "--box-margin",
+        type=int,
+        default=0,
+        help="pixels added around each digit's ink box (the detection target)",
+    )
+    g.add_argument("--score-threshold", type=float, default=0.5,
+                   help="the top detection decides the class only if it scores at least this; "
+                   "below it, the box head's best class does (a counted fallback)")  # fmt: skip
     g = p.add_argument_group("reproducibility")
     g.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data order")
     g = p.add_argument_group("output")
@@ -160,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> run.TrainConfig:
     configs.check_arch(args.arch)
+    if args.detector is not None:
+        if args.arch != "faster_rcnn":
+            raise UserError(f"--detector is for --arch faster_rcnn, not {args.arch}")
+        if args.preset not in (None, args.detector):
+            raise UserError(f"--detector {args.detector} and --preset {args.preset} disagree")
+        args.preset = args.detector
     defaults = run.ARCH_DEFAULTS[args.arch]
 
     def pick(name):
@@ -195,6 +220,8 @@ def config_from_args(args: argparse.Namespace) -> run.TrainConfig:
         unfreeze=args.unfreeze,
         feature_lr=pick("feature_lr"),
         dtype=args.dtype,
+        box_margin=args.box_margin,
+        score_threshold=args.score_threshold,
     )
 
 
@@ -253,10 +280,10 @@ def write_torch_weights(config: run.TrainConfig, result: run.RunResult, out_dir:
 def train(config: run.TrainConfig, save_weights: bool = False) -> dict:
     """Loads the data, trains, writes metrics.json, prints the results row; returns the record."""
     configs.get_config(config.arch, config.preset)  # fail on a bad preset before loading data
-    if config.arch in configs.IMAGENET_ARCHS and config.pretrained:  # and on missing weights
+    if config.pretrained:  # and on missing weights
         from jaxvision import pretrained
 
-        pretrained.find_weights(config.arch, config.weights)
+        pretrained.find_weights(pretrained.weights_name(config.arch, config.preset), config.weights)
     if config.save_attention and config.arch != "vit":
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
     dataset = data.load_dataset(

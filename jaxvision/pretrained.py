@@ -1,4 +1,6 @@
-"""torchvision's ImageNet weights for VGG16 and AlexNet: found, loaded, converted, cached.
+"""torchvision's pretrained weights: ImageNet for VGG16 and AlexNet, COCO for Faster R-CNN.
+
+Found, loaded, and (VGG16, AlexNet) converted to Flax and cached.
 
 Where the weights come from, in order:
   1. `--weights PATH`, a torchvision state_dict saved with `torch.save`;
@@ -21,10 +23,19 @@ import numpy as np
 from jaxvision.data import host_reachable
 from jaxvision.errors import UserError
 
-WEIGHTS = {  # arch -> torchvision weights enum entry
+WEIGHTS = {  # arch (faster_rcnn: "faster_rcnn/<detector>") -> torchvision weights enum entry
     "vgg16": "VGG16_Weights.IMAGENET1K_V1",
     "alexnet": "AlexNet_Weights.IMAGENET1K_V1",
+    "faster_rcnn/mobilenet_v3_320": "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
+    "faster_rcnn/resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
 }
+
+
+def weights_name(arch: str, preset: str | None = None) -> str:
+    """The key of `WEIGHTS` for an arch and preset (Faster R-CNN: one per --detector)."""
+    from jaxvision.configs import DEFAULT_PRESET
+
+    return f"{arch}/{preset or DEFAULT_PRESET[arch]}" if arch == "faster_rcnn" else arch
 
 
 def weights_url(arch: str) -> str:
@@ -41,6 +52,9 @@ def hub_checkpoint_path(arch: str) -> Path:
 
 def find_weights(arch: str, weights: str | os.PathLike | None = None) -> Path:
     """The local file holding `arch`'s pretrained weights, downloading it only if reachable."""
+    if arch not in WEIGHTS:
+        have = ", ".join(sorted({k.split("/")[0] for k in WEIGHTS}))
+        raise UserError(f"--pretrained: torchvision has no weights for {arch} (it has for {have})")
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvision.configs import ARCH_PRESETS, TORCH_ONLY_ARCHS
 from jaxvision.data import Dataset
 from jaxvision.errors import TrainingDiverged, UserError
 
@@ -63,6 +64,13 @@ for _arch in ("vgg16", "alexnet"):
         schedule="constant", warmup_epochs=0.0, clip_norm=0.0, label_smoothing=0.0,
         augment=False, image_size=224, pretrained=True, feature_lr=1e-4,
     )  # fmt: skip
+# Faster R-CNN: torchvision's recipe (SGD, momentum 0.9, warmup) at a CPU-sized batch; the
+# transform resizes each 28x28 digit to 64x64 (`FasterRCNNConfig.image_size`).
+ARCH_DEFAULTS["faster_rcnn"] = dict(
+    epochs=3, batch_size=8, lr=0.01, optimizer="sgd", momentum=0.9, weight_decay=0.0,
+    schedule="cosine", warmup_epochs=0.25, clip_norm=10.0, label_smoothing=0.0, augment=False,
+    image_size=64, pretrained=True, feature_lr=1e-3,
+)  # fmt: skip
 for _defaults in (ARCH_DEFAULTS["cnn"], ARCH_DEFAULTS["vit"]):
     _defaults.update(image_size=None, pretrained=False, feature_lr=None)
 DTYPES = ("float32", "bfloat16")
@@ -96,6 +104,9 @@ class TrainConfig:
     unfreeze: bool = False  # train the convolutional features too, at feature_lr
     feature_lr: float | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Faster R-CNN (torch_reference.detection)
+    box_margin: int = 0  # pixels added around the digit's ink box
+    score_threshold: float = 0.5  # a detection below this does not decide the class
     seed: int = 0
     out: str | None = None  # None: runs/<arch>-<backend>-<timestamp>/
     progress: bool = True
@@ -105,6 +116,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise UserError(f"unknown --backend {self.backend!r}; available: {', '.join(BACKENDS)}")
+        if self.arch in TORCH_ONLY_ARCHS:
+            self._check_detector()
         if self.optimizer not in OPTIMIZERS:
             raise UserError(
                 f"unknown --optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}"
@@ -139,6 +152,26 @@ class TrainConfig:
                 f"got {self.warmup_epochs}"
             )
 
+    def _check_detector(self) -> None:
+        if self.backend == "jax":
+            jax_archs = ", ".join(a for a in ARCH_PRESETS if a not in TORCH_ONLY_ARCHS)
+            raise UserError(
+                f"--arch {self.arch} has no JAX backend: the detector (RPN, RoIAlign, box heads) "
+                f"is torchvision's; use --backend torch (JAX trains {jax_archs})"
+            )
+        if self.augment:
+            raise UserError("--augment is not supported for faster_rcnn (its boxes would need "
+                            "the same transform); use --no-augment")  # fmt: skip
+        if self.label_smoothing:
+            raise UserError("--label-smoothing does not apply to faster_rcnn: the loss is "
+                            "torchvision's detector loss")  # fmt: skip
+        if self.dtype != "float32":
+            raise UserError(f"--dtype {self.dtype} is not supported for faster_rcnn; use float32")
+        if not 0 <= self.score_threshold <= 1:
+            raise UserError(f"--score-threshold must be in [0, 1], got {self.score_threshold}")
+        if self.box_margin < 0:
+            raise UserError(f"--box-margin must be >= 0 pixels, got {self.box_margin}")
+
     def steps_per_epoch(self, n_train: int) -> int:
         """Full batches per epoch; the last partial batch is dropped (a new one each epoch)."""
         if n_train < self.batch_size:
@@ -156,7 +189,8 @@ def model_config(config: TrainConfig, data: Dataset):
     from jaxvision.configs import IMAGENET_ARCHS, get_config
 
     h, _, c = data.image_shape
-    if config.arch in IMAGENET_ARCHS:  # 3-channel input at --image-size; the head is replaced
+    # 3-channel input at --image-size; the head is replaced
+    if config.arch in IMAGENET_ARCHS or config.arch == "faster_rcnn":
         return get_config(
             config.arch, config.preset, num_classes=data.num_classes, image_size=config.image_size
         )
@@ -187,6 +221,7 @@ class EpochStats:
     test_f1_macro: float
     train_time_s: float
     eval_time_s: float
+    extras: dict = dataclasses.field(default_factory=dict)  # arch-specific figures (detection)
 
 
 @dataclasses.dataclass
@@ -197,6 +232,7 @@ class RunResult:
     compile_time_s: float  # JAX: ahead-of-time compilation of the train and eval steps
     predictions: np.ndarray | None = None  # the last evaluation's predicted test labels
     model: object = None  # the trained model (Flax, in eval mode, or torch), for inspection
+    extras: dict | None = None  # arch-specific figures for metrics.json (faster_rcnn: detection)
 
     @property
     def final(self) -> EpochStats:
@@ -283,6 +319,7 @@ def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate):
             float(ev["f1_macro"]),
             train_s,
             time.perf_counter() - t0,
+            ev.get("extras", {}),
         )
         history.append(stats)
         if config.progress:
@@ -335,6 +372,7 @@ def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dic
         "device": result.device,
         "host": describe_host(),
         "seed": config.seed,
+        **({"detection": result.extras} if result.extras else {}),
         "history": [dataclasses.asdict(h) for h in result.history],
         "config": dataclasses.asdict(config),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -377,8 +415,15 @@ def results_row(record: dict) -> str:
 
 
 def epoch_line(stats: EpochStats, epochs: int) -> str:
+    extras = stats.extras
+    detection = (
+        f" | mAP@0.5 {extras['map50']:.4f} | top-box IoU {extras['mean_iou']:.3f} | "
+        f"fallbacks {extras['fallbacks']}"
+        if "map50" in extras
+        else ""
+    )
     return (
         f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f} | "
         f"test loss {stats.test_loss:.4f} | test acc {stats.test_accuracy:.2%} | "
-        f"F1 {stats.test_f1_macro:.4f} | {stats.train_time_s:.1f} s"
+        f"F1 {stats.test_f1_macro:.4f}{detection} | {stats.train_time_s:.1f} s"
     )

@@ -214,6 +214,10 @@ def create_model(config: TrainConfig, model_cfg, verbose: bool = True) -> torch.
 
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
+    if config.arch == "faster_rcnn":
+        from torch_reference import detection
+
+        return detection.train_and_evaluate(config, data)
     torch.manual_seed(config.seed)  # initialisation and dropout
     trainer = Trainer(create_model(config, model_config(config, data)), config, data)
     steps = config.steps_per_epoch(data.n_train)

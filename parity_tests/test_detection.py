@@ -1,0 +1,351 @@
+"""Faster R-CNN as a digit classifier: targets, readout, detection metrics, the detector itself.
+
+Offline, so the detectors are random-initialised; torchvision's COCO weights are stood in for by
+a random 91-class state_dict saved to a file, which exercises the same loading path.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from jaxvision import detection, pretrained
+from jaxvision.configs import FasterRCNNConfig
+from jaxvision.errors import UserError
+from jaxvision.run import TrainConfig
+from torch_reference.detection import (
+    as_rgb,
+    create_detector,
+    detect,
+    detector_loss,
+    make_targets,
+)
+from torch_reference.models.detector import build_detector
+
+# ---- targets from the image -------------------------------------------------------------------
+
+
+def test_ink_boxes_hold_all_the_ink_tightly_on_real_digits(sample):
+    images, digits = sample.x_train[:500, ..., 0], sample.y_train[:500]
+    boxes, has_ink = detection.ink_boxes(sample.x_train[:500])  # (N, H, W, 1) in
+    assert has_ink.all() and boxes.shape == (500, 4) and boxes.dtype == np.float32
+    h, w = images.shape[1:]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    for img, (x1, y1, x2, y2) in zip(images, boxes.astype(int), strict=True):
+        inside = np.zeros_like(img, bool)
+        inside[y1:y2, x1:x2] = True
+        assert img[~inside].max(initial=0) == 0  # all the ink is in the box
+        # and the box is tight: its first and last rows and columns each hold ink
+        assert img[y1].any() and img[y2 - 1].any() and img[:, x1].any() and img[:, x2 - 1].any()
+    # torchvision's masks_to_boxes gives the same boxes with inclusive right/bottom edges
+    masks = torch.from_numpy(images > 0)
+    ref = torchvision.ops.masks_to_boxes(masks).numpy() + np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(boxes, ref)
+    # labels: digit + 1, with 0 left to the background
+    targets = make_targets(torch.from_numpy(boxes[:4]), torch.from_numpy(digits[:4] + 1))
+    assert [int(t["labels"][0]) for t in targets] == list(digits[:4] + 1)
+    assert all(t["boxes"].shape == (1, 4) for t in targets)
+
+
+def test_ink_boxes_margin_is_clipped_and_blank_images_are_flagged():
+    images = np.zeros((3, 28, 28), np.uint8)
+    images[0, 10:15, 5:9] = 200  # rows 10..14, columns 5..8
+    images[1, 0:3, 25:28] = 9  # touches the top right corner
+    boxes, has_ink = detection.ink_boxes(images, margin=2)
+    np.testing.assert_array_equal(boxes[0], [3, 8, 11, 17])
+    np.testing.assert_array_equal(boxes[1], [23, 0, 28, 5])  # clipped to the image
+    np.testing.assert_array_equal(has_ink, [True, True, False])
+    np.testing.assert_array_equal(boxes[2], [0, 0, 0, 0])
+    _, inked = detection.ink_boxes(images, threshold=10)  # ink must exceed the threshold
+    np.testing.assert_array_equal(inked, [True, False, False])
+    with pytest.raises(UserError, match="--box-margin must be >= 0"):
+        detection.ink_boxes(images, margin=-1)
+
+
+# ---- readout ----------------------------------------------------------------------------------
+
+
+def test_classify_takes_the_top_confident_detection_else_the_box_heads_best_class():
+    scores = [
+        np.array([0.3, 0.9, 0.6]),  # top detection: label 8 -> digit 7
+        np.array([0.4, 0.2]),  # none clears 0.5 -> fallback
+        np.array([]),  # no detection at all -> fallback
+        np.array([0.5]),  # exactly at the threshold counts
+    ]
+    labels = [np.array([3, 8, 2]), np.array([5, 6]), np.array([], int), np.array([1])]
+    class_scores = np.zeros((4, 11))
+    class_scores[:, 0] = 0.99  # background is never a digit
+    class_scores[1, 4] = 0.3  # digit 3
+    class_scores[2, 10] = 0.2  # digit 9
+    class_scores[0, 1] = 0.95  # ignored: image 0 has a confident detection
+    preds, fallback = detection.classify(scores, labels, class_scores, threshold=0.5)
+    np.testing.assert_array_equal(preds, [7, 3, 9, 0])
+    np.testing.assert_array_equal(fallback, [False, True, True, False])
+
+
+# ---- detection metrics, against hand-computed cases --------------------------------------------
+
+
+def test_box_iou_hand_cases_and_torchvision():
+    a = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 2, 2]], float)
+    b = np.array([[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 2, 2]], float)
+    got = detection.box_iou(a, b)
+    assert got[0, 0] == pytest.approx(50 / 150)  # half-overlapping squares
+    assert got[1, 1] == 0.0 and got[2, 2] == 1.0
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 20, (2, 7, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 10, (2, 7, 2))], -1)
+    ref = torchvision.ops.box_iou(torch.from_numpy(boxes[0]), torch.from_numpy(boxes[1]))
+    np.testing.assert_allclose(detection.box_iou(boxes[0], boxes[1]), ref.numpy(), atol=1e-12)
+
+
+def test_average_precision_hand_computed():
+    # ranked TP, FP, TP of 2 targets: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1;
+    # interpolated: 1 up to recall 1/2, then 2/3 -> AP = 0.5 * 1 + 0.5 * 2/3
+    ap = detection.average_precision(np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1], bool), 2)
+    assert ap == pytest.approx(0.5 + 1 / 3)
+    # the same detections with a third, never-found target: recall stops at 2/3
+    ap = detection.average_precision(np.array([0.7, 0.9, 0.8]), np.array([1, 1, 0], bool), 3)
+    assert ap == pytest.approx(1 / 3 + 1 / 3 * 2 / 3)
+    assert detection.average_precision(np.array([0.5]), np.array([False]), 1) == 0.0
+    assert detection.average_precision(np.array([]), np.array([], bool), 4) == 0.0
+
+
+def test_mean_average_precision_hand_computed():
+    targets = [
+        {"boxes": np.array([[0, 0, 10, 10]]), "labels": np.array([1])},
+        {"boxes": np.array([[0, 0, 10, 10]]), "labels": np.array([2])},
+    ]
+    detections = [
+        {  # a hit (0.9), a duplicate of it (0.8: FP), a wrong-class box (class 2, 0.95: FP)
+            "boxes": np.array([[0, 0, 10, 10], [1, 0, 10, 10], [0, 0, 10, 10]]),
+            "scores": np.array([0.9, 0.8, 0.95]),
+            "labels": np.array([1, 1, 2]),
+        },
+        {  # class 2: a box at IoU 1/3 (0.6: FP), then a hit (0.5)
+            "boxes": np.array([[5, 0, 15, 10], [0, 0, 10, 10]]),
+            "scores": np.array([0.6, 0.5]),
+            "labels": np.array([2, 2]),
+        },
+    ]
+    # class 1: TP, FP over 1 target -> AP 1. class 2: FP (0.95), FP (0.6), TP (0.5) -> AP 1/3
+    assert detection.mean_average_precision(detections, targets, 0.5) == pytest.approx(2 / 3)
+    # at IoU 0.3 the shifted box in image 2 counts: class 2 ranks FP, TP, FP -> AP 1/2
+    assert detection.mean_average_precision(detections, targets, 0.3) == pytest.approx(0.75)
+
+
+def test_top_box_iou_scores_the_highest_scoring_box():
+    dets = [
+        {"boxes": np.array([[0, 0, 10, 10], [5, 0, 15, 10]]), "scores": np.array([0.2, 0.7])},
+        {"boxes": np.zeros((0, 4)), "scores": np.array([])},
+    ]
+    got = detection.top_box_iou(dets, np.array([[0, 0, 10, 10], [0, 0, 5, 5]], float))
+    np.testing.assert_allclose(got, [1 / 3, 0.0])
+
+
+# ---- the detector -------------------------------------------------------------------------------
+
+PUBLIC = {
+    "mobilenet_v3_320": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn,
+    "resnet50_fpn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
+}
+
+
+@pytest.mark.parametrize("detector", list(PUBLIC))
+def test_from_scratch_detector_is_torchvisions_builder_parameter_for_parameter(detector):
+    cfg = FasterRCNNConfig(detector=detector)
+    torch.manual_seed(0)
+    ours = build_detector(cfg)
+    torch.manual_seed(0)
+    theirs = PUBLIC[detector](
+        weights=None,
+        weights_backbone=None,
+        num_classes=11,
+        min_size=64,
+        max_size=64,
+        box_batch_size_per_image=32,
+    )
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert ours.transform.min_size == (64,) and ours.transform.max_size == 64
+    assert ours.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+
+
+@pytest.mark.parametrize("detector", list(PUBLIC))
+def test_pretrained_weights_file_loads_frozen_with_a_new_11_class_head(tmp_path, detector):
+    cfg = FasterRCNNConfig(detector=detector)
+    torch.manual_seed(0)
+    coco = build_detector(cfg, pretrained=True)  # stands in for torchvision's COCO checkpoint
+    # torchvision's public builder makes the same keys (less BatchNorm's step counters)
+    public = PUBLIC[detector](weights=None, weights_backbone=None, num_classes=91)
+    assert coco.state_dict().keys() == {
+        k for k in public.state_dict() if not k.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "coco.pth"
+    torch.save(coco.state_dict(), path)
+    config = TrainConfig(
+        arch="faster_rcnn",
+        backend="torch",
+        preset=detector,
+        pretrained=True,
+        weights=str(path),
+        optimizer="sgd",
+    )
+    model = create_detector(config, cfg, verbose=False)
+    got = model.state_dict()
+    for k, v in coco.state_dict().items():
+        if "box_predictor" not in k:
+            assert torch.equal(got[k], v), k
+    assert model.roi_heads.box_predictor.cls_score.out_features == 11
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 44
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
+    trainable = [n for n, p in model.backbone.body.named_parameters() if p.requires_grad]
+    assert frozen and trainable  # torchvision's default: the last 3 backbone layers train
+    (tmp_path / "wrong.pth").write_bytes(b"junk")
+    config = TrainConfig(
+        arch="faster_rcnn",
+        backend="torch",
+        pretrained=True,
+        weights=str(tmp_path / "wrong.pth"),
+        optimizer="sgd",
+    )
+    with pytest.raises(UserError, match="wrong.pth: not a readable torch state_dict"):
+        create_detector(config, cfg)
+
+
+@pytest.mark.parametrize("detector", list(PUBLIC))
+def test_missing_coco_weights_offline_is_a_clear_error(tmp_path, monkeypatch, detector):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(pretrained, "host_reachable", lambda url, timeout=3.0: False)
+    name = pretrained.weights_name("faster_rcnn", detector)
+    expected = (
+        rf"no pretrained faster_rcnn/{detector} weights: expected .*fasterrcnn_.*\.pth "
+        r".* --weights PATH, or use --no-pretrained"
+    )
+    with pytest.raises(UserError, match=expected):
+        pretrained.find_weights(name)
+
+
+def _eval_model(sample, n=6):
+    torch.manual_seed(0)
+    model = build_detector(FasterRCNNConfig()).eval()
+    model.roi_heads.score_thresh = 0.0  # a random detector's scores are low; keep them all
+    images = as_rgb(torch.from_numpy(sample.x_test[:n]).permute(0, 3, 1, 2))
+    return model, images
+
+
+def test_detect_is_torchvisions_eval_forward_plus_the_class_scores(sample):
+    model, images = _eval_model(sample)
+    dets, class_scores = detect(model, images)
+    with torch.no_grad():
+        ref = model(list(images))
+    assert sum(len(d["scores"]) for d in ref) > 0
+    for d, r in zip(dets, ref, strict=True):
+        for k in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(d[k], r[k], rtol=0, atol=0)
+        assert (d["boxes"] >= 0).all() and (d["boxes"] <= 28).all()  # in input pixels
+    assert class_scores.shape == (6, 11)
+    assert ((class_scores >= 0) & (class_scores <= 1)).all()
+    # a detection's score is its class's softmax score for one proposal: never above the best
+    for d, s in zip(dets, class_scores, strict=True):
+        assert (d["scores"] <= s[d["labels"]] + 1e-6).all()
+
+
+def test_detector_loss_leaves_rng_and_batchnorm_alone(sample):
+    model, images = _eval_model(sample)
+    boxes, _ = detection.ink_boxes(sample.x_test[:6])
+    targets = make_targets(torch.from_numpy(boxes), torch.from_numpy(sample.y_test[:6] + 1))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stats = bn.running_mean.clone()
+    state = torch.random.get_rng_state()
+    loss = detector_loss(model, images, targets)
+    assert np.isfinite(loss) and loss > 0
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(bn.running_mean, stats) and not model.training
+
+
+def test_a_few_train_steps_on_a_tiny_batch_reduce_the_loss(sample):
+    torch.manual_seed(0)
+    model = build_detector(FasterRCNNConfig()).train()
+    images = as_rgb(torch.from_numpy(sample.x_train[:4]).permute(0, 3, 1, 2))
+    boxes, _ = detection.ink_boxes(sample.x_train[:4])
+    targets = make_targets(torch.from_numpy(boxes), torch.from_numpy(sample.y_train[:4] + 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(12):
+        loss = sum(model(list(images), targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, sample, train_cli):
+    data = tmp_path / "data"
+    data.mkdir()
+    from jaxvision.data import write_idx
+
+    train, test = slice(0, 4000, 40), slice(0, 1000, 25)  # every class, 100 and 40 images
+    x_train = sample.x_train[train, ..., 0].copy()
+    x_train[5] = 0  # a blank image: skipped, counted, never handed to torchvision
+    write_idx(data / "train-images-idx3-ubyte", x_train)
+    write_idx(data / "train-labels-idx1-ubyte", sample.y_train[train].astype(np.uint8))
+    write_idx(data / "t10k-images-idx3-ubyte", sample.x_test[test, ..., 0])
+    write_idx(data / "t10k-labels-idx1-ubyte", sample.y_test[test].astype(np.uint8))
+    r = train_cli(
+        "--arch",
+        "faster_rcnn",
+        "--backend",
+        "torch",
+        "--no-pretrained",
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 blank training images" in r.stdout
+    assert "mAP@0.5" in r.stdout and "step/s" in r.stderr
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    det = record["detection"]
+    assert det["blank_train_skipped"] == 1 and det["blank_test_excluded"] == 0
+    assert 0 <= det["map50"] <= 1 and 0 <= det["mean_iou"] <= 1 and 0 <= det["fallbacks"] <= 40
+    assert record["params"] == 19_000_754  # torchvision's, with an 11-way box predictor
+    assert record["config"]["image_size"] == 64 and record["n_train"] == 100
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+    assert "| faster_rcnn | torch |" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "jax"], "--arch faster_rcnn has no JAX backend"),
+        (["--backend", "torch", "--augment"], "--augment is not supported for faster_rcnn"),
+        (["--backend", "torch", "--detector", "yolo"], "invalid choice: 'yolo'"),
+        (
+            ["--backend", "torch", "--detector", "resnet50_fpn", "--preset", "mobilenet_v3_320"],
+            "disagree",
+        ),
+        (["--backend", "torch", "--image-size", "16"], "at least 32"),
+    ],
+)
+def test_cli_detector_bad_requests_exit_2(args, message, train_cli):
+    r = train_cli("--arch", "faster_rcnn", "--no-pretrained", *args, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
