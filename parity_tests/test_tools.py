@@ -1,0 +1,195 @@
+"""scripts/benchmark.py, scripts/compare.py and scripts/run_lab.py, run as a user runs them.
+
+No timing is asserted: the benchmark's figures are checked for shape and consistency only.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxvision import benchmark
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args: str, timeout: int = 600):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    r = script(
+        "benchmark.py",
+        "--archs",
+        "cnn,vit",
+        "--backends",
+        "jax,torch",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        "3",
+        "--repeats",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    records = json.loads(out.read_text())
+    assert [(x["arch"], x["backend"]) for x in records] == [
+        ("cnn", "jax"),
+        ("cnn", "torch"),
+        ("vit", "jax"),
+        ("vit", "torch"),
+    ]
+    for x in records:
+        assert set(benchmark.RECORD_KEYS) <= x.keys(), x
+        assert x["device"] == "cpu" and x["batch_size"] == 8 and x["repeats"] == 2
+        assert x["image_size"] == 28 and x["peak_device_mb"] is None  # no GPU here
+        for key in (
+            "train_images_per_s",
+            "infer_images_per_s",
+            "peak_host_mb",
+            "flops_per_image",
+            "peak_flops_per_s",
+        ):
+            assert isinstance(x[key], float) and x[key] > 0, key
+        assert x["compile_s"] >= 0 and len(x["train_times_s"]) == 2
+        assert 0 < x["fraction_of_peak"] < 1
+        assert x["fraction_of_peak"] == pytest.approx(
+            x["flops_per_image"] * x["train_images_per_s"] / x["peak_flops_per_s"]
+        )
+    by = {(x["arch"], x["backend"]): x for x in records}
+    for arch in ("cnn", "vit"):  # the same model in both frameworks
+        jax_r, torch_r = by[arch, "jax"], by[arch, "torch"]
+        assert jax_r["params"] == torch_r["params"]
+        assert jax_r["flops_per_image"] == torch_r["flops_per_image"]
+        assert jax_r["xla_flops_per_image"] > 0 and "xla_flops_per_image" not in torch_r
+    # the tiny CNN's training FLOPs by hand: forward 2*MACs of two 3x3 convs and two linears,
+    # backward twice that, except the first conv's input gradient (the image needs none)
+    conv1, conv2 = 28 * 28 * 4 * 9 * 1, 14 * 14 * 8 * 9 * 4
+    fc = 7 * 7 * 8 * 16 + 16 * 10
+    assert by["cnn", "jax"]["flops_per_image"] == 2 * (3 * (conv1 + conv2 + fc) - conv1)
+    assert "| cnn | jax | cpu | 8 |" in r.stdout
+    assert "| cnn |" in r.stdout.split("JAX ÷ torch, train")[1]  # the ratio table
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--archs", "resnet"], "unknown --arch 'resnet'"),
+        (["--backends", "tensorflow"], "unknown backend 'tensorflow' in --backends"),
+        (["--archs", "faster_rcnn", "--backends", "jax"], "the JAX backend has no faster_rcnn"),
+        (["--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_benchmark_bad_requests_are_one_line_exit_2(args, message):
+    r = script("benchmark.py", *args, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
+def _metrics(arch, backend, accuracy, seconds, params):
+    return {
+        "arch": arch,
+        "backend": backend,
+        "preset": None,
+        "dataset": "mnist",
+        "n_train": 4000,
+        "n_test": 1000,
+        "test_accuracy": accuracy,
+        "test_f1_macro": accuracy - 0.001,
+        "train_loss": 0.05,
+        "train_time_s": seconds,
+        "params": params,
+        "device": "cpu",
+        "host": "test host, 2 cores",
+    }
+
+
+def test_compare_builds_table_csv_and_png_from_two_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "metrics.json").write_text(json.dumps(_metrics("vit", "torch", 0.979, 127.8, 139018)))
+    (b / "metrics.json").write_text(json.dumps(_metrics("cnn", "jax", 0.974, 22.1, 421642)))
+    r = script("compare.py", str(a / "metrics.json"), str(b), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    assert (
+        "| cnn | jax | mnist (4,000/1,000) | 97.40% | 0.9730 | 0.0500 | 22.1 | 421,642 |"
+        in r.stdout
+    )
+    assert "| vit | torch |" in r.stdout and "Measured on test host, 2 cores." in r.stdout
+    with open(tmp_path / "rep" / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["model"] for row in rows] == ["cnn", "vit"]  # sorted by model
+    assert float(rows[1]["accuracy"]) == 0.979 and int(rows[0]["parameters"]) == 421642
+    png = tmp_path / "rep" / "comparison.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400
+    assert np.ptp(image[..., :3]) > 0.5  # something is drawn
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "not a readable metrics.json"),
+        ('{"arch": "cnn"}', "not a train.py metrics.json (missing backend, dataset"),
+    ],
+)
+def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, message):
+    path = tmp_path / "metrics.json"
+    if content is not None:
+        path.write_text(content)
+    r = script("compare.py", str(path), "--out", str(tmp_path / "rep"), timeout=120)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_run_lab_dry_run_lists_every_arch_and_backend():
+    r = script("run_lab.py", "--dry-run", "--out", "lab", timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 9  # 5 archs x 2 backends, less faster_rcnn on JAX
+    assert not any("faster_rcnn --backend jax" in line for line in lines)
+    assert lines[0] == "[1/9] python scripts/train.py --arch cnn --backend jax --out lab/cnn-jax"
+
+
+def test_run_lab_trains_and_reports_end_to_end(tmp_path):
+    out = tmp_path / "lab"
+    r = script(
+        "run_lab.py",
+        "--archs",
+        "cnn",
+        "--out",
+        str(out),
+        "--",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "cnn-jax" / "metrics.json").exists() and (
+        out / "cnn-torch" / "metrics.json"
+    ).exists()
+    assert "| cnn (tiny) | jax |" in r.stdout and "| cnn (tiny) | torch |" in r.stdout
+    assert {p.name for p in out.glob("comparison.*")} == {
+        "comparison.md",
+        "comparison.csv",
+        "comparison.png",
+    }
