@@ -289,6 +289,18 @@ def _worker(spec: Spec, conn) -> None:
         conn.close()
 
 
+def _ask(proc, conn, message: str | None = None) -> tuple[str, object]:
+    """Sends `message` (if any) to a worker and returns its answer; a worker that died (a crash
+    inside XLA or torch, the OOM killer) answers ("error", ...) instead of breaking the run."""
+    try:
+        if message is not None:
+            conn.send(message)
+        return conn.recv()
+    except (EOFError, OSError):
+        proc.join(timeout=10)
+        return "error", f"the worker process died (exit code {proc.exitcode})"
+
+
 def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
     """Measures every spec, interleaved; returns one record per spec (see RECORD_KEYS)."""
     ctx = multiprocessing.get_context("spawn")
@@ -298,7 +310,7 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
         proc = ctx.Process(target=_worker, args=(spec, there), daemon=True)
         proc.start()
         there.close()
-        kind, payload = here.recv()
+        kind, payload = _ask(proc, here)
         log(
             f"  set up {spec.arch} / {spec.backend}: "
             + (f"{payload['compile_s']:.1f} s compile/first step" if kind == "ready" else payload)
@@ -307,8 +319,7 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
     live = [w for w in workers if w[3] == "ready"]
     for r in range(repeats):
         for w in live:  # A B C, A B C, ...: a noisy moment hits every backend alike
-            w[2].send("run")
-            kind, payload = w[2].recv()
+            kind, payload = _ask(w[1], w[2], "run")
             if kind != "times":
                 w[3], w[4] = kind, payload
                 continue
@@ -320,8 +331,9 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
     for spec, proc, conn, kind, payload, times in workers:
         memory = (None, None)
         if kind == "ready":
-            conn.send("stop")
-            _, memory = conn.recv()
+            answer, memory = _ask(proc, conn, "stop")
+            if answer != "memory":
+                kind, payload, memory = answer, memory, (None, None)
         proc.join(timeout=30)
         n = spec.batch_size * spec.steps
         record = {
