@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvision.configs import ARCH_PRESETS, TORCH_ONLY_ARCHS
+from jaxvision.configs import ARCH_PRESETS, IMAGENET_ARCHS, TORCH_ONLY_ARCHS, get_config
 from jaxvision.data import Dataset
 from jaxvision.errors import TrainingDiverged, UserError
 
@@ -186,11 +186,9 @@ class TrainConfig:
 
 def model_config(config: TrainConfig, data: Dataset):
     """The model's config: the preset, sized for the data (or for --image-size)."""
-    from jaxvision.configs import IMAGENET_ARCHS, get_config
-
     h, _, c = data.image_shape
     # 3-channel input at --image-size; the head is replaced
-    if config.arch in IMAGENET_ARCHS or config.arch == "faster_rcnn":
+    if config.arch in IMAGENET_ARCHS or config.arch in TORCH_ONLY_ARCHS:
         return get_config(
             config.arch, config.preset, num_classes=data.num_classes, image_size=config.image_size
         )
