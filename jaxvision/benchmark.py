@@ -123,7 +123,7 @@ class JaxBench:
 
         self.spec, self.config = spec, train_config(spec)
         self.data = bench_dataset(spec.batch_size * spec.steps)
-        init_key, self.key = jax.random.split(jax.random.key(spec.seed))
+        init_key = jax.random.split(jax.random.key(spec.seed))[0]
         model_cfg = model_config(self.config, self.data)
         model = create_model(self.config, model_cfg, init_key, verbose=False)
         self.trainer = Trainer(model, self.config, self.data)
@@ -144,7 +144,7 @@ class JaxBench:
         )
 
     def train(self) -> float:
-        _, seconds = self.trainer.train_epoch(self.epoch, self.key)
+        _, seconds = self.trainer.train_epoch(self.epoch)
         self.epoch += 1
         return seconds
 

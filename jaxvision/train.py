@@ -22,12 +22,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxvision import metrics
+from jaxvision import metrics, parallel
 from jaxvision.augment import random_affine
 from jaxvision.configs import IMAGENET_ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from jaxvision.data import Dataset, epoch_permutation
 from jaxvision.models import build_model
-from jaxvision.run import LossTracker, RunResult, TrainConfig, model_config, run_epochs
+from jaxvision.run import LossTracker, Position, RunResult, TrainConfig, model_config, run_epochs
 
 
 def standardize(x: jax.Array, mean, std) -> jax.Array:
@@ -127,17 +127,28 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def describe_device() -> str:
+def describe_device(n: int = 1) -> str:
+    """'cpu', 'gpu:NVIDIA H100 80GB HBM3', with ' x8' for a mesh of 8 devices."""
     d = jax.devices()[0]
-    return "cpu" if d.platform == "cpu" else f"{d.platform}:{d.device_kind}"
+    name = "cpu" if d.platform == "cpu" else f"{d.platform}:{d.device_kind}"
+    return name if n == 1 else f"{name} x{n}"
+
+
+def run_key(seed: int) -> jax.Array:
+    """The run's RNG key (dropout, augmentation); the model is initialised from its sibling."""
+    return jax.random.split(jax.random.key(seed))[1]
 
 
 class Trainer:
-    """The compiled train and eval functions of one model, over device-resident data."""
+    """The compiled train and eval functions of one model, over device-resident data, on a
+    ('data',) device mesh (`jaxvision.parallel`): the batch is sharded, the rest replicated."""
 
-    def __init__(self, model: nnx.Module, config: TrainConfig, data: Dataset):
+    def __init__(self, model: nnx.Module, config: TrainConfig, data: Dataset, mesh=None):
         self.config = config
         self.data = data
+        self.steps = config.steps_per_epoch(data.n_train)
+        self.mesh = mesh if mesh is not None else parallel.make_data_mesh(config.devices)
+        parallel.check_divisible(config.batch_size, self.mesh)
         self.tx = make_optimizer(config, config.steps_per_epoch(data.n_train))
         # Frozen parameters are split off: no gradient is computed or stored for them.
         trainable = trainable_filter(config)
@@ -145,17 +156,28 @@ class Trainer:
             with_mode(model, train=True), trainable, nnx.Param, ...
         )
         self.eval_graphdef = nnx.split(with_mode(model, train=False), trainable, nnx.Param, ...)[0]
-        self.opt_state = self.tx.init(self.params)
+        self.params, self.frozen, self.rest, self.key = parallel.replicate(
+            (self.params, self.frozen, self.rest, run_key(config.seed)), self.mesh
+        )
+        with jax.set_mesh(self.mesh):
+            self.opt_state = self.tx.init(self.params)
 
-        # The data goes on the device once, as uint8.
-        self.x_train = jax.device_put(data.x_train)  # (N, H, W, C) uint8
-        self.y_train = jax.device_put(data.y_train.astype(np.int32))  # (N,)
-        e = min(config.eval_batch_size, data.n_test)
+        # The data goes on every device once, as uint8; each step shards its batch's indices.
+        self.x_train, self.y_train = parallel.replicate(
+            (data.x_train, data.y_train.astype(np.int32)), self.mesh
+        )  # (N, H, W, C) uint8, (N,)
+        n_dev = self.mesh.size  # eval batches split over the devices; the padding is masked
+        e = -(-min(config.eval_batch_size, data.n_test) // n_dev) * n_dev
         n_eval_batches = -(-data.n_test // e)
         pad = n_eval_batches * e - data.n_test
         self.eval_batch, self.n_eval_batches = e, n_eval_batches
-        self.x_test = jax.device_put(np.pad(data.x_test, ((0, pad), (0, 0), (0, 0), (0, 0))))
-        self.y_test = jax.device_put(np.pad(data.y_test.astype(np.int32), (0, pad)))
+        self.x_test, self.y_test = parallel.replicate(
+            (
+                np.pad(data.x_test, ((0, pad), (0, 0), (0, 0), (0, 0))),
+                np.pad(data.y_test.astype(np.int32), (0, pad)),
+            ),
+            self.mesh,
+        )
         if config.arch in IMAGENET_ARCHS:
             self.norm = functools.partial(imagenet_input, size=config.image_size)
         else:
@@ -176,9 +198,9 @@ class Trainer:
 
     def _step(self, params, frozen, rest, opt_state, x_all, y_all, perm, step, global_step, key):
         b = self.config.batch_size
-        idx = jax.lax.dynamic_slice_in_dim(perm, step * b, b)  # (B,)
-        x = jnp.take(x_all, idx, axis=0).astype(jnp.float32) / 255.0  # (B, H, W, C) in [0, 1]
-        y = jnp.take(y_all, idx, axis=0)  # (B,)
+        idx = parallel.shard_batch(jax.lax.dynamic_slice_in_dim(perm, step * b, b))  # (B,)
+        x = parallel.take_batch(x_all, idx).astype(jnp.float32) / 255.0  # (B, H, W, C), [0, 1]
+        y = parallel.take_batch(y_all, idx)  # (B,)
         dropout_key, augment_key = jax.random.split(jax.random.fold_in(key, global_step))
         if self.config.augment:
             x = random_affine(augment_key, x)
@@ -200,11 +222,12 @@ class Trainer:
         e, n = self.eval_batch, self.data.n_test
 
         def one_batch(i):
-            x = jax.lax.dynamic_slice_in_dim(x_pad, i * e, e).astype(jnp.float32) / 255.0
-            x = self.norm(x)  # (E, H, W, C)
-            y = jax.lax.dynamic_slice_in_dim(y_pad, i * e, e)  # (E,)
+            x = jax.lax.dynamic_slice_in_dim(x_pad, i * e, e)
+            x = self.norm(parallel.shard_batch(x).astype(jnp.float32) / 255.0)  # (E, H, W, C)
+            y = parallel.shard_batch(jax.lax.dynamic_slice_in_dim(y_pad, i * e, e))  # (E,)
             logits = model(x.astype(self.compute_dtype)).astype(jnp.float32)  # (E, K)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits.argmax(-1)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return parallel.gather(loss), parallel.gather(logits.argmax(-1))
 
         losses, preds = jax.lax.map(one_batch, jnp.arange(self.n_eval_batches))  # (nb, E) each
         losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]  # (nb*E,) -> (N,)
@@ -222,46 +245,49 @@ class Trainer:
     def compile(self) -> float:
         """Compiles the train and eval steps ahead of time; returns the seconds it took."""
         t0 = time.perf_counter()
-        perm = jnp.zeros(self.data.n_train, jnp.int32)
-        key = jax.random.key(0)
-        self._train_step = self._train_step.lower(
-            self.params, self.frozen, self.rest, self.opt_state, self.x_train, self.y_train, perm,
-            0, 0, key,
-        ).compile()  # fmt: skip
-        self._evaluate = self._evaluate.lower(
-            self.params, self.frozen, self.rest, self.x_test, self.y_test
-        ).compile()
+        perm = parallel.replicate(np.zeros(self.data.n_train, np.int32), self.mesh)
+        key = parallel.replicate(jax.random.key(0), self.mesh)
+        with jax.set_mesh(self.mesh):
+            self._train_step = self._train_step.lower(
+                self.params, self.frozen, self.rest, self.opt_state, self.x_train, self.y_train,
+                perm, 0, 0, key,
+            ).compile()  # fmt: skip
+            self._evaluate = self._evaluate.lower(
+                self.params, self.frozen, self.rest, self.x_test, self.y_test
+            ).compile()
         return time.perf_counter() - t0
 
-    def train_epoch(self, epoch: int, key: jax.Array, bar=None) -> tuple[float, float]:
-        """One epoch; returns (mean training loss, seconds)."""
-        cfg = self.config
-        steps = cfg.steps_per_epoch(self.data.n_train)
-        perm = jax.device_put(
-            epoch_permutation(self.data.n_train, cfg.seed, epoch).astype(np.int32)
+    def train_epoch(self, epoch: int, bar=None, start: Position | None = None):
+        """One epoch, or its rest from `start`; returns (mean training loss, seconds)."""
+        cfg, steps = self.config, self.steps
+        start = start or Position(epoch)
+        perm = parallel.replicate(
+            epoch_permutation(self.data.n_train, cfg.seed, epoch).astype(np.int32), self.mesh
         )
         jax.block_until_ready(perm)
-        t0 = time.perf_counter()
-        tracker = LossTracker(cfg, epoch, steps, jax.device_get, bar)
-        for step in range(steps):
-            self.params, self.rest, self.opt_state, loss = self._train_step(
-                self.params,
-                self.frozen,
-                self.rest,
-                self.opt_state,
-                self.x_train,
-                self.y_train,
-                perm,
-                step,
-                epoch * steps + step,
-                key,
-            )
-            tracker.add(loss)
+        tracker = LossTracker(cfg, epoch, steps, jax.device_get, bar, start)
+        with jax.set_mesh(self.mesh):
+            for step in range(start.step, steps):
+                self.params, self.rest, self.opt_state, loss = self._train_step(
+                    self.params,
+                    self.frozen,
+                    self.rest,
+                    self.opt_state,
+                    self.x_train,
+                    self.y_train,
+                    perm,
+                    step,
+                    epoch * steps + step,
+                    self.key,
+                )
+                tracker.add(loss)
         jax.block_until_ready(self.params)
-        return tracker.mean, time.perf_counter() - t0
+        self.step_losses = tracker.values
+        return tracker.mean, tracker.elapsed()
 
     def evaluate(self) -> dict:
-        out = self._evaluate(self.params, self.frozen, self.rest, self.x_test, self.y_test)
+        with jax.set_mesh(self.mesh):
+            out = self._evaluate(self.params, self.frozen, self.rest, self.x_test, self.y_test)
         return jax.device_get(out)
 
     def model(self, *, train: bool = False) -> nnx.Module:
@@ -293,18 +319,23 @@ def create_model(config: TrainConfig, model_cfg, key: jax.Array, verbose: bool =
 
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
-    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    model = create_model(config, model_config(config, data), init_key)
+    init_key = jax.random.split(jax.random.key(config.seed))[0]  # the sibling of run_key
+    model_cfg = model_config(config, data)
+    model = create_model(config, model_cfg, init_key)
     trainer = Trainer(model, config, data)
+    checkpoints = None
+    if config.checkpoint_dir:
+        from jaxvision.checkpoint import JaxCheckpoints
+
+        checkpoints = JaxCheckpoints(config, data, model_cfg, trainer)
     compile_s = trainer.compile()
-    steps = config.steps_per_epoch(data.n_train)
     history, preds = run_epochs(
-        config, steps, lambda e, bar: trainer.train_epoch(e, dropout_key, bar), trainer.evaluate
+        config, trainer.steps, trainer.train_epoch, trainer.evaluate, checkpoints
     )
     return RunResult(
         history,
         count_params(model),
-        describe_device(),
+        describe_device(trainer.mesh.size),
         compile_s,
         preds,
         trainer.model(train=False),

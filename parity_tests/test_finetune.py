@@ -106,7 +106,7 @@ def test_one_frozen_step_changes_only_the_head_in_both_frameworks(sample, arch, 
 
     jt = Trainer(fmodel, config, data)
     assert {p[0] for p in dict(nnx.to_flat_state(jt.params))} == {"classifier"}  # no feature grads
-    jt.train_epoch(0, jax.random.key(0))
+    jt.train_epoch(0)
     tt = TorchTrainer(tmodel, config, data)
     assert all(not p.requires_grad for p in tmodel.features.parameters())
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_frozen_step_gives_the_same_head_in_both_frameworks(sample):
     tmodel = torch_build(c)
     fmodel = convert.load_torch_state_dict(build_model(c, rngs=nnx.Rngs(0)), tmodel.state_dict())
     jt, tt = Trainer(fmodel, config, data), TorchTrainer(tmodel, config, data)
-    jt.train_epoch(0, jax.random.key(0))
+    jt.train_epoch(0)
     tt.train_epoch(0)
     after_jax = convert.to_torch_state_dict(jt.model())
     for k, v in tmodel.state_dict().items():
@@ -159,7 +159,7 @@ def test_bf16_compute_keeps_float32_parameters(sample):
     _, fmodel = pair("alexnet", 64, classes=10)
     jt = Trainer(fmodel, config, data)
     jt.compile()
-    loss, _ = jt.train_epoch(0, jax.random.key(0))
+    loss, _ = jt.train_epoch(0)
     assert np.isfinite(loss)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(jt.params))
     assert np.isfinite(jt.evaluate()["loss"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from jaxvision.configs import IMAGENET_ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from jaxvision.data import Dataset, epoch_permutation
 from jaxvision.run import (
     LossTracker,
+    Position,
     RunResult,
     TrainConfig,
     lr_factor,
@@ -144,15 +144,15 @@ class Trainer:
             logits.float(), self.y_train[idx], label_smoothing=cfg.label_smoothing
         )
 
-    def train_epoch(self, epoch: int, bar=None) -> tuple[float, float]:
-        """One epoch of optimiser steps; returns (mean training loss, seconds)."""
+    def train_epoch(self, epoch: int, bar=None, start: Position | None = None):
+        """One epoch of optimiser steps, or its rest from `start`; returns (mean training loss,
+        seconds)."""
         cfg = self.config
         order = torch.from_numpy(self.epoch_order(epoch)).to(self.device)
         self.model.train()
         self._sync()
-        t0 = time.perf_counter()
-        tracker = LossTracker(cfg, epoch, self.steps, _fetch, bar)
-        for step in range(self.steps):
+        tracker = LossTracker(cfg, epoch, self.steps, _fetch, bar, start)
+        for step in range(tracker.seen, self.steps):
             loss = self.batch_loss(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,7 +163,7 @@ class Trainer:
                 self.scheduler.step()
             tracker.add(loss.detach())
         self._sync()
-        return tracker.mean, time.perf_counter() - t0
+        return tracker.mean, tracker.elapsed()
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
@@ -186,8 +186,16 @@ class Trainer:
         }
 
     def run(self) -> RunResult:
-        """Every epoch, each followed by an evaluation."""
-        history, preds = run_epochs(self.config, self.steps, self.train_epoch, self.evaluate)
+        """Every epoch, each followed by an evaluation (and a checkpoint with --checkpoint-dir)."""
+        checkpoints = None
+        if self.config.checkpoint_dir:
+            from torch_reference.checkpoint import TorchCheckpoints
+
+            model_cfg = model_config(self.config, self.data)
+            checkpoints = TorchCheckpoints(self.config, self.data, model_cfg, self)
+        history, preds = run_epochs(
+            self.config, self.steps, self.train_epoch, self.evaluate, checkpoints
+        )
         return RunResult(history, count_params(self.model), describe_device(self.device), 0.0,
                          preds, self.model)  # fmt: skip
 

@@ -1,0 +1,114 @@
+"""Data parallelism with `jax.sharding`: a ('data',) mesh, the batch sharded, the rest replicated.
+
+The JAX trainer always runs on a mesh, even a one-device one, so that one code path serves a
+laptop, a GPU box and a multi-host cluster:
+
+  * `make_data_mesh(n)`: the first `n` visible devices (all of them when n is 0), every device a
+    slice of the batch;
+  * the dataset, parameters and optimiser state are replicated (`replicate`); inside the jitted
+    step the batch's indices are resharded along 'data' (`shard_batch`), so each device gathers,
+    augments and differentiates its own slice, and XLA all-reduces the gradient of the global
+    mean loss. The metrics are computed on the global arrays;
+  * a global batch that the device count does not divide is an error (`check_divisible`), not a
+    silent pad, because padding would change the loss the optimiser sees. The evaluation batch,
+    where padding is already masked out, is rounded up instead.
+
+Multi-host: `init_distributed` calls `jax.distributed.initialize` before any JAX computation.
+With no arguments JAX reads the coordinator from its environment (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) or detects the cluster (SLURM, Open MPI, Kubernetes, TPU pods).
+Every process loads the same data and seed, so every process builds the same replicas.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxvision.errors import UserError
+
+DATA_AXIS = "data"
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
+    """Joins a multi-process JAX run. Call once, before anything touches a device."""
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # CPU hosts: all-reduce via gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(
+            f"jax.distributed.initialize failed ({str(e).splitlines()[0]}); check "
+            "--coordinator-address, --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        ) from None
+
+
+def is_primary() -> bool:
+    """Process 0 of a multi-host run (or the only process) writes files and prints results."""
+    return jax.process_index() == 0
+
+
+def make_data_mesh(devices: int = 0) -> jax.sharding.Mesh:
+    """A 1-D ('data',) mesh over the first `devices` devices (0: all visible devices)."""
+    available = jax.devices()
+    n = devices or len(available)
+    if n > len(available):
+        raise UserError(
+            f"--devices {n}, but only {len(available)} {available[0].platform} device(s) are "
+            f"visible; use --devices {len(available)} or fewer"
+        )
+    if jax.process_count() > 1 and n != len(available):
+        raise UserError(
+            f"--devices {n} with {jax.process_count()} processes: a multi-host run uses every "
+            f"device ({len(available)}); leave --devices unset"
+        )
+    # Auto axes: XLA's partitioner propagates the batch sharding through the models, so they
+    # carry no sharding annotations of their own.
+    auto = (jax.sharding.AxisType.Auto,)
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=auto, devices=available[:n])
+
+
+def check_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    n = mesh.size
+    if batch_size % n:
+        lower, upper = batch_size // n * n, -(-batch_size // n) * n
+        hint = f"--batch-size {upper}" if lower == 0 else f"--batch-size {lower} or {upper}"
+        raise UserError(
+            f"--batch-size {batch_size} does not split evenly over {n} devices; use {hint}, "
+            f"or --devices with a divisor of {batch_size}"
+        )
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+    """Every leaf (numpy or JAX) as a global array, the whole of it on every device of `mesh`."""
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf):  # multi-host: each process supplies its (identical) copy
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)))
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Inside a jitted function under `jax.set_mesh`: `x` split along its first axis."""
+    return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
+def take_batch(data: jax.Array, idx: jax.Array) -> jax.Array:
+    """`data[idx]` for replicated `data` and sharded indices: each device gathers its rows."""
+    return shard_batch(jnp.take(data, idx, axis=0))
+
+
+def gather(x: jax.Array) -> jax.Array:
+    """Inside a jitted function under `jax.set_mesh`: `x` whole on every device."""
+    return jax.lax.with_sharding_constraint(x, P())

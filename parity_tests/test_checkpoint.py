@@ -1,0 +1,309 @@
+"""Checkpoints, resume, determinism, Ctrl-C, NaN and export, through the real command line.
+
+The CNN runs on the bundled sample (31 steps an epoch at batch 128). Most runs call
+`jaxvision.cli.main` in-process; the ones that need a signal or a killed process run
+scripts/train.py in a subprocess.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from jaxvision import checkpoint, cli
+from jaxvision.data import make_dataset
+from jaxvision.run import ARCH_DEFAULTS, TrainConfig
+
+CNN = ["--arch", "cnn", "--preset", "tiny", "--no-progress"]
+
+
+def train(tmp, name, *args, ckpt=None):
+    """scripts/train.py's main, in-process; returns (exit code, metrics.json or None)."""
+    out = tmp / f"run-{name}"
+    argv = [*CNN, "--out", str(out), "--checkpoint-dir", str(ckpt or tmp / name), *args]
+    code = cli.main(argv)
+    path = out / "metrics.json"
+    return code, (json.loads(path.read_text()) if path.exists() else None)
+
+
+def figures(record):
+    """metrics.json without the figures that are times (or the command that made it)."""
+    drop = {"train_time_s", "eval_time_s", "compile_time_s", "finished_at", "command", "config"}
+    history = [{k: v for k, v in h.items() if not k.endswith("time_s")} for h in record["history"]]
+    return {**{k: v for k, v in record.items() if k not in drop}, "history": history}
+
+
+def latest_params(directory):
+    """The latest checkpoint's model variables, by path."""
+    path, meta = checkpoint.read_meta(directory)
+    if meta["backend"] == "torch":
+        from torch_reference.checkpoint import load_state
+
+        return {k: v.numpy() for k, v in load_state(path)["model"].items()}
+    model = checkpoint.load_flax_model(path, meta)
+    from flax import nnx
+
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree.flatten_with_path(nnx.state(model))[0]}  # fmt: skip
+
+
+def assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two straight 2-epoch JAX runs, and one of 1 epoch then resumed for 1."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    out = {"tmp": tmp}
+    out["straight"] = train(tmp, "straight", "--epochs", "2")
+    out["again"] = train(tmp, "again", "--epochs", "2")
+    out["first"] = train(tmp, "split", "--epochs", "1")
+    shutil.copytree(tmp / "split", tmp / "after-one")  # for the NaN and wrong-arch tests
+    out["resumed"] = train(tmp, "resumed", "--epochs", "2", "--resume", ckpt=tmp / "split")
+    return out
+
+
+def test_resume_matches_an_uninterrupted_run(runs):
+    tmp = runs["tmp"]
+    assert runs["straight"][0] == runs["first"][0] == runs["resumed"][0] == 0
+    assert_identical(latest_params(tmp / "straight"), latest_params(tmp / "split"))
+    straight, resumed = runs["straight"][1], runs["resumed"][1]
+    assert figures(resumed) == figures(straight)  # history included: epoch 1 comes from the ckpt
+    assert len(resumed["history"]) == 2
+
+
+def test_checkpoint_holds_state_and_data_order(runs):
+    tmp = runs["tmp"]
+    assert checkpoint.step_folders(tmp / "straight") == [31, 62]  # one per epoch, by step
+    path, meta = checkpoint.read_meta(tmp / "straight")
+    assert meta["position"] == {"epoch": 2, "step": 0, "loss_total": 0.0, "seconds": 0.0}
+    assert meta["data_order"]["seed"] == 0 and meta["data_order"]["epoch"] == 2
+    assert (meta["arch"], meta["preset"], meta["backend"]) == ("cnn", "tiny", "jax")
+    assert {p.name for p in path.iterdir()} >= {"model", "train", "meta"}
+
+
+def test_same_seed_same_metrics(runs):
+    """Determinism on the JAX CPU path: every figure but the times is identical."""
+    assert figures(runs["again"][1]) == figures(runs["straight"][1])
+    assert_identical(latest_params(runs["tmp"] / "again"), latest_params(runs["tmp"] / "straight"))
+
+
+def test_nan_keeps_the_last_good_checkpoint(runs, capsys):
+    tmp = runs["tmp"]
+    ckpt = tmp / "nan"
+    shutil.copytree(tmp / "after-one", ckpt)
+    capsys.readouterr()
+    code, record = train(tmp, "nan", "--epochs", "2", "--resume", "--lr", "1e30", ckpt=ckpt)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and record is None
+    assert len(err.splitlines()) == 1, err
+    assert "epoch 2, step" in err and "nan" in err.lower()
+    assert f"last good checkpoint: {ckpt / '31'}, after epoch 1" in err
+    assert checkpoint.step_folders(ckpt) == [31]
+    assert_identical(latest_params(ckpt), latest_params(tmp / "after-one"))
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (
+            ["--arch", "vit", "--warmup-epochs", "1"],
+            ["--arch cnn --preset tiny", "--arch vit --preset tiny"],
+        ),
+        (["--preset", "lab"], ["--preset tiny", "--preset lab"]),
+        (["--backend", "torch"], ["jax backend", "--backend jax"]),
+        (["--seed", "1"], ["--seed 0", "--seed 1"]),
+        (["--optimizer", "sgd"], ["optimizer adam -> sgd"]),
+        (["--epochs", "1"], ["already trained 1 of --epochs 1"]),
+    ],
+)
+def test_resume_refuses_a_checkpoint_that_does_not_fit(runs, capsys, args, names):
+    tmp = runs["tmp"]
+    capsys.readouterr()
+    code = cli.main([*CNN, "--epochs", "2", "--checkpoint-dir", str(tmp / "after-one"), "--resume",
+                     "--out", str(tmp / "refused"), *args])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    for name in names:
+        assert name in err, err
+    assert checkpoint.step_folders(tmp / "after-one") == [31]
+
+
+def test_existing_checkpoints_need_resume(runs, capsys):
+    capsys.readouterr()
+    code = cli.main([*CNN, "--checkpoint-dir", str(runs["tmp"] / "after-one")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pass --resume" in err and "after epoch 1" in err
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    code = cli.main([*CNN, "--checkpoint-dir", str(tmp_path / "empty"), "--resume"])
+    assert code == 2 and "no checkpoint in" in capsys.readouterr().err
+
+
+def _train_subprocess(*args, env=None):
+    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=env)  # fmt: skip
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path):
+    """Batch 32: 125 steps an epoch, so the signal, sent once epoch 1 is saved, lands in epoch 2."""
+    small = [*CNN[:-1], "--batch-size", "32", "--epochs", "2"]
+    ckpt = tmp_path / "ckpt"
+    p = _train_subprocess(*small, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "run"))
+    deadline = time.monotonic() + 120
+    while not (ckpt / "125").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # epoch 1 is saved; epoch 2 is training
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted at epoch 2, step"), last
+    assert "continue with --resume" in last, last
+    saved = checkpoint.step_folders(ckpt)
+    assert saved[0] == 125 and len(saved) == 2 and 125 < saved[1] < 250, saved
+    assert cli.main([*small, "--no-progress", "--checkpoint-dir", str(ckpt), "--resume",
+                     "--out", str(tmp_path / "resumed")]) == 0  # fmt: skip
+    assert cli.main([*small, "--no-progress", "--checkpoint-dir", str(tmp_path / "straight"),
+                     "--out", str(tmp_path / "straight-run")]) == 0  # fmt: skip
+    assert_identical(latest_params(ckpt), latest_params(tmp_path / "straight"))
+    resumed, straight = (json.loads((tmp_path / d / "metrics.json").read_text())
+                         for d in ("resumed", "straight-run"))  # fmt: skip
+    assert figures(resumed) == figures(straight)
+
+
+KILL_IN_SECOND_SAVE = """
+import os, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+finalize, calls = atomicity.AtomicRenameTemporaryPath.finalize, []
+async def killed(self, *a, **k):  # the second checkpoint's files are written, not committed
+    if os.path.basename(str(self._final_path)).isdigit():  # a step folder, not an item
+        calls.append(1)
+        if len(calls) == 2:  # every item of epoch 2 is written; the step is not renamed yet
+            os._exit(137)
+    return await finalize(self, *a, **k)
+atomicity.AtomicRenameTemporaryPath.finalize = killed
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("scripts/train.py", run_name="__main__")
+"""
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(runs, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = [*CNN, "--epochs", "2", "--checkpoint-dir", str(ckpt)]
+    p = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SAVE, *args, "--out",
+                        str(tmp_path / "a")], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert p.returncode == 137, p.stderr[-2000:]
+    leftovers = [q.name for q in ckpt.iterdir() if not q.name.isdigit()]
+    assert checkpoint.step_folders(ckpt) == [31] and leftovers, leftovers  # the unfinished save
+    assert checkpoint.read_meta(ckpt)[1]["position"]["epoch"] == 1
+    assert cli.main([*args, "--resume", "--out", str(tmp_path / "b")]) == 0
+    assert checkpoint.step_folders(ckpt) == [31, 62]
+    assert all(q.name.isdigit() for q in ckpt.iterdir())  # the temporary folder is gone
+    assert_identical(latest_params(ckpt), latest_params(runs["tmp"] / "straight"))
+
+
+def test_torch_backend_resumes_exactly(tmp_path):
+    torch_args = ["--backend", "torch"]
+    assert train(tmp_path, "straight", *torch_args, "--epochs", "2")[0] == 0
+    assert train(tmp_path, "split", *torch_args, "--epochs", "1")[0] == 0
+    code, resumed = train(tmp_path, "r", *torch_args, "--epochs", "2", "--resume",
+                          ckpt=tmp_path / "split")  # fmt: skip
+    assert code == 0 and len(resumed["history"]) == 2
+    assert (tmp_path / "split" / "62" / checkpoint.TORCH_STATE).exists()
+    assert_identical(latest_params(tmp_path / "split"), latest_params(tmp_path / "straight"))
+    straight = json.loads((tmp_path / "run-straight" / "metrics.json").read_text())
+    assert figures(resumed) == figures(straight)
+
+
+def test_vit_resumes_exactly_from_an_epoch_checkpoint(sample, tmp_path):
+    """The ViT recipe (cosine schedule, dropout, augmentation) from the checkpoint after epoch 1
+    of a 2-epoch run: the same parameters as the run itself."""
+    from jaxvision.train import train_and_evaluate
+
+    tr, te = np.random.default_rng(0).permutation(sample.n_train)[:256], slice(None, None, 10)
+    data = make_dataset("mnist", "subset", sample.x_train[tr], sample.y_train[tr],
+                        sample.x_test[te], sample.y_test[te], 10)  # every class  # fmt: skip
+    defaults = {k: v for k, v in ARCH_DEFAULTS["vit"].items() if k in TrainConfig.__annotations__}
+    config = TrainConfig(**{**defaults, "arch": "vit", "epochs": 2, "warmup_epochs": 0.5,
+                            "batch_size": 64, "progress": False,
+                            "checkpoint_dir": str(tmp_path / "full")})  # fmt: skip
+    full = train_and_evaluate(config, data)
+    shutil.copytree(tmp_path / "full", tmp_path / "half")
+    shutil.rmtree(tmp_path / "half" / "8")  # back to the checkpoint after epoch 1
+    resumed = train_and_evaluate(
+        TrainConfig(**{**vars_of(config), "checkpoint_dir": str(tmp_path / "half"),
+                       "resume": True}), data)  # fmt: skip
+    assert_identical(latest_params(tmp_path / "half"), latest_params(tmp_path / "full"))
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in full.history]
+
+
+def vars_of(config):
+    import dataclasses
+
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def test_export_between_frameworks(runs, tmp_path, digits):
+    """A JAX checkpoint -> a torch state_dict, and a torch checkpoint -> a JAX checkpoint, each
+    computing the same logits as the original."""
+    from flax import nnx
+
+    from jaxvision import export
+    from jaxvision.configs import get_config
+    from torch_reference.checkpoint import load_model
+    from torch_reference.models import build_model
+
+    x, _ = digits
+    path, meta = checkpoint.read_meta(runs["tmp"] / "straight")
+    flax_model = checkpoint.load_flax_model(path, meta)
+    export.export(runs["tmp"] / "straight", tmp_path / "cnn.pth")
+    torch_model = build_model(get_config("cnn", "tiny", num_classes=10)).eval()
+    torch_model.load_state_dict(torch.load(tmp_path / "cnn.pth", weights_only=True))
+    with torch.no_grad():
+        theirs = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(theirs, np.asarray(flax_model(x)), rtol=1e-5, atol=1e-5)
+
+    assert train(tmp_path, "t", "--backend", "torch", "--epochs", "1")[0] == 0
+    export.export(tmp_path / "t", tmp_path / "t-as-jax")
+    path, meta = checkpoint.read_meta(tmp_path / "t-as-jax")
+    assert meta["backend"] == "jax" and meta["items"] == ["model", "meta"]
+    flax_model = checkpoint.load_flax_model(path, meta)
+    torch_model = load_model(*checkpoint.read_meta(tmp_path / "t"))
+    with torch.no_grad():
+        theirs = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(flax_model(x)), theirs, rtol=1e-5, atol=1e-5)
+    assert isinstance(flax_model, nnx.Module)
+    with pytest.raises(Exception, match="holds weights only"):
+        cli.train(cli.config_from_args(cli.build_parser().parse_args(
+            [*CNN, "--checkpoint-dir", str(tmp_path / "t-as-jax"),
+             "--resume"])))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_deterministic_flag_changes_no_figure_on_cpu(runs, tmp_path, train_cli, backend):
+    """--deterministic only restricts GPU kernels: on the CPU paths the run is the same one."""
+    args = [*CNN, "--epochs", "2", "--backend", backend]
+    p = train_cli(*args, "--deterministic", "--out", str(tmp_path / "det"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    record = json.loads((tmp_path / "det" / "metrics.json").read_text())
+    assert record["config"]["deterministic"] is True
+    if backend == "jax":
+        reference = runs["straight"][1]
+    else:
+        assert cli.main([*args, "--out", str(tmp_path / "plain")]) == 0
+        reference = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert figures(record) == figures(reference)

@@ -1,0 +1,104 @@
+"""scripts/predict.py on real digits from the bundled sample, saved as image files of several
+sizes, colours and both polarities, classified by a CNN checkpoint trained here."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxvision import cli, predict
+
+N = 100  # test digits, every 10th: all classes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample):
+    """A lab CNN trained 3 epochs on the sample, its checkpoint, and its accuracy on the 100
+    digits fed directly as the 28x28 arrays (what the image files should reproduce)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    assert cli.main(["--arch", "cnn", "--epochs", "3", "--no-progress", "--out", str(tmp / "run"),
+                     "--checkpoint-dir", str(tmp / "ckpt")]) == 0  # fmt: skip
+    classifier = predict.Classifier(tmp / "ckpt")
+    x, y = sample.x_test[::10][:N], sample.y_test[::10][:N]
+    direct = (classifier.probabilities(x).argmax(-1) == y).mean()
+    return tmp, classifier, x, y, direct
+
+
+def write(folder, x, y, variant):
+    """The digits as files: `variant` -> (list of paths)."""
+    folder.mkdir()
+    paths = []
+    for i, (img, label) in enumerate(zip(x[..., 0], y, strict=True)):
+        im = Image.fromarray(img)  # light on dark, 28x28
+        if variant == "png-28":
+            pass
+        elif variant == "inverted-png-84":  # dark ink on white paper, 3x larger
+            im = Image.fromarray(255 - img).resize((84, 84), Image.BICUBIC)
+        elif variant == "colour-jpg-200":  # blue ink on cream paper, a JPEG
+            a = np.asarray(Image.fromarray(img).resize((200, 200), Image.BILINEAR)) / 255.0
+            paper, ink = np.array([245, 235, 200]), np.array([20, 40, 160])
+            rgb = paper * (1 - a[..., None]) + ink * a[..., None]
+            im = Image.fromarray(rgb.astype(np.uint8), "RGB")
+        elif variant == "off-centre-on-wide-canvas":  # small, off-centre, on a 160x90 page
+            canvas = Image.new("L", (160, 90), 255)
+            canvas.paste(Image.fromarray(255 - img).resize((56, 56)), (20, 10))
+            im = canvas
+        suffix = ".jpg" if "jpg" in variant else ".png"
+        path = folder / f"{i:03d}-{label}{suffix}"
+        im.save(path, quality=95) if suffix == ".jpg" else im.save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize(
+    "variant", ["png-28", "inverted-png-84", "colour-jpg-200", "off-centre-on-wide-canvas"]
+)
+def test_image_files_classify_as_well_as_the_arrays(trained, variant):
+    tmp, classifier, x, y, direct = trained
+    assert direct >= 0.9  # a usable model (about 95% on the sample after 3 epochs)
+    paths = write(tmp / variant, x, y, variant)
+    records = predict.predict_files(classifier, paths)
+    preds = np.array([r["label"] for r in records])
+    accuracy = (preds == y).mean()
+    assert accuracy >= direct - 0.03, (variant, accuracy, direct)
+    assert all(0.0 < r["probability"] <= 1.0 for r in records)
+
+
+def test_polarity_and_size_do_not_change_the_prepared_image(sample):
+    img = sample.x_test[0, ..., 0].astype(np.float32)
+    light_on_dark = predict.prepare(img)
+    np.testing.assert_array_equal(predict.prepare(255 - img), light_on_dark)
+    big = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((280, 280), Image.BILINEAR))
+    diff = np.abs(predict.prepare(big).astype(int) - light_on_dark.astype(int))
+    assert diff.mean() < 12  # a resampled copy of the same 20x20-boxed, mass-centred digit
+    assert predict.prepare(np.full((50, 40), 255.0)).max() == 0  # a blank page stays blank
+
+
+def test_cli_prints_per_file_and_json_and_survives_a_bad_file(trained, tmp_path, capsys):
+    tmp, _, x, y, _ = trained
+    good = write(tmp_path / "digits", x[:3], y[:3], "png-28")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    files = [good[0], str(broken), good[1], str(tmp_path / "missing.jpg"), good[2]]
+    capsys.readouterr()
+    code = predict.main(["--checkpoint", str(tmp / "ckpt"), *files])
+    out, err = capsys.readouterr()
+    assert code == 1  # some files failed; the others were classified
+    lines = out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [good[0], good[1], good[2]]
+    assert all(ln.endswith("%)") for ln in lines)
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and "broken.png: cannot read it as an image" in errors[0]
+    assert "missing.jpg: no such file" in errors[1]
+
+    code = predict.main(["--checkpoint", str(tmp / "ckpt"), "--json", *files])
+    records = json.loads(capsys.readouterr().out)
+    assert code == 1 and [r["file"] for r in records] == files
+    assert [("error" in r) for r in records] == [False, True, False, True, False]
+    assert {"label", "class", "probability"} <= records[0].keys()
+
+
+def test_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):
+    assert predict.main(["--checkpoint", str(tmp_path), "x.png"]) == 2
+    assert "holds no finished checkpoint" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""The torch backend's checkpoints: `jaxvision.checkpoint`'s layout, written with `torch.save`.
+
+DIR/<step>/state.pt holds the model's and optimiser's state_dicts, the lr scheduler's, and the RNG
+states (torch's global generator, which drives dropout, CUDA's, and the augmentation generator);
+DIR/<step>/meta.json the same meta as the JAX backend's. A checkpoint is written into a hidden
+temporary folder, flushed to disk, and renamed to DIR/<step> only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from jaxvision.checkpoint import KEEP, TORCH_META, TORCH_STATE, Checkpoints
+from jaxvision.errors import UserError
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TorchCheckpoints(Checkpoints):
+    def __init__(self, config, data, model_cfg, trainer):
+        super().__init__(config, data, model_cfg, trainer.steps)
+        self.trainer = trainer
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(TMP_PREFIX + "*"):  # a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _state(self) -> dict:
+        t = self.trainer
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if getattr(t, "generator", None) is not None:
+            rng["augment"] = t.generator.get_state()
+        return {
+            "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+            "rng": rng,
+        }
+
+    def _write(self, step: int, meta: dict) -> None:
+        write_folder(self.directory, step, self._state(), {**meta, "items": ["model", "train",
+                                                                            "meta"]})  # fmt: skip
+        for old in self._steps()[:-KEEP]:
+            shutil.rmtree(self.path(old))
+
+    def _restore(self, step: int) -> None:
+        t = self.trainer
+        state = load_state(self.path(step))
+        t.model.load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        if t.scheduler is not None:
+            t.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "augment" in rng:
+            t.generator.set_state(rng["augment"])
+
+
+def write_folder(directory: Path, step: int, state: dict, meta: dict) -> Path:
+    """DIR/<step>/{state.pt, meta.json}, atomically: written in a temporary folder, flushed,
+    then renamed, so the checkpoint appears whole or not at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{TMP_PREFIX}{step}-{os.getpid()}"
+    tmp.mkdir()
+    torch.save(state, tmp / TORCH_STATE)
+    (tmp / TORCH_META).write_text(json.dumps(meta, indent=1) + "\n")
+    for f in (tmp / TORCH_STATE, tmp / TORCH_META, tmp):
+        _fsync(f)
+    os.rename(tmp, directory / str(step))
+    _fsync(directory)
+    return directory / str(step)
+
+
+def load_model(path: Path, meta: dict) -> torch.nn.Module:
+    """The torch model in checkpoint folder `path` (DIR/<step>), in eval mode."""
+    from jaxvision import configs
+    from torch_reference.models import build_model
+
+    model = build_model(configs.config_from_dict(meta["arch"], meta["model_config"]))
+    model.load_state_dict(load_state(path)["model"])
+    return model.eval()
+
+
+def load_state(path: Path) -> dict:
+    """DIR/<step>/state.pt, on the CPU; a clear error when it cannot be read."""
+    try:
+        return torch.load(path / TORCH_STATE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"cannot read checkpoint {path / TORCH_STATE} ({e}); it may be damaged, "
+                        "use an older checkpoint folder") from None  # fmt: skip
