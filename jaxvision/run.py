@@ -354,8 +354,10 @@ class LossTracker:
         values = self.fetch(self.pending)
         for i, v in enumerate(values):  # name the first bad step, not just "some step"
             check_finite(float(v), self.epoch + 1, self.seen + i + 1, self.steps, self.config.lr)
-        self.values += [float(v) for v in values]
-        self.total += float(sum(values))
+        values = [float(v) for v in values]
+        self.values += values
+        for v in values:  # one by one, in float64, which holds a sum of an epoch's float32 losses
+            self.total += v  # exactly: the mean does not depend on where a resume split the epoch
         self.seen += len(values)
         self.pending = []
         if self.bar is not None:
