@@ -325,16 +325,19 @@ class LossTracker:
                  start: Position | None = None):  # fmt: skip
         self.config, self.epoch, self.steps, self.fetch, self.bar = config, epoch, steps, fetch, bar
         start = start or Position(epoch)
-        self.pending: list = []
+        self.pending: list = []  # device losses: scalars, or (n,) arrays of n steps
+        self.n_pending = 0
         self.values: list[float] = []  # this call's step losses, in order
         self.total, self.seen, self.seconds = start.loss_total, start.step, start.seconds
         self.t0 = time.perf_counter()
 
-    def add(self, loss) -> None:
+    def add(self, loss, n: int = 1) -> None:
+        """The loss of the step just taken, or the (n,) losses of the n steps just taken."""
         self.pending.append(loss)
+        self.n_pending += n
         if (
-            len(self.pending) == self.config.log_every
-            or self.seen + len(self.pending) == self.steps
+            self.n_pending >= self.config.log_every
+            or self.seen + self.n_pending == self.steps
             or _stop.is_set()
         ):
             self.flush()
@@ -351,7 +354,7 @@ class LossTracker:
     def flush(self) -> None:
         if not self.pending:
             return
-        values = self.fetch(self.pending)
+        values = np.concatenate([np.ravel(v) for v in self.fetch(self.pending)])
         for i, v in enumerate(values):  # name the first bad step, not just "some step"
             check_finite(float(v), self.epoch + 1, self.seen + i + 1, self.steps, self.config.lr)
         values = [float(v) for v in values]
@@ -359,7 +362,7 @@ class LossTracker:
         for v in values:  # one by one, in float64, which holds a sum of an epoch's float32 losses
             self.total += v  # exactly: the mean does not depend on where a resume split the epoch
         self.seen += len(values)
-        self.pending = []
+        self.pending, self.n_pending = [], 0
         if self.bar is not None:
             self.bar.update(len(values))
             self.bar.set_postfix(loss=f"{self.mean:.4f}", refresh=False)
