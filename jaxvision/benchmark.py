@@ -114,16 +114,24 @@ def median_time(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-class JaxBench:
+class _Bench:
+    """What both workers share: one training epoch of the backend's own Trainer, timed."""
+
+    def train(self) -> float:
+        _, seconds = self.trainer.train_epoch(self.epoch)
+        self.epoch += 1
+        return seconds
+
+
+class JaxBench(_Bench):
     def __init__(self, spec: Spec):
-        import jax
 
         from jaxvision.run import model_config
-        from jaxvision.train import Trainer, count_params, create_model, describe_device
+        from jaxvision.train import Trainer, count_params, create_model, describe_device, run_keys
 
         self.spec, self.config = spec, train_config(spec)
         self.data = bench_dataset(spec.batch_size * spec.steps)
-        init_key = jax.random.split(jax.random.key(spec.seed))[0]
+        init_key, _ = run_keys(spec.seed)
         model_cfg = model_config(self.config, self.data)
         model = create_model(self.config, model_cfg, init_key, verbose=False)
         self.trainer = Trainer(model, self.config, self.data)
@@ -142,11 +150,6 @@ class JaxBench:
             xla_flops_per_image=float(cost.get("flops", 0.0)) / spec.batch_size,
             matmul_flops_per_s=self.matmul_peak(),
         )
-
-    def train(self) -> float:
-        _, seconds = self.trainer.train_epoch(self.epoch)
-        self.epoch += 1
-        return seconds
 
     def infer(self) -> float:
         t0 = time.perf_counter()
@@ -171,7 +174,7 @@ class JaxBench:
         return None if peak is None else peak / 2**20
 
 
-class TorchBench:
+class TorchBench(_Bench):
     def __init__(self, spec: Spec):
         import torch
 
@@ -206,11 +209,6 @@ class TorchBench:
             compile_s=max(first - steady, 0.0),
             matmul_flops_per_s=self.matmul_peak(),
         )
-
-    def train(self) -> float:
-        _, seconds = self.trainer.train_epoch(self.epoch)
-        self.epoch += 1
-        return seconds
 
     def infer(self) -> float:
         t0 = time.perf_counter()

@@ -134,9 +134,10 @@ def describe_device(n: int = 1) -> str:
     return name if n == 1 else f"{name} x{n}"
 
 
-def run_key(seed: int) -> jax.Array:
-    """The run's RNG key (dropout, augmentation); the model is initialised from its sibling."""
-    return jax.random.split(jax.random.key(seed))[1]
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the model's initialisation key, the run's key for dropout and augmentation)."""
+    init, run = jax.random.split(jax.random.key(seed))
+    return init, run
 
 
 class Trainer:
@@ -157,7 +158,7 @@ class Trainer:
         )
         self.eval_graphdef = nnx.split(with_mode(model, train=False), trainable, nnx.Param, ...)[0]
         self.params, self.frozen, self.rest, self.key = parallel.replicate(
-            (self.params, self.frozen, self.rest, run_key(config.seed)), self.mesh
+            (self.params, self.frozen, self.rest, run_keys(config.seed)[1]), self.mesh
         )
         with jax.set_mesh(self.mesh):
             self.opt_state = self.tx.init(self.params)
@@ -361,7 +362,7 @@ def create_model(config: TrainConfig, model_cfg, key: jax.Array, verbose: bool =
 
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
-    init_key = jax.random.split(jax.random.key(config.seed))[0]  # the sibling of run_key
+    init_key, _ = run_keys(config.seed)
     model_cfg = model_config(config, data)
     model = create_model(config, model_cfg, init_key)
     trainer = Trainer(model, config, data)

@@ -12,7 +12,7 @@ import numpy as np
 from jaxvision import parallel
 from jaxvision.data import load_dataset, make_dataset
 from jaxvision.run import ARCH_DEFAULTS, TrainConfig, model_config
-from jaxvision.train import Trainer, create_model
+from jaxvision.train import Trainer, create_model, run_keys
 
 
 def run(arch: str, devices: int) -> dict:
@@ -26,7 +26,7 @@ def run(arch: str, devices: int) -> dict:
     fields = {**defaults, "epochs": 2, "batch_size": 64, "eval_batch_size": 100,
               "devices": devices, "warmup_epochs": 0.5}  # fmt: skip
     config = TrainConfig(arch=arch, preset=preset, **fields)
-    key = jax.random.split(jax.random.key(config.seed))[0]
+    key, _ = run_keys(config.seed)
     model = create_model(config, model_config(config, data), key)
     trainer = Trainer(model, config, data, mesh=parallel.make_data_mesh(devices))
     trainer.compile()
