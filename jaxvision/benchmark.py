@@ -136,8 +136,7 @@ class JaxBench(_Bench):
         model = create_model(self.config, model_cfg, init_key, verbose=False)
         self.trainer = Trainer(model, self.config, self.data)
         compile_s = self.trainer.compile()
-        cost = self.trainer._train_step.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        cost = self.trainer.step_cost()
         self.epoch = 0
         first = self.train()
         self.infer()

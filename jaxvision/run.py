@@ -325,15 +325,17 @@ class LossTracker:
                  start: Position | None = None):  # fmt: skip
         self.config, self.epoch, self.steps, self.fetch, self.bar = config, epoch, steps, fetch, bar
         start = start or Position(epoch)
-        self.pending: list = []  # device losses: scalars, or (n,) arrays of n steps
+        self.pending: list = []  # device losses: scalars, or arrays whose first n are real
+        self.counts: list[int] = []  # the n of each
         self.n_pending = 0
         self.values: list[float] = []  # this call's step losses, in order
         self.total, self.seen, self.seconds = start.loss_total, start.step, start.seconds
         self.t0 = time.perf_counter()
 
     def add(self, loss, n: int = 1) -> None:
-        """The loss of the step just taken, or the (n,) losses of the n steps just taken."""
+        """The loss of the step just taken, or the n steps just taken: the first n of `loss`."""
         self.pending.append(loss)
+        self.counts.append(n)
         self.n_pending += n
         if (
             self.n_pending >= self.config.log_every
@@ -354,7 +356,8 @@ class LossTracker:
     def flush(self) -> None:
         if not self.pending:
             return
-        values = np.concatenate([np.ravel(v) for v in self.fetch(self.pending)])
+        fetched = zip(self.fetch(self.pending), self.counts, strict=True)
+        values = np.concatenate([np.ravel(v)[:n] for v, n in fetched])
         for i, v in enumerate(values):  # name the first bad step, not just "some step"
             check_finite(float(v), self.epoch + 1, self.seen + i + 1, self.steps, self.config.lr)
         values = [float(v) for v in values]
@@ -362,7 +365,7 @@ class LossTracker:
         for v in values:  # one by one, in float64, which holds a sum of an epoch's float32 losses
             self.total += v  # exactly: the mean does not depend on where a resume split the epoch
         self.seen += len(values)
-        self.pending, self.n_pending = [], 0
+        self.pending, self.counts, self.n_pending = [], [], 0
         if self.bar is not None:
             self.bar.update(len(values))
             self.bar.set_postfix(loss=f"{self.mean:.4f}", refresh=False)

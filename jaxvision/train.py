@@ -192,8 +192,7 @@ class Trainer:
         # convolutions fall off XLA's fast path inside a loop (-92%), so it steps one by one.
         # Losses still reach the host every `log_every` steps, as for the per-step loop.
         self.scan = config.arch == "vit"
-        self._chunk_jit = jax.jit(self._chunk, static_argnames="n", donate_argnums=(0, 2, 3))
-        self._chunks: dict[int, object] = {}  # n -> compiled chunk of n steps
+        self._chunk_jit = jax.jit(self._chunk, donate_argnums=(0, 2, 3))
 
     # --- pure functions, traced once -------------------------------------------------------------
 
@@ -226,18 +225,24 @@ class Trainer:
         return params, rest, opt_state, loss
 
     def _chunk(self, params, frozen, rest, opt_state, x_all, y_all, perm, step, global_step, key,
-               *, n: int):  # fmt: skip
-        """`n` consecutive steps from `step`, as one scan; returns the state and the (n,) losses."""
+               n):  # fmt: skip
+        """Steps `step` .. `step + n - 1` as one scan of `log_every` iterations, the ones past `n`
+        skipped: one compiled function serves every chunk an epoch needs. Returns the state and
+        the (log_every,) losses, of which the first `n` are real."""
 
         def body(carry, i):
-            params, rest, opt_state = carry
-            state = self._step(params, frozen, rest, opt_state, x_all, y_all, perm, step + i,
-                               global_step + i, key)  # fmt: skip
-            params, rest, opt_state, loss = state
-            return (params, rest, opt_state), loss
+            def run(carry):
+                params, rest, opt_state = carry
+                params, rest, opt_state, loss = self._step(
+                    params, frozen, rest, opt_state, x_all, y_all, perm, step + i,
+                    global_step + i, key,
+                )  # fmt: skip
+                return (params, rest, opt_state), loss
+
+            return jax.lax.cond(i < n, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
 
         (params, rest, opt_state), losses = jax.lax.scan(
-            body, (params, rest, opt_state), jnp.arange(n)
+            body, (params, rest, opt_state), jnp.arange(self.config.log_every)
         )
         return params, rest, opt_state, losses
 
@@ -266,34 +271,33 @@ class Trainer:
 
     # --- the host side ---------------------------------------------------------------------------
 
-    def compile(self) -> float:
-        """Compiles the train and eval steps ahead of time; returns the seconds it took."""
-        t0 = time.perf_counter()
+    def _example_args(self) -> tuple:
+        """A training step's arguments, for ahead-of-time compilation (the values don't matter)."""
         perm = parallel.replicate(np.zeros(self.data.n_train, np.int32), self.mesh)
         key = parallel.replicate(jax.random.key(0), self.mesh)
+        return (self.params, self.frozen, self.rest, self.opt_state, self.x_train, self.y_train,
+                perm, 0, 0, key)  # fmt: skip
+
+    def compile(self) -> float:
+        """Compiles the training chunk (scan) or step, and the evaluation, ahead of time; returns
+        the seconds it took."""
+        t0 = time.perf_counter()
+        args = self._example_args()
         with jax.set_mesh(self.mesh):
-            self._train_step = self._train_step.lower(
-                self.params, self.frozen, self.rest, self.opt_state, self.x_train, self.y_train,
-                perm, 0, 0, key,
-            ).compile()  # fmt: skip
+            if self.scan:
+                self._chunk_jit = self._chunk_jit.lower(*args, 0).compile()
+            else:
+                self._train_step = self._train_step.lower(*args).compile()
             self._evaluate = self._evaluate.lower(
                 self.params, self.frozen, self.rest, self.x_test, self.y_test
             ).compile()
-        if self.scan:  # the chunk sizes an epoch uses
-            log_every = self.config.log_every
-            for n in {min(log_every, self.steps), self.steps % log_every} - {0}:
-                self.chunk(n, perm, key)
         return time.perf_counter() - t0
 
-    def chunk(self, n: int, perm, key):
-        """The compiled chunk of `n` steps (compiled on first use for each `n`)."""
-        if n not in self._chunks:
-            with jax.set_mesh(self.mesh):
-                self._chunks[n] = self._chunk_jit.lower(
-                    self.params, self.frozen, self.rest, self.opt_state, self.x_train,
-                    self.y_train, perm, 0, 0, key, n=n,
-                ).compile()  # fmt: skip
-        return self._chunks[n]
+    def step_cost(self) -> dict:
+        """XLA's cost analysis of one compiled training step (the benchmark's FLOP count)."""
+        with jax.set_mesh(self.mesh):
+            cost = jax.jit(self._step).lower(*self._example_args()).compile().cost_analysis()
+        return cost[0] if isinstance(cost, list | tuple) else cost
 
     def train_epoch(self, epoch: int, bar=None, start: Position | None = None):
         """One epoch, or its rest from `start`; returns (mean training loss, seconds)."""
@@ -309,19 +313,12 @@ class Trainer:
             while step < steps:
                 # a chunk ends where the per-step loop would fetch losses: every log_every steps
                 n = min(cfg.log_every - step % cfg.log_every, steps - step) if self.scan else 1
-                fn = self.chunk(n, perm, self.key) if n > 1 else self._train_step
-                self.params, self.rest, self.opt_state, loss = fn(
-                    self.params,
-                    self.frozen,
-                    self.rest,
-                    self.opt_state,
-                    self.x_train,
-                    self.y_train,
-                    perm,
-                    step,
-                    epoch * steps + step,
-                    self.key,
-                )
+                args = (self.params, self.frozen, self.rest, self.opt_state, self.x_train,
+                        self.y_train, perm, step, epoch * steps + step, self.key)  # fmt: skip
+                if self.scan:
+                    self.params, self.rest, self.opt_state, loss = self._chunk_jit(*args, n)
+                else:
+                    self.params, self.rest, self.opt_state, loss = self._train_step(*args)
                 tracker.add(loss, n)
                 step += n
         jax.block_until_ready(self.params)
