@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxvision import data
+from jaxvision.core import data
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cuda.matmul.allow_tf32 = False

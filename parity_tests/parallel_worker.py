@@ -9,10 +9,11 @@ import sys
 import jax
 import numpy as np
 
-from jaxvision import parallel
-from jaxvision.data import load_dataset, make_dataset
-from jaxvision.run import ARCH_DEFAULTS, TrainConfig, model_config
-from jaxvision.train import Trainer, create_model, run_keys
+from jaxvision.apps.jax_backend import JaxBackend
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import load_dataset, make_dataset
+from jaxvision.training import parallel
+from jaxvision.training.trainer import Trainer, run_keys
 
 
 def run(arch: str, devices: int) -> dict:
@@ -21,13 +22,12 @@ def run(arch: str, devices: int) -> dict:
     tr, te = np.random.default_rng(0).permutation(sample.n_train)[:512], slice(None, None, 10)
     data = make_dataset("mnist", "subset", sample.x_train[tr], sample.y_train[tr],
                         sample.x_test[te], sample.y_test[te], 10)  # every class  # fmt: skip
-    defaults = {k: v for k, v in ARCH_DEFAULTS[arch].items() if k in TrainConfig.__annotations__}
     preset = "tiny" if arch == "vit" else None
-    fields = {**defaults, "epochs": 2, "batch_size": 64, "eval_batch_size": 100,
-              "devices": devices, "warmup_epochs": 0.5}  # fmt: skip
-    config = TrainConfig(arch=arch, preset=preset, **fields)
+    config = TrainConfig.for_arch(arch, preset=preset, epochs=2, batch_size=64,
+                                  eval_batch_size=100, devices=devices,
+                                  warmup_epochs=0.5)  # fmt: skip
     key, _ = run_keys(config.seed)
-    model = create_model(config, model_config(config, data), key)
+    model = JaxBackend().create_model(config, config.model_config(data), key)
     trainer = Trainer(model, config, data, mesh=parallel.make_data_mesh(devices))
     trainer.compile()
     losses = []
@@ -36,8 +36,8 @@ def run(arch: str, devices: int) -> dict:
         losses += trainer.step_losses
     ev = trainer.evaluate()
     params = {jax.tree_util.keystr(k): np.asarray(v)
-              for k, v in jax.tree.flatten_with_path(trainer.params)[0]}  # fmt: skip
-    sharding = trainer.params  # every parameter replicated over the whole mesh
+              for k, v in jax.tree.flatten_with_path(trainer.state.params)[0]}  # fmt: skip
+    sharding = trainer.state.params  # every parameter replicated over the whole mesh
     assert all(len(a.sharding.device_set) == devices for a in jax.tree.leaves(sharding))
     return {"losses": np.array(losses), "accuracy": ev["accuracy"], "test_loss": ev["loss"],
             "preds": ev["preds"], **{f"param {k}": v for k, v in params.items()}}  # fmt: skip

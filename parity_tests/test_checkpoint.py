@@ -1,7 +1,7 @@
 """Checkpoints, resume, determinism, Ctrl-C, NaN and export, through the real command line.
 
 The CNN runs on the bundled sample (31 steps an epoch at batch 128). Most runs call
-`jaxvision.cli.main` in-process; the ones that need a signal or a killed process run
+`jaxvision.apps.train.main` in-process; the ones that need a signal or a killed process run
 scripts/train.py in a subprocess.
 """
 
@@ -18,9 +18,18 @@ import pytest
 import torch
 from conftest import REPO
 
-from jaxvision import checkpoint, cli
-from jaxvision.data import make_dataset
-from jaxvision.run import ARCH_DEFAULTS, TrainConfig
+from jaxvision.apps import backends
+from jaxvision.apps import train as cli
+from jaxvision.core import checkpoint
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import make_dataset
+from jaxvision.training.checkpoint import load_flax_model
+
+
+def read_meta(directory):
+    """The latest checkpoint's folder and meta, whichever backend wrote it."""
+    return backends.for_checkpoint(directory)[1:]
+
 
 CNN = ["--arch", "cnn", "--preset", "tiny", "--no-progress"]
 
@@ -43,12 +52,12 @@ def figures(record):
 
 def latest_params(directory):
     """The latest checkpoint's model variables, by path."""
-    path, meta = checkpoint.read_meta(directory)
+    path, meta = read_meta(directory)
     if meta["backend"] == "torch":
         from torch_reference.checkpoint import load_state
 
         return {k: v.numpy() for k, v in load_state(path)["model"].items()}
-    model = checkpoint.load_flax_model(path, meta)
+    model = load_flax_model(path, meta)
     from flax import nnx
 
     return {jax.tree_util.keystr(k): np.asarray(v)
@@ -86,7 +95,7 @@ def test_resume_matches_an_uninterrupted_run(runs):
 def test_checkpoint_holds_state_and_data_order(runs):
     tmp = runs["tmp"]
     assert checkpoint.step_folders(tmp / "straight") == [31, 62]  # one per epoch, by step
-    path, meta = checkpoint.read_meta(tmp / "straight")
+    path, meta = read_meta(tmp / "straight")
     assert meta["position"] == {"epoch": 2, "step": 0, "loss_total": 0.0, "seconds": 0.0}
     assert meta["data_order"]["seed"] == 0 and meta["data_order"]["epoch"] == 2
     assert (meta["arch"], meta["preset"], meta["backend"]) == ("cnn", "tiny", "jax")
@@ -209,7 +218,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(runs, tmp_path):
     assert p.returncode == 137, p.stderr[-2000:]
     leftovers = [q.name for q in ckpt.iterdir() if not q.name.isdigit()]
     assert checkpoint.step_folders(ckpt) == [31] and leftovers, leftovers  # the unfinished save
-    assert checkpoint.read_meta(ckpt)[1]["position"]["epoch"] == 1
+    assert read_meta(ckpt)[1]["position"]["epoch"] == 1
     assert cli.main([*args, "--resume", "--out", str(tmp_path / "b")]) == 0
     assert checkpoint.step_folders(ckpt) == [31, 62]
     assert all(q.name.isdigit() for q in ckpt.iterdir())  # the temporary folder is gone
@@ -232,15 +241,12 @@ def test_torch_backend_resumes_exactly(tmp_path):
 def test_vit_resumes_exactly_from_an_epoch_checkpoint(sample, tmp_path):
     """The ViT recipe (cosine schedule, dropout, augmentation) from the checkpoint after epoch 1
     of a 2-epoch run: the same parameters as the run itself."""
-    from jaxvision.train import train_and_evaluate
-
     tr, te = np.random.default_rng(0).permutation(sample.n_train)[:256], slice(None, None, 10)
     data = make_dataset("mnist", "subset", sample.x_train[tr], sample.y_train[tr],
                         sample.x_test[te], sample.y_test[te], 10)  # every class  # fmt: skip
-    defaults = {k: v for k, v in ARCH_DEFAULTS["vit"].items() if k in TrainConfig.__annotations__}
-    config = TrainConfig(**{**defaults, "arch": "vit", "epochs": 2, "warmup_epochs": 0.5,
-                            "batch_size": 64, "progress": False,
-                            "checkpoint_dir": str(tmp_path / "full")})  # fmt: skip
+    config = TrainConfig(arch="vit", epochs=2, warmup_epochs=0.5, batch_size=64, progress=False,
+                         checkpoint_dir=str(tmp_path / "full"))  # fmt: skip
+    train_and_evaluate = backends.get("jax").train_and_evaluate
     full = train_and_evaluate(config, data)
     shutil.copytree(tmp_path / "full", tmp_path / "half")
     shutil.rmtree(tmp_path / "half" / "8")  # back to the checkpoint after epoch 1
@@ -262,14 +268,14 @@ def test_export_between_frameworks(runs, tmp_path, digits):
     computing the same logits as the original."""
     from flax import nnx
 
-    from jaxvision import export
-    from jaxvision.configs import get_config
+    from jaxvision.apps import export
+    from jaxvision.core.archs import get_config
     from torch_reference.checkpoint import load_model
     from torch_reference.models import build_model
 
     x, _ = digits
-    path, meta = checkpoint.read_meta(runs["tmp"] / "straight")
-    flax_model = checkpoint.load_flax_model(path, meta)
+    path, meta = read_meta(runs["tmp"] / "straight")
+    flax_model = load_flax_model(path, meta)
     export.export(runs["tmp"] / "straight", tmp_path / "cnn.pth")
     torch_model = build_model(get_config("cnn", "tiny", num_classes=10)).eval()
     torch_model.load_state_dict(torch.load(tmp_path / "cnn.pth", weights_only=True))
@@ -279,10 +285,10 @@ def test_export_between_frameworks(runs, tmp_path, digits):
 
     assert train(tmp_path, "t", "--backend", "torch", "--epochs", "1")[0] == 0
     export.export(tmp_path / "t", tmp_path / "t-as-jax")
-    path, meta = checkpoint.read_meta(tmp_path / "t-as-jax")
+    path, meta = read_meta(tmp_path / "t-as-jax")
     assert meta["backend"] == "jax" and meta["items"] == ["model", "meta"]
-    flax_model = checkpoint.load_flax_model(path, meta)
-    torch_model = load_model(*checkpoint.read_meta(tmp_path / "t"))
+    flax_model = load_flax_model(path, meta)
+    torch_model = load_model(*read_meta(tmp_path / "t"))
     with torch.no_grad():
         theirs = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(np.asarray(flax_model(x)), theirs, rtol=1e-5, atol=1e-5)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxvision import convert
-from jaxvision.configs import CNN_PRESETS, CNNConfig
-from jaxvision.errors import ConversionError
+from jaxvision.core.errors import ConversionError
+from jaxvision.core.model_configs import CNN_PRESETS, CNNConfig
+from jaxvision.interop import convert
 from jaxvision.models.cnn import CNN, max_pool_2x2, reference_max_pool_2x2
 from torch_reference.models.cnn import CNN as TorchCNN
 

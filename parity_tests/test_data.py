@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import FILES, write_split
 
-from jaxvision import data
-from jaxvision.errors import DataError
+from jaxvision.core import data
+from jaxvision.core.errors import DataError
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

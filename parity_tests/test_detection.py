@@ -12,10 +12,11 @@ import torch
 import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from jaxvision import detection, pretrained
-from jaxvision.configs import FasterRCNNConfig
-from jaxvision.errors import UserError
-from jaxvision.run import TrainConfig
+from jaxvision.core import detection
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.errors import UserError
+from jaxvision.core.model_configs import FasterRCNNConfig
+from torch_reference import pretrained
 from torch_reference.detection import (
     as_rgb,
     create_detector,
@@ -295,7 +296,7 @@ def test_a_few_train_steps_on_a_tiny_batch_reduce_the_loss(sample):
 def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, sample, train_cli):
     data = tmp_path / "data"
     data.mkdir()
-    from jaxvision.data import write_idx
+    from jaxvision.core.data import write_idx
 
     train, test = slice(0, 4000, 40), slice(0, 1000, 25)  # every class, 100 and 40 images
     x_train = sample.x_train[train, ..., 0].copy()

@@ -12,16 +12,18 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from jaxvision import convert, pretrained
-from jaxvision.configs import AlexNetConfig, VGGConfig
-from jaxvision.errors import UserError
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.errors import UserError
+from jaxvision.core.model_configs import AlexNetConfig, VGGConfig
+from jaxvision.interop import convert, pretrained
 from jaxvision.models import build_model
 from jaxvision.models.layers import adaptive_pool_matrix
-from jaxvision.run import TrainConfig
-from jaxvision.train import Trainer, imagenet_input
+from jaxvision.training.preprocess import imagenet_input
+from jaxvision.training.trainer import Trainer
+from torch_reference import pretrained as torch_pretrained
 from torch_reference.models import build_model as torch_build
+from torch_reference.preprocess import imagenet_input as torch_imagenet_input
 from torch_reference.train import Trainer as TorchTrainer
-from torch_reference.train import imagenet_input as torch_imagenet_input
 
 ATOL = 1e-4
 TORCHVISION_PARAMS = {"vgg16": 138_357_544, "alexnet": 61_100_840}  # at 1000 classes
@@ -90,7 +92,7 @@ def test_resize_and_normalise_agree_on_real_digits(sample, size):
 
 
 def small(sample, n_train=64, n_test=32):
-    from jaxvision.data import make_dataset
+    from jaxvision.core.data import make_dataset
 
     x, y = sample.x_train[:n_train], sample.y_train[:n_train]
     return make_dataset("mnist", "subset", x, y, sample.x_test[:n_test], sample.y_test[:n_test], 10)
@@ -105,7 +107,9 @@ def test_one_frozen_step_changes_only_the_head_in_both_frameworks(sample, arch, 
     before = {k: v.clone() for k, v in tmodel.state_dict().items()}
 
     jt = Trainer(fmodel, config, data)
-    assert {p[0] for p in dict(nnx.to_flat_state(jt.params))} == {"classifier"}  # no feature grads
+    assert {p[0] for p in dict(nnx.to_flat_state(jt.state.params))} == {
+        "classifier"
+    }  # no feature grads
     jt.train_epoch(0)
     tt = TorchTrainer(tmodel, config, data)
     assert all(not p.requires_grad for p in tmodel.features.parameters())
@@ -146,7 +150,7 @@ def test_unfreeze_trains_features_at_their_own_rate(sample):
                          progress=False)  # fmt: skip
     tmodel, fmodel = pair("alexnet", 64, classes=10)
     jt = Trainer(fmodel, config, data)
-    assert {p[0] for p in dict(nnx.to_flat_state(jt.params))} == {"features", "classifier"}
+    assert {p[0] for p in dict(nnx.to_flat_state(jt.state.params))} == {"features", "classifier"}
     tt = TorchTrainer(tmodel, config, data)
     lrs = sorted(g["lr"] for g in tt.optimizer.param_groups)
     assert lrs == [1e-3, 0.1]
@@ -161,18 +165,18 @@ def test_bf16_compute_keeps_float32_parameters(sample):
     jt.compile()
     loss, _ = jt.train_epoch(0)
     assert np.isfinite(loss)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(jt.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(jt.state.params))
     assert np.isfinite(jt.evaluate()["loss"])
 
 
 def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(pretrained, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(torch_pretrained, "host_reachable", lambda url, timeout=3.0: False)
     with pytest.raises(UserError, match=r"no pretrained vgg16 weights: expected .*vgg16-397923af"
                                          r".pth .* or use --no-pretrained"):  # fmt: skip
-        pretrained.find_weights("vgg16")
+        torch_pretrained.find_weights("vgg16")
     with pytest.raises(UserError, match=r"--weights .*nope.pth does not exist"):
-        pretrained.find_weights("vgg16", tmp_path / "nope.pth")
+        torch_pretrained.find_weights("vgg16", tmp_path / "nope.pth")
 
 
 def test_weights_file_loads_converts_and_caches(tmp_path):
@@ -190,7 +194,7 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
     assert len(list(cache.glob("*.npz"))) == 1
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict"):
-        pretrained.load_state_dict(tmp_path / "junk.pth")
+        torch_pretrained.load_state_dict(tmp_path / "junk.pth")
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

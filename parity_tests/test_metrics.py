@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from jaxvision import metrics as jm
+from jaxvision.training import metrics as jm
 from torch_reference import metrics as tm
 
 rng = np.random.default_rng(0)

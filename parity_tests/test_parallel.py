@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from jaxvision import cli, parallel
-from jaxvision.errors import UserError
-from jaxvision.run import TrainConfig
+from jaxvision.apps import backends
+from jaxvision.apps import train as cli
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.errors import UserError
+from jaxvision.training import parallel
 
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -92,7 +94,7 @@ def test_more_devices_than_visible_is_an_error():
 
 def test_torch_backend_refuses_devices():
     with pytest.raises(UserError, match="the torch backend trains on one device"):
-        TrainConfig(backend="torch", devices=2)
+        backends.get("torch").check(TrainConfig(backend="torch", devices=2))
 
 
 def test_eight_devices_from_the_command_line(train_cli, tmp_path):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxvision import cli, predict
+from jaxvision.apps import predict
+from jaxvision.apps import train as cli
+from jaxvision.core import images
 
 N = 100  # test digits, every 10th: all classes
 
@@ -67,12 +69,12 @@ def test_image_files_classify_as_well_as_the_arrays(trained, variant):
 
 def test_polarity_and_size_do_not_change_the_prepared_image(sample):
     img = sample.x_test[0, ..., 0].astype(np.float32)
-    light_on_dark = predict.prepare(img)
-    np.testing.assert_array_equal(predict.prepare(255 - img), light_on_dark)
+    light_on_dark = images.prepare(img)
+    np.testing.assert_array_equal(images.prepare(255 - img), light_on_dark)
     big = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((280, 280), Image.BILINEAR))
-    diff = np.abs(predict.prepare(big).astype(int) - light_on_dark.astype(int))
+    diff = np.abs(images.prepare(big).astype(int) - light_on_dark.astype(int))
     assert diff.mean() < 12  # a resampled copy of the same 20x20-boxed, mass-centred digit
-    assert predict.prepare(np.full((50, 40), 255.0)).max() == 0  # a blank page stays blank
+    assert images.prepare(np.full((50, 40), 255.0)).max() == 0  # a blank page stays blank
 
 
 def test_cli_prints_per_file_and_json_and_survives_a_bad_file(trained, tmp_path, capsys):

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from jaxvision import augment as jaug
-from jaxvision import convert
-from jaxvision.configs import VIT_PRESETS
+from jaxvision.core.config import TrainConfig, lr_factor
+from jaxvision.core.model_configs import VIT_PRESETS
+from jaxvision.interop import convert
 from jaxvision.models.vit import ViT
-from jaxvision.run import TrainConfig, lr_factor
-from jaxvision.train import cross_entropy, learning_rate, make_optimizer
+from jaxvision.training import augment as jaug
+from jaxvision.training.trainer import cross_entropy, learning_rate, make_optimizer
 from torch_reference import augment as taug
 from torch_reference.models.vit import ViT as TorchViT
 from torch_reference.train import make_optimizer as torch_optimizer
@@ -170,7 +170,7 @@ def test_optimizer_steps_match_given_the_same_gradients():
 def test_weight_decay_mask_is_the_same_set_of_weights():
     c = VIT_PRESETS["micro"]
     fmodel = ViT(c, rngs=nnx.Rngs(0))
-    from jaxvision.train import decay_mask
+    from jaxvision.training.trainer import decay_mask
 
     mask = dict(nnx.to_flat_state(decay_mask(nnx.state(fmodel, nnx.Param))))
     decayed_flax = {r.torch_key for r in convert.vit_rules(c) if mask[r.flax_path].get_value()}

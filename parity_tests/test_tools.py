@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxvision import benchmark
+from jaxvision.apps import benchmark
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,9 @@ def test_run_lab_dry_run_lists_every_arch_and_backend():
     lines = r.stdout.splitlines()
     assert len(lines) == 9  # 5 archs x 2 backends, less faster_rcnn on JAX
     assert not any("faster_rcnn --backend jax" in line for line in lines)
-    assert lines[0] == "[1/9] python scripts/train.py --arch cnn --backend jax --out lab/cnn-jax"
+    assert lines[0] == (
+        "[1/9] python scripts/train.py --arch cnn --backend jax --recipe lab-cpu --out lab/cnn-jax"
+    )
 
 
 def test_run_lab_trains_and_reports_end_to_end(tmp_path):

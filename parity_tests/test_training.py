@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from jaxvision.cli import backend_trainer
-from jaxvision.run import TrainConfig
+from jaxvision.apps import backends
+from jaxvision.core.config import TrainConfig
 
 REQUIRED_KEYS = {
     "arch",
@@ -36,7 +36,7 @@ def short_runs(sample):
     results = {}
     for backend in ("jax", "torch"):
         config = TrainConfig(arch="cnn", backend=backend, epochs=5, progress=False)
-        results[backend] = backend_trainer(backend)(config, sample)
+        results[backend] = backends.get(backend).train_and_evaluate(config, sample)
     return results
 
 
@@ -66,7 +66,7 @@ def test_reported_metrics_are_sklearns_on_the_predictions(short_runs, sample, ba
 def test_same_seed_same_jax_run(sample):
     def once():
         config = TrainConfig(arch="cnn", preset="tiny", epochs=1, progress=False, seed=11)
-        return backend_trainer("jax")(config, sample)
+        return backends.get("jax").train_and_evaluate(config, sample)
 
     a, b = once(), once()
     assert a.final.train_loss == b.final.train_loss and a.final.test_loss == b.final.test_loss

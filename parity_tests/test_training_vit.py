@@ -3,19 +3,19 @@
 import numpy as np
 import pytest
 
-from jaxvision.cli import backend_trainer
-from jaxvision.run import ARCH_DEFAULTS, TrainConfig
+from jaxvision.apps import backends
+from jaxvision.core.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def short_vit_runs(sample):
     """The default recipe (AdamW, warmup + cosine, clipping, smoothing, augmentation) on the
     `tiny` preset, cut to 10 epochs, on the bundled 4,000 digits, in each framework."""
-    recipe = {**ARCH_DEFAULTS["vit"], "epochs": 10, "warmup_epochs": 1.0}
     results = {}
     for backend in ("jax", "torch"):
-        config = TrainConfig(arch="vit", backend=backend, preset="tiny", progress=False, **recipe)
-        results[backend] = backend_trainer(backend)(config, sample)
+        config = TrainConfig(arch="vit", backend=backend, preset="tiny", progress=False,
+                             epochs=10, warmup_epochs=1.0)  # fmt: skip
+        results[backend] = backends.get(backend).train_and_evaluate(config, sample)
     return results
 
 
@@ -55,7 +55,7 @@ def test_save_attention_refuses_a_cnn(train_cli):
 
 
 def test_attention_rollout_is_row_stochastic_and_mixes_the_identity():
-    from jaxvision.attention import attention_rollout, patch_map
+    from jaxvision.core.attention import attention_rollout, patch_map
 
     rng = np.random.default_rng(0)
     attns = []
@@ -78,27 +78,25 @@ def test_scanned_chunks_train_exactly_like_the_per_step_loop(sample):
     the same parameters (the gradients and updates) and the same evaluation, bit for bit."""
     import jax
 
-    from jaxvision.data import make_dataset
-    from jaxvision.run import model_config
-    from jaxvision.train import Trainer, create_model
+    from jaxvision.apps.jax_backend import JaxBackend
+    from jaxvision.core.data import make_dataset
+    from jaxvision.training.trainer import Trainer
 
     tr = np.random.default_rng(0).permutation(sample.n_train)[:640]
     data = make_dataset("mnist", "subset", sample.x_train[tr], sample.y_train[tr],
                         sample.x_test[::10], sample.y_test[::10], 10)  # fmt: skip
-    defaults = {k: v for k, v in ARCH_DEFAULTS["vit"].items() if k in TrainConfig.__annotations__}
-    config = TrainConfig(**{**defaults, "arch": "vit", "epochs": 2, "warmup_epochs": 0.5,
-                            "batch_size": 64, "log_every": 4})  # fmt: skip
     runs = []
     for scan in (False, True):
-        trainer = Trainer(create_model(config, model_config(config, data), jax.random.key(0)),
-                          config, data)  # fmt: skip
-        trainer.scan = scan
+        config = TrainConfig(arch="vit", epochs=2, warmup_epochs=0.5, batch_size=64, log_every=4,
+                             scan=scan)  # fmt: skip
+        model = JaxBackend().create_model(config, config.model_config(data), jax.random.key(0))
+        trainer = Trainer(model, config, data)
         trainer.compile()
         losses = []
         for epoch in range(config.epochs):
             trainer.train_epoch(epoch)
             losses += trainer.step_losses
-        runs.append((losses, jax.tree.leaves(trainer.params), trainer.evaluate()))
+        runs.append((losses, jax.tree.leaves(trainer.state.params), trainer.evaluate()))
     (loop_losses, loop_params, loop_eval), (scan_losses, scan_params, scan_eval) = runs
     assert len(scan_losses) == 20 and scan_losses == loop_losses
     for a, b in zip(loop_params, scan_params, strict=True):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxvision import convert
-from jaxvision.configs import VIT_PRESETS, ViTConfig
-from jaxvision.errors import ConversionError, UserError
+from jaxvision.core.errors import ConversionError, UserError
+from jaxvision.core.model_configs import VIT_PRESETS, ViTConfig
+from jaxvision.core.positional import sinusoidal_encoding
+from jaxvision.interop import convert
 from jaxvision.models import vit as fvit
-from jaxvision.positional import sinusoidal_encoding
 from torch_reference.models import vit as tvit
 
 ATOL = 1e-5

@@ -14,9 +14,9 @@ GRADS = r"""
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jaxvision.configs import get_config
+from jaxvision.core.archs import get_config
 from jaxvision.models import build_model
-from jaxvision.train import cross_entropy
+from jaxvision.training.trainer import cross_entropy
 jax.config.update("jax_default_matmul_precision", "highest")
 x = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
 y = np.arange(16) % 10

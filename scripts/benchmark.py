@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from jaxvision.benchmark import main  # noqa: E402
+from jaxvision.apps.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
     python scripts/convert_checkpoint.py runs/ckpt-cnn model.pth          # JAX -> torch state_dict
     python scripts/convert_checkpoint.py runs/ckpt-cnn-torch runs/ckpt-cnn-jax   # torch -> JAX
 
-`jaxvision.export` documents what is written.
+`jaxvision.apps.export` documents what is written.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from jaxvision.export import main  # noqa: E402
+from jaxvision.apps.export import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,8 +4,8 @@
     python scripts/predict.py --checkpoint runs/ckpt-cnn --json *.png
 
 PNG or JPG, any size, colour or grey, dark ink on light paper or light on dark: each image is
-fitted to the training data's form (`jaxvision.predict` documents how). Prints the class and its
-probability per file; a file that cannot be read gets one error line and the rest are still
+fitted to the training data's form (`jaxvision.core.images` documents how). Prints the class and
+its probability per file; a file that cannot be read gets one error line and the rest are still
 classified (exit code 1 if any failed).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from jaxvision.predict import main  # noqa: E402
+from jaxvision.apps.predict import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,6 @@
-"""Random affine augmentation in PyTorch: the twin of `jaxvision.augment` (same parameters, same
-warp via `F.affine_grid` + `F.grid_sample`), drawn per image and applied to the whole batch at once.
+"""Random affine augmentation in PyTorch: the twin of `jaxvision.training.augment` (same ranges,
+same warp via `F.affine_grid` + `F.grid_sample`), drawn per image and applied to the whole batch
+at once.
 """
 
 import math
@@ -7,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from jaxvision.augment import MAX_DEGREES, MAX_TRANSLATE, SCALE_RANGE
+from jaxvision.core.preprocess import MAX_DEGREES, MAX_TRANSLATE, SCALE_RANGE
 
 
 def sample_params(batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
@@ -26,7 +27,7 @@ def sample_params(batch: int, generator: torch.Generator, device) -> tuple[torch
 
 
 def affine_theta(angle, tx, ty, scale) -> torch.Tensor:
-    """(B, 2, 3) output -> input map in normalised coordinates; see `jaxvision.augment`."""
+    """(B, 2, 3) output -> input map in normalised coordinates; see `jaxvision.training.augment`."""
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     t_x, t_y = 2.0 * tx, 2.0 * ty
     row0 = torch.stack([cos, sin, -(cos * t_x + sin * t_y)], dim=-1)  # (B, 3)

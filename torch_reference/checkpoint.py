@@ -1,4 +1,4 @@
-"""The torch backend's checkpoints: `jaxvision.checkpoint`'s layout, written with `torch.save`.
+"""The torch backend's checkpoints: `jaxvision.core.checkpoint`'s layout, written with `torch.save`.
 
 DIR/<step>/state.pt holds the model's and optimiser's state_dicts, the lr scheduler's, and the RNG
 states (torch's global generator, which drives dropout, CUDA's, and the augmentation generator);
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from jaxvision.checkpoint import KEEP, TORCH_META, TORCH_STATE, Checkpoints
-from jaxvision.errors import UserError
+from jaxvision.core.archs import config_from_dict
+from jaxvision.core.checkpoint import KEEP, TORCH_META, TORCH_STATE, Checkpoints
+from jaxvision.core.errors import UserError
+from torch_reference.models import build_model
 
 TMP_PREFIX = ".tmp-"
 
@@ -30,6 +32,10 @@ def _fsync(path: Path) -> None:
 
 
 class TorchCheckpoints(Checkpoints):
+    @staticmethod
+    def read_meta(path: Path) -> dict:
+        return json.loads((path / TORCH_META).read_text())
+
     def __init__(self, config, data, model_cfg, trainer):
         super().__init__(config, data, model_cfg, trainer.steps)
         self.trainer = trainer
@@ -42,8 +48,7 @@ class TorchCheckpoints(Checkpoints):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        if getattr(t, "generator", None) is not None:
-            rng["augment"] = t.generator.get_state()
+        rng["augment"] = t.generator.get_state()
         return {
             "model": t.model.state_dict(),
             "optimizer": t.optimizer.state_dict(),
@@ -87,12 +92,16 @@ def write_folder(directory: Path, step: int, state: dict, meta: dict) -> Path:
     return directory / str(step)
 
 
+def save_state_dict(state_dict: dict, path: Path) -> Path:
+    """A plain torch state_dict file (model.pth), which `load_state_dict` takes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, path)
+    return path
+
+
 def load_model(path: Path, meta: dict) -> torch.nn.Module:
     """The torch model in checkpoint folder `path` (DIR/<step>), in eval mode."""
-    from jaxvision import configs
-    from torch_reference.models import build_model
-
-    model = build_model(configs.config_from_dict(meta["arch"], meta["model_config"]))
+    model = build_model(config_from_dict(meta["arch"], meta["model_config"]))
     model.load_state_dict(load_state(path)["model"])
     return model.eval()
 

@@ -1,9 +1,9 @@
 """Faster R-CNN trained on MNIST as a detection task, and read out as a classifier (torch only).
 
 Every digit is one object: its target box is the tight box around its ink (`--box-margin` pixels
-wider), its label digit + 1 (`jaxvision.detection`). The detector trains on its own summed losses
-(RPN objectness + RPN box regression + box-head classification + box regression). At evaluation
-the predicted digit is the label of the highest-scoring detection at or above
+wider), its label digit + 1 (`jaxvision.core.detection`). The detector trains on its own summed
+losses (RPN objectness + RPN box regression + box-head classification + box regression). At
+evaluation the predicted digit is the label of the highest-scoring detection at or above
 `--score-threshold`, or, when none clears it, the box head's best foreground class over all
 proposals (counted and reported as fallbacks). The test split also gets mAP@0.5 and the mean IoU of
 the top box against the target box.
@@ -19,28 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from jaxvision import detection
-from jaxvision.data import Dataset, epoch_permutation
-from jaxvision.run import RunResult, TrainConfig, model_config
+from jaxvision.core import detection
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import Dataset, epoch_permutation
+from jaxvision.core.results import RunResult
 from torch_reference import metrics
 from torch_reference.models.detector import build_detector, replace_box_predictor
-from torch_reference.train import (
-    Trainer,
-    default_device,
-    make_scheduler,
-    to_nchw,
-)
+from torch_reference.preprocess import to_nchw
+from torch_reference.pretrained import load_into_torch, weights_name
+from torch_reference.train import Trainer
 
 
 def create_detector(config: TrainConfig, model_cfg, verbose: bool = True) -> nn.Module:
     """Faster R-CNN from scratch, or from torchvision's COCO weights with a new box predictor."""
     if not config.pretrained:
         return build_detector(model_cfg)
-    from jaxvision import pretrained
-
     model = build_detector(model_cfg, pretrained=True)
-    name = pretrained.weights_name(config.arch, model_cfg.detector)
-    pretrained.load_into_torch(model, name, config.weights, verbose=verbose)
+    name = weights_name(config.arch, model_cfg.detector)
+    load_into_torch(model, name, config.weights, verbose=verbose)
     replace_box_predictor(model, model_cfg.detector_classes)
     return model
 
@@ -118,26 +114,25 @@ def detector_loss(model: nn.Module, images: torch.Tensor, targets: list[dict]) -
 
 
 class DetectorTrainer(Trainer):
-    """`torch_reference.train.Trainer`'s epoch loop, with detection batches and evaluation."""
+    """`torch_reference.train.Trainer`'s loop, with detection batches and evaluation."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, data: Dataset, device=None):
-        self.device = device or default_device()
-        self.model = model.to(self.device)
-        self.config, self.data = config, data
+    def load_data(self) -> int:
+        config, data, device = self.config, self.data, self.device
         boxes, ink = detection.ink_boxes(data.x_train, config.box_margin)
         self.train_index = np.flatnonzero(ink)  # blank images have no box: skipped
         self.skipped_train = int(data.n_train - len(self.train_index))
         self.test_boxes, self.test_ink = detection.ink_boxes(data.x_test, config.box_margin)
-        self.x_train = to_nchw(data.x_train, self.device)  # (N, C, H, W) uint8
-        self.boxes_train = torch.from_numpy(boxes).to(self.device)  # (N, 4)
-        self.labels_train = torch.from_numpy(data.y_train.astype(np.int64) + 1).to(self.device)
-        self.x_test = to_nchw(data.x_test, self.device)
-        self.y_test = torch.from_numpy(data.y_test).to(self.device)
-        self.optimizer = make_optimizer(config, self.model)
-        self.steps = config.steps_per_epoch(len(self.train_index))
-        self.scheduler = make_scheduler(config, self.optimizer, self.steps)
+        self.x_train = to_nchw(data.x_train, device)  # (N, C, H, W) uint8
+        self.boxes_train = torch.from_numpy(boxes).to(device)  # (N, 4)
+        self.labels_train = torch.from_numpy(data.y_train.astype(np.int64) + 1).to(device)
+        self.x_test = to_nchw(data.x_test, device)
+        self.y_test = torch.from_numpy(data.y_test).to(device)
         if self.skipped_train and config.progress:
             print(f"skipped {self.skipped_train} blank training images (no ink, so no box)")
+        return len(self.train_index)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.config, self.model)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         return self.train_index[epoch_permutation(len(self.train_index), self.config.seed, epoch)]
@@ -195,7 +190,7 @@ class DetectorTrainer(Trainer):
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
     torch.manual_seed(config.seed)  # initialisation and the RoI / anchor sampling
-    model_cfg = model_config(config, data)
+    model_cfg = config.model_config(data)
     trainer = DetectorTrainer(create_detector(config, model_cfg), config, data)
     result = trainer.run()
     final = result.final.extras

@@ -1,4 +1,5 @@
-"""Classification metrics in PyTorch, the twin of `jaxvision.metrics` (same definitions)."""
+"""Classification metrics in PyTorch, the twin of `jaxvision.training.metrics` (same
+definitions)."""
 
 import torch
 

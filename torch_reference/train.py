@@ -1,4 +1,5 @@
-"""PyTorch training and evaluation, the twin of `jaxvision.train` (same recipe, same data order).
+"""PyTorch training and evaluation, the twin of `jaxvision.training.trainer` (same recipe, same
+data order).
 
 The dataset is preloaded on the device as a uint8 tensor; batches are index-gathered from it with
 the same per-epoch permutation the JAX backend uses. No `Dataset.__getitem__` loop.
@@ -13,20 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jaxvision.configs import IMAGENET_ARCHS, IMAGENET_MEAN, IMAGENET_STD
-from jaxvision.data import Dataset, epoch_permutation
-from jaxvision.run import (
-    LossTracker,
-    Position,
-    RunResult,
-    TrainConfig,
-    lr_factor,
-    model_config,
-    run_epochs,
-)
+from jaxvision.core.config import TrainConfig, lr_factor
+from jaxvision.core.data import Dataset, epoch_permutation
+from jaxvision.core.loop import LossTracker, Position, run_epochs
+from jaxvision.core.results import RunResult
 from torch_reference import metrics
 from torch_reference.augment import random_affine
+from torch_reference.checkpoint import TorchCheckpoints
 from torch_reference.models import build_model
+from torch_reference.preprocess import model_input, standardize, to_nchw
+from torch_reference.pretrained import load_into_torch
 
 
 def default_device() -> torch.device:
@@ -37,26 +34,9 @@ def describe_device(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
 
 
-def to_nchw(x: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)  # (N,H,W,C)->(N,C,H,W)
-
-
-def imagenet_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[0, 1] images (B, C, H, W) -> (B, 3, size, size), ImageNet-normalised, for VGG / AlexNet."""
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=False
-        )
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)  # grey -> RGB
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def freeze_features(config: TrainConfig, model: torch.nn.Module) -> None:
     """Fine-tuning as the lab did it: the convolutional features get no gradient."""
-    if config.arch in IMAGENET_ARCHS and not config.unfreeze:
+    if config.arch_spec.imagenet and not config.unfreeze:
         for p in model.features.parameters():
             p.requires_grad_(False)
 
@@ -67,7 +47,7 @@ def _is_decayed(name: str, p: torch.Tensor) -> bool:
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if config.arch in IMAGENET_ARCHS and config.unfreeze:  # features at their own, lower lr
+    if config.arch_spec.imagenet and config.unfreeze:  # features at their own, lower lr
         head = [p for n, p in named if n.startswith("classifier.")]
         features = [p for n, p in named if not n.startswith("classifier.")]
         groups = [{"params": head}, {"params": features, "lr": config.feature_lr}]
@@ -103,29 +83,40 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 class Trainer:
+    """The training loop of one model over device-resident data. Subclasses change what a batch
+    is and how it is scored through the hooks `load_data`, `make_optimizer`, `epoch_order`,
+    `batch_loss` and `evaluate` (`torch_reference.detection.DetectorTrainer`)."""
+
     def __init__(self, model: torch.nn.Module, config: TrainConfig, data: Dataset, device=None):
         self.device = device or default_device()
         self.model = model.to(self.device)
         self.config = config
         self.data = data
-        freeze_features(config, self.model)
-        self.optimizer = make_optimizer(config, self.model)
-        self.steps = config.steps_per_epoch(data.n_train)
+        n_train = self.load_data()
+        self.optimizer = self.make_optimizer()
+        self.steps = config.steps_per_epoch(n_train)
         self.scheduler = make_scheduler(config, self.optimizer, self.steps)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)  # augmentation
-        self.x_train = to_nchw(data.x_train, self.device)  # (N, C, H, W) uint8
-        self.y_train = torch.from_numpy(data.y_train).to(self.device)
-        self.x_test = to_nchw(data.x_test, self.device)
-        self.y_test = torch.from_numpy(data.y_test).to(self.device)
-        shape = (1, -1, 1, 1)  # per-channel statistics, broadcast over (B, C, H, W)
-        mean = torch.tensor(data.mean, device=self.device).reshape(shape)
-        std = torch.tensor(data.std, device=self.device).reshape(shape)
-        if config.arch in IMAGENET_ARCHS:
-            self.norm = functools.partial(imagenet_input, size=config.image_size)
-        else:
-            self.norm = lambda x: (x - mean) / std
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
-                             enabled=config.dtype == "bfloat16")  # fmt: skip
+
+    # --- hooks -----------------------------------------------------------------------------------
+
+    def load_data(self) -> int:
+        """Puts the data on the device; returns the number of training images."""
+        data, device = self.data, self.device
+        self.x_train = to_nchw(data.x_train, device)  # (N, C, H, W) uint8
+        self.y_train = torch.from_numpy(data.y_train).to(device)
+        self.x_test = to_nchw(data.x_test, device)
+        self.y_test = torch.from_numpy(data.y_test).to(device)
+        self.norm = functools.partial(model_input, arch=self.config.arch_spec,
+                                      model_cfg=self.model.config, mean=data.mean,
+                                      std=data.std)  # fmt: skip
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16,
+                             enabled=self.config.dtype == "bfloat16")  # fmt: skip
+        return data.n_train
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        freeze_features(self.config, self.model)
+        return make_optimizer(self.config, self.model)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The training images of `epoch`, in order; the same permutation as the JAX backend."""
@@ -143,27 +134,6 @@ class Trainer:
         return F.cross_entropy(
             logits.float(), self.y_train[idx], label_smoothing=cfg.label_smoothing
         )
-
-    def train_epoch(self, epoch: int, bar=None, start: Position | None = None):
-        """One epoch of optimiser steps, or its rest from `start`; returns (mean training loss,
-        seconds)."""
-        cfg = self.config
-        order = torch.from_numpy(self.epoch_order(epoch)).to(self.device)
-        self.model.train()
-        self._sync()
-        tracker = LossTracker(cfg, epoch, self.steps, _fetch, bar, start)
-        for step in range(tracker.seen, self.steps):
-            loss = self.batch_loss(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            tracker.add(loss.detach())
-        self._sync()
-        return tracker.mean, tracker.elapsed()
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
@@ -185,13 +155,34 @@ class Trainer:
             "preds": pred.cpu().numpy(),
         }
 
+    # --- the loop --------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, bar=None, start: Position | None = None):
+        """One epoch of optimiser steps, or its rest from `start`; returns (mean training loss,
+        seconds)."""
+        cfg = self.config
+        order = torch.from_numpy(self.epoch_order(epoch)).to(self.device)
+        self.model.train()
+        self.sync()
+        tracker = LossTracker(cfg, epoch, self.steps, _fetch, bar, start)
+        for step in range(tracker.seen, self.steps):
+            loss = self.batch_loss(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            tracker.add(loss.detach())
+        self.sync()
+        return tracker.mean, tracker.elapsed()
+
     def run(self) -> RunResult:
         """Every epoch, each followed by an evaluation (and a checkpoint with --checkpoint-dir)."""
         checkpoints = None
         if self.config.checkpoint_dir:
-            from torch_reference.checkpoint import TorchCheckpoints
-
-            model_cfg = model_config(self.config, self.data)
+            model_cfg = self.config.model_config(self.data)
             checkpoints = TorchCheckpoints(self.config, self.data, model_cfg, self)
         history, preds = run_epochs(
             self.config, self.steps, self.train_epoch, self.evaluate, checkpoints
@@ -199,7 +190,7 @@ class Trainer:
         return RunResult(history, count_params(self.model), describe_device(self.device), 0.0,
                          preds, self.model)  # fmt: skip
 
-    def _sync(self):
+    def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -209,10 +200,7 @@ def attention_weights(model: torch.nn.Module, images: np.ndarray, data: Dataset)
     """Eval-mode attention weights, per layer (B, heads, T, T), and predictions, as numpy."""
     model.eval()
     device = next(model.parameters()).device
-    shape = (1, -1, 1, 1)
-    mean = torch.tensor(data.mean, device=device).reshape(shape)
-    std = torch.tensor(data.std, device=device).reshape(shape)
-    x = (to_nchw(images, device).float() / 255.0 - mean) / std
+    x = standardize(to_nchw(images, device).float() / 255.0, data.mean, data.std)
     logits, out = model.forward_intermediates(x)
     attns = [out[f"attn{i}"].cpu().numpy() for i in range(model.config.depth)]
     return attns, logits.argmax(-1).cpu().numpy()
@@ -221,21 +209,15 @@ def attention_weights(model: torch.nn.Module, images: np.ndarray, data: Dataset)
 def create_model(config: TrainConfig, model_cfg, verbose: bool = True) -> torch.nn.Module:
     """The torch model to train: fresh, or (VGG16 / AlexNet) torchvision's ImageNet weights with
     a new `num_classes`-way last layer."""
-    if not (config.arch in IMAGENET_ARCHS and config.pretrained):
+    if not (config.arch_spec.imagenet and config.pretrained):
         return build_model(model_cfg)
-    from jaxvision import pretrained
-
     model = build_model(dataclasses.replace(model_cfg, num_classes=1000))
-    pretrained.load_into_torch(model, config.arch, config.weights, verbose=verbose)
+    load_into_torch(model, config.arch, config.weights, verbose=verbose)
     model.classifier[-1] = torch.nn.Linear(model_cfg.hidden, model_cfg.num_classes)
     model.config = model_cfg
     return model
 
 
 def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
-    if config.arch == "faster_rcnn":
-        from torch_reference import detection
-
-        return detection.train_and_evaluate(config, data)
     torch.manual_seed(config.seed)  # initialisation and dropout
-    return Trainer(create_model(config, model_config(config, data)), config, data).run()
+    return Trainer(create_model(config, config.model_config(data)), config, data).run()

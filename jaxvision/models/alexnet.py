@@ -2,14 +2,14 @@
 
 Krizhevsky 2014 ("One weird trick"), the variant torchvision ships. `features`, `avgpool` and
 `classifier` keep torchvision's names and Sequential indices, so conversion is a lookup
-(`jaxvision.convert.alexnet_rules`). The torch twin is torchvision's own model;
+(`jaxvision.interop.convert.alexnet_rules`). The torch twin is torchvision's own model;
 random weights follow torch's default initialisation, as torchvision's AlexNet does.
 """
 
 from flax import nnx
 
-from jaxvision.configs import ALEXNET_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import AlexNetConfig
+from jaxvision.core.model_configs import ALEXNET_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import AlexNetConfig
 from jaxvision.models.layers import (
     AdaptiveAvgPool,
     Dropout,

@@ -5,15 +5,15 @@ FC(3136->128), ReLU, Dropout(0.5), FC(128->10). 421,642 parameters at 28x28x1 an
 
 `torch_reference.models.cnn.CNN` is the PyTorch twin, with the same attribute names. Deviation
 from a literal port: Flax flattens (H, W, C) where torch flattens (C, H, W), so `fc1`'s input rows
-are permuted by the converter (`jaxvision.convert`), not by a transpose at run time.
+are permuted by the converter (`jaxvision.interop.convert`), not by a transpose at run time.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxvision.configs import CNN_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import CNNConfig
+from jaxvision.core.model_configs import CNN_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import CNNConfig
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -2,16 +2,16 @@
 
 Simonyan & Zisserman 2015. `features`, `avgpool` and `classifier` keep torchvision's names and
 Sequential indices (ReLU, pooling and dropout slots included), so `features.28.weight` converts to
-`features[28].kernel` by lookup (`jaxvision.convert.vgg_rules`). The torch twin is torchvision's
-own model (`torch_reference.models.vgg`), and random weights follow torchvision's
+`features[28].kernel` by lookup (`jaxvision.interop.convert.vgg_rules`). The torch twin is
+torchvision's own model (`torch_reference.models.vgg`), and random weights follow torchvision's
 initialisation (kaiming-normal convs, N(0, 0.01) linears). Input is NHWC; the adaptive pool
 follows torch's bin rule, so inputs other than 224x224 give torchvision's result too.
 """
 
 from flax import nnx
 
-from jaxvision.configs import VGG_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import VGGConfig
+from jaxvision.core.model_configs import VGG_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import VGGConfig
 from jaxvision.models.layers import (
     AdaptiveAvgPool,
     Dropout,

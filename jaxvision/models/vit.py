@@ -6,7 +6,8 @@ multi-head self-attention, LayerNorm, MLP, each with a residual), classify the [
 
 `torch_reference.models.vit.ViT` is the PyTorch twin, with the same attribute names. Attention is
 written out (q, k, v projections, scaled dot product, softmax, output projection) rather than
-taken from a library. Deviations from the paper, all configurable (`jaxvision.configs.ViTConfig`):
+taken from a library. Deviations from the paper, all configurable
+(`jaxvision.core.model_configs.ViTConfig`):
   * the patch embedding is an explicit patchify and a Linear (the paper's formulation; most code
     uses a strided conv, which is the same function);
   * `pos_encoding='sinusoidal'` (Vaswani et al. 2017) as in the lab, besides learned embeddings;
@@ -20,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxvision.configs import VIT_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import ViTConfig
-from jaxvision.positional import sinusoidal_encoding
+from jaxvision.core.model_configs import VIT_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import ViTConfig
+from jaxvision.core.positional import sinusoidal_encoding
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:

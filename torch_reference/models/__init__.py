@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from jaxvision.configs import AlexNetConfig, CNNConfig, VGGConfig, ViTConfig
+from jaxvision.core.archs import arch_of
 from torch_reference.models.alexnet import AlexNet
 from torch_reference.models.cnn import CNN
 from torch_reference.models.vgg import VGG
@@ -10,16 +10,9 @@ from torch_reference.models.vit import ViT
 
 
 def build_model(config) -> nn.Module:
-    """The torch model for a config from `jaxvision.configs.get_config`."""
-    if isinstance(config, CNNConfig):
-        return CNN(config)
-    if isinstance(config, ViTConfig):
-        return ViT(config)
-    if isinstance(config, VGGConfig):
-        return VGG(config)
-    if isinstance(config, AlexNetConfig):
-        return AlexNet(config)
-    raise TypeError(f"no torch model for {type(config).__name__}")
+    """The torch model for a model config (`jaxvision.core.archs.get_config`), as the arch
+    registry names it."""
+    return arch_of(config).load("torch_model")(config)
 
 
 __all__ = ["CNN", "ViT", "VGG", "AlexNet", "build_model"]

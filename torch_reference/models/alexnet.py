@@ -3,8 +3,8 @@
 import torchvision
 from torch import nn
 
-from jaxvision.configs import ALEXNET_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import AlexNetConfig
+from jaxvision.core.model_configs import ALEXNET_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import AlexNetConfig
 
 
 def AlexNet(config: AlexNetConfig = AlexNetConfig()) -> nn.Module:  # noqa: N802  (a constructor)

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from jaxvision.configs import CNN_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import CNNConfig
+from jaxvision.core.model_configs import CNN_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import CNNConfig
 
 
 class CNN(nn.Module):

@@ -22,7 +22,7 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _r
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from jaxvision.configs import FasterRCNNConfig
+from jaxvision.core.model_configs import FasterRCNNConfig
 
 COCO_CLASSES = 91  # torchvision's COCO detectors: 90 category ids + background
 ALL_LAYERS = {"mobilenet_v3_320": 6, "resnet50_fpn": 5}  # trainable_backbone_layers = "all"

@@ -3,8 +3,8 @@
 import torchvision
 from torch import nn
 
-from jaxvision.configs import VGG16_LAYERS, VGGConfig
-from jaxvision.configs import VGG_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import VGG16_LAYERS, VGGConfig
+from jaxvision.core.model_configs import VGG_PRESETS as PRESETS  # noqa: F401  (re-exported)
 
 
 def VGG(config: VGGConfig = VGGConfig()) -> nn.Module:  # noqa: N802  (a constructor)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxvision.configs import VIT_PRESETS as PRESETS  # noqa: F401  (re-exported)
-from jaxvision.configs import ViTConfig
-from jaxvision.positional import sinusoidal_encoding
+from jaxvision.core.model_configs import VIT_PRESETS as PRESETS  # noqa: F401  (re-exported)
+from jaxvision.core.model_configs import ViTConfig
+from jaxvision.core.positional import sinusoidal_encoding
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -9,14 +9,12 @@ area by parameter count, colour by backend, every point labelled.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
-from jaxvision.errors import UserError, exit_code
+from jaxvision.core.errors import UserError
 
 COLUMNS = (
     "model",
@@ -173,22 +171,3 @@ def write_report(runs: list[dict], out_dir: Path, title: str = "") -> dict[str, 
     paths["csv"].write_text(to_csv(table))
     paths["png"] = plot(table, out_dir / "comparison.png", title)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="compare.py",
-        description="Collect training runs (metrics.json) into the lab's comparison table "
-        "(markdown, CSV) and a plot of accuracy against training time.",
-    )
-    p.add_argument("runs", nargs="*", help="metrics.json files, or run folders holding one")
-    p.add_argument("--out", default="report", help="folder for comparison.md/.csv/.png")
-    args = p.parse_args(argv)
-
-    def report():
-        paths = write_report(load_runs(args.runs), Path(args.out))
-        print(paths["md"].read_text(), end="")
-        for path in paths.values():
-            print(f"wrote {path}", file=sys.stderr)
-
-    return exit_code(report)

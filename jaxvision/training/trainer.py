@@ -1,12 +1,14 @@
-"""JAX training and evaluation: `train_and_evaluate(config, data) -> RunResult`.
+"""JAX training and evaluation: `train_and_evaluate(config, data, model) -> RunResult`.
 
 How the step is built (Flax's performance guide, REFERENCE.md):
-  * the model is split once into a graphdef and state; a pure step is `jax.jit`-compiled ahead of
-    time and calls `nnx.merge` inside, so no Python object-graph walk happens per step;
-  * params and optimiser state are donated, so XLA updates them in place;
+  * the model is split once into a graphdef and a `TrainState` pytree (trainable params, frozen
+    params, other variables, optimiser state, RNG key), as Flax's `TrainState`; a pure step
+    `(state, ...) -> (state, loss)` is `jax.jit`-compiled ahead of time and calls `nnx.merge`
+    inside, so no Python object-graph walk happens per step;
+  * the state is donated, so XLA updates it in place;
   * the whole dataset sits on the device as uint8; each epoch sends one permutation (the same one
-    the torch backend uses, `jaxvision.data.epoch_permutation`), and the step gathers its batch on
-    the device. No per-batch host copies;
+    the torch backend uses, `jaxvision.core.data.epoch_permutation`), and the step gathers its
+    batch on the device. No per-batch host copies;
   * train and eval modes are explicit views (`nnx.view(deterministic=...)`), never a default.
 """
 
@@ -22,31 +24,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxvision import metrics, parallel
-from jaxvision.augment import random_affine
-from jaxvision.configs import IMAGENET_ARCHS, IMAGENET_MEAN, IMAGENET_STD
-from jaxvision.data import Dataset, epoch_permutation
-from jaxvision.models import build_model
-from jaxvision.run import LossTracker, Position, RunResult, TrainConfig, model_config, run_epochs
-
-
-def standardize(x: jax.Array, mean, std) -> jax.Array:
-    """float32 images in [0, 1] -> standardised with the training set's statistics."""
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def imagenet_input(x: jax.Array, size: int) -> jax.Array:
-    """[0, 1] images (B, H, W, C) -> (B, size, size, 3), ImageNet-normalised, for VGG / AlexNet.
-
-    Bilinear without antialiasing: torch's interpolate(mode='bilinear', align_corners=False,
-    antialias=False), which the torch backend uses (a test checks the two agree).
-    """
-    b, h, w, c = x.shape
-    if (h, w) != (size, size):
-        x = jax.image.resize(x, (b, size, size, c), "bilinear", antialias=False)
-    if c == 1:
-        x = jnp.broadcast_to(x, (b, size, size, 3))  # grey -> RGB
-    return standardize(x, IMAGENET_MEAN, IMAGENET_STD)
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import Dataset, epoch_permutation
+from jaxvision.core.loop import LossTracker, Position, run_epochs
+from jaxvision.core.results import RunResult
+from jaxvision.training import metrics, parallel
+from jaxvision.training.augment import random_affine
+from jaxvision.training.checkpoint import JaxCheckpoints
+from jaxvision.training.preprocess import model_input, standardize
+from jaxvision.training.state import TrainState, with_mode
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
@@ -79,7 +65,7 @@ def head_labels(params: nnx.State) -> nnx.State:
 
 def trainable_filter(config: TrainConfig):
     """What gets gradients: everything, or (fine-tuning with frozen features) the classifier."""
-    if config.arch in IMAGENET_ARCHS and not config.unfreeze:
+    if config.arch_spec.imagenet and not config.unfreeze:
         return nnx.All(nnx.Param, nnx.PathContains("classifier"))
     return nnx.Param
 
@@ -95,7 +81,7 @@ def _base_optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     lr = learning_rate(config, steps_per_epoch)
     opt = _base_optimizer(config, lr)
-    if config.arch in IMAGENET_ARCHS and config.unfreeze:  # features at their own, lower lr
+    if config.arch_spec.imagenet and config.unfreeze:  # features at their own, lower lr
         feature_lr = learning_rate(
             dataclasses.replace(config, lr=config.feature_lr), steps_per_epoch
         )
@@ -113,14 +99,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
     return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def with_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
-    """A view of `model` in train or eval mode (Dropout on or off)."""
-    try:
-        return nnx.view(model, deterministic=not train)
-    except ValueError:  # no module in this model has a train/eval switch
-        return model
 
 
 def count_params(model: nnx.Module) -> int:
@@ -142,7 +120,8 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 class Trainer:
     """The compiled train and eval functions of one model, over device-resident data, on a
-    ('data',) device mesh (`jaxvision.parallel`): the batch is sharded, the rest replicated."""
+    ('data',) device mesh (`jaxvision.training.parallel`): the batch is sharded, the rest
+    replicated. The trained variables live in `self.state`, a `TrainState`."""
 
     def __init__(self, model: nnx.Module, config: TrainConfig, data: Dataset, mesh=None):
         self.config = config
@@ -150,18 +129,19 @@ class Trainer:
         self.steps = config.steps_per_epoch(data.n_train)
         self.mesh = mesh if mesh is not None else parallel.make_data_mesh(config.devices)
         parallel.check_divisible(config.batch_size, self.mesh)
-        self.tx = make_optimizer(config, config.steps_per_epoch(data.n_train))
+        self.tx = make_optimizer(config, self.steps)
         # Frozen parameters are split off: no gradient is computed or stored for them.
         trainable = trainable_filter(config)
-        self.train_graphdef, self.params, self.frozen, self.rest = nnx.split(
+        self.train_graphdef, params, frozen, rest = nnx.split(
             with_mode(model, train=True), trainable, nnx.Param, ...
         )
         self.eval_graphdef = nnx.split(with_mode(model, train=False), trainable, nnx.Param, ...)[0]
-        self.params, self.frozen, self.rest, self.key = parallel.replicate(
-            (self.params, self.frozen, self.rest, run_keys(config.seed)[1]), self.mesh
+        params, frozen, rest, key = parallel.replicate(
+            (params, frozen, rest, run_keys(config.seed)[1]), self.mesh
         )
         with jax.set_mesh(self.mesh):
-            self.opt_state = self.tx.init(self.params)
+            opt_state = self.tx.init(params)
+        self.state = TrainState(params, frozen, rest, opt_state, key)
 
         # The data goes on every device once, as uint8; each step shards its batch's indices.
         self.x_train, self.y_train = parallel.replicate(
@@ -179,75 +159,67 @@ class Trainer:
             ),
             self.mesh,
         )
-        if config.arch in IMAGENET_ARCHS:
-            self.norm = functools.partial(imagenet_input, size=config.image_size)
-        else:
-            self.norm = functools.partial(standardize, mean=data.mean, std=data.std)
+        model_cfg = model.config
+        self.norm = functools.partial(model_input, arch=config.arch_spec, model_cfg=model_cfg,
+                                      mean=data.mean, std=data.std)  # fmt: skip
         self.compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 2, 3))
+        self._train_step = jax.jit(self._step, donate_argnums=0)
         self._evaluate = jax.jit(self._eval)
-        # The ViT trains `log_every` steps per call, under lax.scan: +24% on CPU, where its small
-        # matmuls leave per-step dispatch a large share (docs/performance.md). The CNN's
-        # convolutions fall off XLA's fast path inside a loop (-92%), so it steps one by one.
-        # Losses still reach the host every `log_every` steps, as for the per-step loop.
-        self.scan = config.arch == "vit"
-        self._chunk_jit = jax.jit(self._chunk, donate_argnums=(0, 2, 3))
+        # With `config.scan` (the ViT's recipe), `log_every` steps run per call, under lax.scan:
+        # +24% on CPU, where the ViT's small matmuls leave per-step dispatch a large share
+        # (docs/performance.md). The CNN's convolutions fall off XLA's fast path inside a loop
+        # (-92%), so its recipe steps one by one. Losses reach the host every `log_every` steps
+        # either way.
+        self.scan = config.scan
+        self._chunk_jit = jax.jit(self._chunk, donate_argnums=0)
 
     # --- pure functions, traced once -------------------------------------------------------------
 
-    def _cast(self, params, frozen, x):
+    def _cast(self, params, frozen):
         """bf16 compute: cast the float32 parameters on the way in (gradients flow back)."""
         if self.compute_dtype == jnp.float32:
             return params, frozen
         cast = functools.partial(jax.tree.map, lambda a: a.astype(self.compute_dtype))
         return cast(params), cast(frozen)
 
-    def _step(self, params, frozen, rest, opt_state, x_all, y_all, perm, step, global_step, key):
+    def _step(self, state: TrainState, x_all, y_all, perm, step, global_step):
         b = self.config.batch_size
         idx = parallel.shard_batch(jax.lax.dynamic_slice_in_dim(perm, step * b, b))  # (B,)
         x = parallel.take_batch(x_all, idx).astype(jnp.float32) / 255.0  # (B, H, W, C), [0, 1]
         y = parallel.take_batch(y_all, idx)  # (B,)
-        dropout_key, augment_key = jax.random.split(jax.random.fold_in(key, global_step))
+        dropout_key, augment_key = jax.random.split(jax.random.fold_in(state.key, global_step))
         if self.config.augment:
             x = random_affine(augment_key, x)
         x = self.norm(x)
 
         def loss_fn(p):
-            model = nnx.merge(self.train_graphdef, *self._cast(p, frozen, x), rest)
+            model = nnx.merge(self.train_graphdef, *self._cast(p, state.frozen), state.rest)
             logits = model(x.astype(self.compute_dtype), rngs=dropout_key).astype(jnp.float32)
             loss = cross_entropy(logits, y, self.config.label_smoothing)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)  # trainable only
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, rest, opt_state, loss
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return dataclasses.replace(state, params=params, rest=rest, opt_state=opt_state), loss
 
-    def _chunk(self, params, frozen, rest, opt_state, x_all, y_all, perm, step, global_step, key,
-               n):  # fmt: skip
+    def _chunk(self, state: TrainState, x_all, y_all, perm, step, global_step, n):
         """Steps `step` .. `step + n - 1` as one scan of `log_every` iterations, the ones past `n`
         skipped: one compiled function serves every chunk an epoch needs. Returns the state and
         the (log_every,) losses, of which the first `n` are real."""
 
-        def body(carry, i):
-            def run(carry):
-                params, rest, opt_state = carry
-                params, rest, opt_state, loss = self._step(
-                    params, frozen, rest, opt_state, x_all, y_all, perm, step + i,
-                    global_step + i, key,
-                )  # fmt: skip
-                return (params, rest, opt_state), loss
+        def body(state, i):
+            def run(state):
+                return self._step(state, x_all, y_all, perm, step + i, global_step + i)
 
-            return jax.lax.cond(i < n, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
+            skip = lambda state: (state, jnp.zeros((), jnp.float32))  # noqa: E731
+            return jax.lax.cond(i < n, run, skip, state)
 
-        (params, rest, opt_state), losses = jax.lax.scan(
-            body, (params, rest, opt_state), jnp.arange(self.config.log_every)
-        )
-        return params, rest, opt_state, losses
+        return jax.lax.scan(body, state, jnp.arange(self.config.log_every))
 
-    def _eval(self, params, frozen, rest, x_pad, y_pad):
-        model = nnx.merge(self.eval_graphdef, *self._cast(params, frozen, None), rest)
+    def _eval(self, state: TrainState, x_pad, y_pad):
+        model = nnx.merge(self.eval_graphdef, *self._cast(state.params, state.frozen), state.rest)
         e, n = self.eval_batch, self.data.n_test
 
         def one_batch(i):
@@ -274,9 +246,7 @@ class Trainer:
     def _example_args(self) -> tuple:
         """A training step's arguments, for ahead-of-time compilation (the values don't matter)."""
         perm = parallel.replicate(np.zeros(self.data.n_train, np.int32), self.mesh)
-        key = parallel.replicate(jax.random.key(0), self.mesh)
-        return (self.params, self.frozen, self.rest, self.opt_state, self.x_train, self.y_train,
-                perm, 0, 0, key)  # fmt: skip
+        return (self.state, self.x_train, self.y_train, perm, 0, 0)
 
     def compile(self) -> float:
         """Compiles the training chunk (scan) or step, and the evaluation, ahead of time; returns
@@ -288,9 +258,7 @@ class Trainer:
                 self._chunk_jit = self._chunk_jit.lower(*args, 0).compile()
             else:
                 self._train_step = self._train_step.lower(*args).compile()
-            self._evaluate = self._evaluate.lower(
-                self.params, self.frozen, self.rest, self.x_test, self.y_test
-            ).compile()
+            self._evaluate = self._evaluate.lower(self.state, self.x_test, self.y_test).compile()
         return time.perf_counter() - t0
 
     def step_cost(self) -> dict:
@@ -313,26 +281,25 @@ class Trainer:
             while step < steps:
                 # a chunk ends where the per-step loop would fetch losses: every log_every steps
                 n = min(cfg.log_every - step % cfg.log_every, steps - step) if self.scan else 1
-                args = (self.params, self.frozen, self.rest, self.opt_state, self.x_train,
-                        self.y_train, perm, step, epoch * steps + step, self.key)  # fmt: skip
+                args = (self.state, self.x_train, self.y_train, perm, step, epoch * steps + step)
                 if self.scan:
-                    self.params, self.rest, self.opt_state, loss = self._chunk_jit(*args, n)
+                    self.state, loss = self._chunk_jit(*args, n)
                 else:
-                    self.params, self.rest, self.opt_state, loss = self._train_step(*args)
+                    self.state, loss = self._train_step(*args)
                 tracker.add(loss, n)
                 step += n
-        jax.block_until_ready(self.params)
+        jax.block_until_ready(self.state)
         self.step_losses = tracker.values
         return tracker.mean, tracker.elapsed()
 
     def evaluate(self) -> dict:
         with jax.set_mesh(self.mesh):
-            out = self._evaluate(self.params, self.frozen, self.rest, self.x_test, self.y_test)
+            out = self._evaluate(self.state, self.x_test, self.y_test)
         return jax.device_get(out)
 
     def model(self, *, train: bool = False) -> nnx.Module:
         graphdef = self.train_graphdef if train else self.eval_graphdef
-        return nnx.merge(graphdef, self.params, self.frozen, self.rest)
+        return nnx.merge(graphdef, self.state.params, self.state.frozen, self.state.rest)
 
 
 def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
@@ -343,31 +310,12 @@ def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
     return attns, np.asarray(logits.argmax(-1))
 
 
-def create_model(config: TrainConfig, model_cfg, key: jax.Array, verbose: bool = True):
-    """The Flax model to train: fresh, or (VGG16 / AlexNet) torchvision's ImageNet weights with a
-    new `num_classes`-way last layer."""
-    if not (config.arch in IMAGENET_ARCHS and config.pretrained):
-        return build_model(model_cfg, rngs=nnx.Rngs(params=key))
-    from jaxvision import pretrained
-
-    model = build_model(dataclasses.replace(model_cfg, num_classes=1000), rngs=nnx.Rngs(0))
-    pretrained.load_into_flax(model, config.arch, config.weights, verbose=verbose)
-    head = nnx.Linear(model_cfg.hidden, model_cfg.num_classes, rngs=nnx.Rngs(params=key))
-    model.classifier[len(model.classifier) - 1] = head
-    model.config = model_cfg
-    return model
-
-
-def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
-    init_key, _ = run_keys(config.seed)
-    model_cfg = model_config(config, data)
-    model = create_model(config, model_cfg, init_key)
+def train_and_evaluate(config: TrainConfig, data: Dataset, model: nnx.Module) -> RunResult:
+    """Trains `model` (built for `config.model_config(data)`) and evaluates it after every epoch."""
     trainer = Trainer(model, config, data)
     checkpoints = None
     if config.checkpoint_dir:
-        from jaxvision.checkpoint import JaxCheckpoints
-
-        checkpoints = JaxCheckpoints(config, data, model_cfg, trainer)
+        checkpoints = JaxCheckpoints(config, data, model.config, trainer)
     compile_s = trainer.compile()
     history, preds = run_epochs(
         config, trainer.steps, trainer.train_epoch, trainer.evaluate, checkpoints

@@ -18,10 +18,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import torch
 from flax import nnx
 
-from jaxvision.configs import AlexNetConfig, CNNConfig, VGGConfig, ViTConfig
-from jaxvision.errors import ConversionError
+from jaxvision.core.archs import arch_of
+from jaxvision.core.errors import ConversionError, UserError
+from jaxvision.core.model_configs import AlexNetConfig, CNNConfig, VGGConfig, ViTConfig
 
 Path = tuple[str | int, ...]
 
@@ -149,20 +151,16 @@ def alexnet_rules(config: AlexNetConfig) -> list[Rule]:
 
 
 def rules_for(model: nnx.Module) -> list[Rule]:
+    """The conversion table the arch registry names for `model`'s config."""
     config = getattr(model, "config", None)
-    if isinstance(config, CNNConfig):
-        return cnn_rules(config)
-    if isinstance(config, ViTConfig):
-        return vit_rules(config)
-    if isinstance(config, VGGConfig):
-        return vgg_rules(config)
-    if isinstance(config, AlexNetConfig):
-        return alexnet_rules(config)
-    raise ConversionError(f"no conversion table for {type(model).__name__}")
+    try:
+        return arch_of(config).load("conversion")(config)
+    except (TypeError, UserError):
+        raise ConversionError(f"no conversion table for {type(model).__name__}") from None
 
 
 def _to_numpy(t: Any) -> np.ndarray:
-    if hasattr(t, "detach"):  # a torch.Tensor, without importing torch here
+    if isinstance(t, torch.Tensor):
         t = t.detach().cpu().numpy()
     return np.asarray(t)
 
@@ -215,8 +213,6 @@ def load_torch_state_dict(
 
 def to_torch_state_dict(model: nnx.Module, rules: Sequence[Rule] | None = None) -> dict:
     """The torch state_dict (an ordered dict of CPU tensors) of the Flax `model`."""
-    import torch
-
     rules = rules_for(model) if rules is None else rules
     params = _flax_params(model)
     _check_coverage(rules, params)

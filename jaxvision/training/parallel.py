@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxvision.errors import UserError
+from jaxvision.core.errors import UserError
 
 DATA_AXIS = "data"
 

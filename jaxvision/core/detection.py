@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxvision.errors import UserError
+from jaxvision.core.errors import UserError
 
 BACKGROUND = 0  # the detector's label 0; digit d is label d + 1
 

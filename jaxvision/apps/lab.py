@@ -3,8 +3,9 @@
     python scripts/run_lab.py                  # ~25 min on 2 CPU cores; runs/lab-<time>/
     python scripts/run_lab.py --dry-run        # print the training commands only
 
-Each run is `scripts/train.py` in a subprocess, exactly as a user would type it (the commands are
-printed), writing `<out>/<arch>-<backend>/metrics.json`; then `jaxvision.report` builds
+Each run is `scripts/train.py --recipe lab-cpu` (or `lab-pretrained`: the arch's recipes in
+`jaxvision.core.archs`) in a subprocess, exactly as a user would type it (the commands are
+printed), writing `<out>/<arch>-<backend>/metrics.json`; then `jaxvision.core.report` builds
 `comparison.md`, `.csv` and `.png` in `<out>`. Offline, VGG16 and AlexNet start from torchvision's
 random initialisation and train every layer at a small image size, and Faster R-CNN trains from
 scratch; `--pretrained` uses torchvision's weights instead (they must be in torch hub's cache).
@@ -21,45 +22,20 @@ import sys
 import time
 from pathlib import Path
 
-from jaxvision.configs import ARCH_PRESETS, TORCH_ONLY_ARCHS
-from jaxvision.errors import RunFailed, UserError, exit_code
+from jaxvision.core import report
+from jaxvision.core.archs import ARCHS
+from jaxvision.core.config import BACKENDS
+from jaxvision.core.errors import RunFailed, UserError, exit_code
 
-REPO = Path(__file__).resolve().parents[1]
-
-# CPU-sized settings per arch (random weights, offline) and with --pretrained (the lab's recipe).
-CPU_ARGS = {
-    "cnn": [],
-    "vit": ["--epochs", "30"],
-    "vgg16": [
-        "--no-pretrained",
-        "--unfreeze",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-4",
-        "--feature-lr",
-        "1e-4",
-    ],
-    "alexnet": ["--no-pretrained", "--unfreeze", "--image-size", "64", "--epochs", "3"],
-    "faster_rcnn": ["--no-pretrained", "--epochs", "1"],
-}
-PRETRAINED_ARGS = {
-    "cnn": [],
-    "vit": [],
-    "vgg16": ["--epochs", "1"],
-    "alexnet": ["--epochs", "1"],
-    "faster_rcnn": ["--epochs", "1"],
-}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> list[list[str]]:
-    table = PRETRAINED_ARGS if pretrained else CPU_ARGS
+    recipe = "lab-pretrained" if pretrained else "lab-cpu"
     cmds = []
     for arch in archs:
         for backend in backends:
-            if arch in TORCH_ONLY_ARCHS and backend == "jax":
+            if backend not in ARCHS[arch].backends:
                 continue
             cmds.append(
                 [
@@ -69,7 +45,8 @@ def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> 
                     arch,
                     "--backend",
                     backend,
-                    *table[arch],
+                    "--recipe",
+                    recipe,
                     *extra,
                     "--out",
                     str(out / f"{arch}-{backend}"),
@@ -83,11 +60,13 @@ def run_lab(args: argparse.Namespace) -> None:
     archs = [a for a in args.archs.split(",") if a]
     backends = [b for b in args.backends.split(",") if b]
     for a in archs:
-        if a not in ARCH_PRESETS:
-            raise UserError(f"unknown arch {a!r} in --archs; available: {', '.join(ARCH_PRESETS)}")
+        if a not in ARCHS:
+            raise UserError(f"unknown arch {a!r} in --archs; available: {', '.join(ARCHS)}")
     for b in backends:
-        if b not in ("jax", "torch"):
-            raise UserError(f"unknown backend {b!r} in --backends; available: jax, torch")
+        if b not in BACKENDS:
+            raise UserError(
+                f"unknown backend {b!r} in --backends; available: {', '.join(BACKENDS)}"
+            )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
@@ -108,8 +87,6 @@ def run_lab(args: argparse.Namespace) -> None:
         print(f"[{i}/{len(cmds)}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.dry_run:
         return
-    from jaxvision import report
-
     runs = report.load_runs([c[-1] for c in cmds])
     title = "The lab on " + (runs[0].get("host") or "this machine")
     paths = report.write_report(runs, out, title)
@@ -124,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train every arch in both backends (CPU-sized settings), then write the "
         "comparison report (markdown, CSV, PNG).",
     )
-    p.add_argument("--archs", default=",".join(ARCH_PRESETS), help="comma-separated archs")
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated archs")
     p.add_argument("--backends", default="jax,torch", help="comma-separated backends")
     p.add_argument("--out", default=None, help="output folder [runs/lab-<time>/]")
     p.add_argument(

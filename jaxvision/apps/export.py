@@ -1,0 +1,47 @@
+"""`convert_checkpoint.py SRC DST`: move a trained model between frameworks.
+
+SRC is a `--checkpoint-dir` (its latest checkpoint is used). DST ending in .pth or .pt gets a
+plain torch state_dict, which `torch_reference.models.build_model(config).load_state_dict` (and,
+for VGG16 and AlexNet, torchvision's own model) accepts; any other DST becomes a checkpoint
+folder of the other backend: a torch one from JAX, a JAX (orbax) one from torch.
+A converted folder holds the weights and the meta, not the optimiser state: `predict.py` uses it,
+`--resume` refuses it. The weights go through `jaxvision.interop.convert`'s tables, the ones the
+parity tests check.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxvision.apps import backends
+from jaxvision.core.archs import get_arch
+from jaxvision.core.errors import UserError, exit_code
+from torch_reference.checkpoint import save_state_dict
+
+
+def export(src: str | Path, dst: str | Path) -> Path:
+    source, path, meta = backends.for_checkpoint(src)
+    if get_arch(meta["arch"]).flax_model is None:
+        raise UserError(f"{path} holds a {meta['arch']} detector, which has no JAX model; "
+                        "only cnn, vit, vgg16 and alexnet convert")  # fmt: skip
+    dst = Path(dst)
+    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+        raise UserError(f"{dst} already exists; give a new path")
+    state_dict = source.torch_state_dict(source.load_model(path, meta))
+    if dst.suffix in (".pth", ".pt"):
+        return save_state_dict(state_dict, dst)
+    meta = {**meta, "items": ["model", "meta"], "converted_from": str(path)}
+    return backends.other(source.name).write_weights(dst, int(path.name), state_dict, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="Convert a checkpoint's weights to the other framework: JAX -> torch "
+        "(a .pth state_dict or a checkpoint folder), torch -> JAX (an orbax checkpoint folder).",
+    )
+    p.add_argument("src", metavar="SRC", help="a --checkpoint-dir that train.py wrote")
+    p.add_argument("dst", metavar="DST", help="model.pth, or a new folder")
+    args = p.parse_args(argv)
+    return exit_code(lambda: print(f"wrote {export(args.src, args.dst)}"))

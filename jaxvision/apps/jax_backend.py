@@ -1,0 +1,152 @@
+"""The JAX backend: Flax NNX models, trained with `jaxvision.training` on a device mesh.
+
+torch is a heavy optional dependency here: only torchvision's pretrained weights and the export
+of a torch state_dict need it, so `jaxvision.interop` (which imports torch) is imported inside
+the methods that use it, and a JAX run that needs neither never loads torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvision.core import archs
+from jaxvision.core.bench import BenchWorker, median_time
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import Dataset
+from jaxvision.core.results import RunResult
+from jaxvision.models import build_model
+from jaxvision.training import checkpoint, parallel, trainer
+from jaxvision.training.preprocess import model_input
+
+XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
+
+
+class JaxBackend:
+    name = "jax"
+
+    def check(self, config: TrainConfig) -> None:
+        if config.pretrained:
+            from jaxvision.interop import pretrained  # torch: see the module's docstring
+
+            pretrained.find_weights(pretrained.weights_name(config.arch, config.preset),
+                                    config.weights)  # fmt: skip
+        parallel.check_divisible(config.batch_size, parallel.make_data_mesh(config.devices))
+
+    def start(self, config: TrainConfig, distributed: tuple | None) -> None:
+        if config.deterministic:  # read when JAX starts its backend: this process has not yet
+            flags = os.environ.get("XLA_FLAGS", "")
+            if XLA_DETERMINISTIC not in flags:
+                os.environ["XLA_FLAGS"] = f"{flags} {XLA_DETERMINISTIC}".strip()
+        if distributed is not None:
+            parallel.init_distributed(*distributed)
+
+    def is_primary(self) -> bool:
+        return parallel.is_primary()
+
+    def create_model(self, config: TrainConfig, model_cfg, key: jax.Array, verbose: bool = True):
+        """The Flax model to train: fresh, or (VGG16 / AlexNet) torchvision's ImageNet weights
+        with a new `num_classes`-way last layer."""
+        if not (config.arch_spec.imagenet and config.pretrained):
+            return build_model(model_cfg, rngs=nnx.Rngs(params=key))
+        from jaxvision.interop import pretrained  # torch: see the module's docstring
+
+        model = build_model(dataclasses.replace(model_cfg, num_classes=1000), rngs=nnx.Rngs(0))
+        pretrained.load_into_flax(model, config.arch, config.weights, verbose=verbose)
+        head = nnx.Linear(model_cfg.hidden, model_cfg.num_classes, rngs=nnx.Rngs(params=key))
+        model.classifier[len(model.classifier) - 1] = head
+        model.config = model_cfg
+        return model
+
+    def train_and_evaluate(self, config: TrainConfig, data: Dataset) -> RunResult:
+        init_key, _ = trainer.run_keys(config.seed)
+        model = self.create_model(config, config.model_config(data), init_key)
+        return trainer.train_and_evaluate(config, data, model)
+
+    def plan_checkpoint(self, config: TrainConfig, data: Dataset) -> None:
+        checkpoint.JaxCheckpoints.plan(config, data)
+
+    def read_meta(self, path: Path) -> dict:
+        return checkpoint.JaxCheckpoints.read_meta(path)
+
+    def load_model(self, path: Path, meta: dict) -> nnx.Module:
+        return checkpoint.load_flax_model(path, meta)
+
+    def classifier(self, path: Path, meta: dict):
+        model = self.load_model(path, meta)
+        arch = archs.get_arch(meta["arch"])
+
+        @jax.jit
+        def forward(x):  # (N, H, W, C) uint8 -> (N, K) probabilities
+            x = model_input(x.astype(jnp.float32) / 255.0, arch, model.config, meta["mean"],
+                            meta["std"])  # fmt: skip
+            return jax.nn.softmax(model(x), axis=-1)
+
+        return lambda x: np.asarray(forward(x))
+
+    def torch_state_dict(self, model: nnx.Module) -> dict:
+        from jaxvision.interop import convert  # torch: see the module's docstring
+
+        return convert.to_torch_state_dict(model)
+
+    def save_torch_weights(self, model: nnx.Module, path: Path) -> Path:
+        from torch_reference.checkpoint import save_state_dict  # torch: see the docstring
+
+        return save_state_dict(self.torch_state_dict(model), path)
+
+    def write_weights(self, dst: Path, step: int, state_dict: dict, meta: dict) -> Path:
+        from jaxvision.interop import convert  # torch: see the module's docstring
+
+        config = archs.config_from_dict(meta["arch"], meta["model_config"])
+        model = convert.load_torch_state_dict(build_model(config, rngs=nnx.Rngs(0)), state_dict)
+        checkpoint.save_weights(dst, step, model, {**meta, "backend": self.name})
+        return dst / str(step)
+
+    def attention_weights(self, model, images: np.ndarray, data: Dataset):
+        return trainer.attention_weights(model, images, data)
+
+    def describe_device(self) -> str:
+        return trainer.describe_device()
+
+    def bench(self, config: TrainConfig, data: Dataset) -> JaxBench:
+        return JaxBench(self, config, data)
+
+
+class JaxBench(BenchWorker):
+    """A benchmark worker: the real training path (`Trainer.train_epoch`) and evaluation, whose
+    `device_get` synchronises."""
+
+    def __init__(self, backend: JaxBackend, config: TrainConfig, data: Dataset):
+        init_key, _ = trainer.run_keys(config.seed)
+        model_cfg = config.model_config(data)
+        model = backend.create_model(config, model_cfg, init_key, verbose=False)
+        self.trainer = trainer.Trainer(model, config, data)
+        compile_s = self.trainer.compile()
+        cost = self.trainer.step_cost()
+        first_call_s = self.warm_up()
+        self.info = dict(
+            device=trainer.describe_device(),
+            params=trainer.count_params(model),
+            image_size=getattr(model_cfg, "image_size", None),
+            compile_s=compile_s + first_call_s,
+            xla_flops_per_image=float(cost.get("flops", 0.0)) / config.batch_size,
+            matmul_flops_per_s=self.matmul_peak(),
+        )
+
+    @staticmethod
+    def matmul_peak() -> float:
+        n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        f = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
+        return 2 * n**3 / median_time(lambda: f(a).block_until_ready())
+
+    def peak_device_mb(self) -> float | None:
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return None if peak is None else peak / 2**20

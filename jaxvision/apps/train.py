@@ -1,0 +1,152 @@
+"""The `train` command line: flags -> TrainConfig -> a backend's train_and_evaluate.
+
+Every flag is a `TrainConfig` field (`jaxvision.core.config`), or one of the launch options
+below; `--help` is generated from them, with each arch's recipe value in brackets.
+
+Exit codes: 0 success; 2 bad input (unknown arch or backend, unreadable data, ...); 1 training
+diverged (NaN/inf loss); 130 interrupted. Every failure the user can act on is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxvision.apps import backends
+from jaxvision.core import attention, config, data, flags, results
+from jaxvision.core.archs import get_arch
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.errors import UserError, exit_code
+from jaxvision.core.model_configs import DETECTORS
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Flags that start the process rather than configure the run."""
+
+    detector: str | None = dataclasses.field(default=None, metadata=flags.flag(
+        "fasterrcnn_mobilenet_v3_large_320_fpn or fasterrcnn_resnet50_fpn (the same as "
+        "--preset) [mobilenet_v3_320]", group=config.DETECTOR,
+        choices=list(DETECTORS)))  # fmt: skip
+    distributed: bool = dataclasses.field(default=False, metadata=flags.flag(
+        "multi-host: call jax.distributed.initialize first; without the three flags below JAX "
+        "reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or detects SLURM / "
+        "Open MPI", group=config.DEVICES))  # fmt: skip
+    coordinator_address: str | None = dataclasses.field(
+        default=None, metadata=flags.flag("host:port of process 0", group=config.DEVICES)
+    )
+    num_processes: int | None = dataclasses.field(
+        default=None, metadata=flags.flag("processes in the run", group=config.DEVICES)
+    )
+    process_id: int | None = dataclasses.field(
+        default=None, metadata=flags.flag("this process's rank", group=config.DEVICES)
+    )
+
+    def distributed_args(self) -> tuple | None:
+        """jax.distributed.initialize's arguments, or None for a single-process run."""
+        args = (self.coordinator_address, self.num_processes, self.process_id)
+        if self.distributed or any(a is not None for a in args):
+            return args
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train one of the lab's models on an MNIST-family dataset, in JAX or PyTorch, "
+        "and write metrics.json.",
+    )
+    groups = {}
+    for group in (config.MODEL, config.DATA, config.TRAINING, config.FINE_TUNING,
+                  config.DETECTOR, config.DEVICES, config.CHECKPOINTS, config.REPRODUCIBILITY,
+                  config.OUTPUT):  # fmt: skip
+        groups[group] = p.add_argument_group(group)
+    flags.add_flags(p, TrainConfig, groups, default_text=config.recipe_defaults)
+    flags.add_flags(p, Launch, groups)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = flags.values(args, TrainConfig)
+    arch = get_arch(given.get("arch", "cnn"))
+    if args.detector is not None:
+        if not arch.detector:
+            raise UserError(f"--detector is for --arch faster_rcnn, not {arch.name}")
+        if given.get("preset") not in (None, args.detector):
+            raise UserError(f"--detector {args.detector} and --preset {given['preset']} disagree")
+        given["preset"] = args.detector
+    return TrainConfig(**given)
+
+
+def save_attention(
+    config: TrainConfig, dataset: data.Dataset, result: results.RunResult, out_dir: Path
+) -> Path:
+    """attention.png: the first test digit of each class above its attention rollout."""
+    model_config = result.model.config
+    first = [np.flatnonzero(dataset.y_test == c) for c in range(dataset.num_classes)]
+    idx = np.array([f[0] for f in first if len(f)])
+    images = dataset.x_test[idx]  # (n, H, W, C) uint8
+    attns, preds = backends.get(config.backend).attention_weights(result.model, images, dataset)
+    rollout = attention.attention_rollout(attns)
+    has_cls = model_config.pool == "cls"
+    maps = attention.patch_map(rollout, model_config.grid, has_cls)
+    title = (
+        f"{config.arch} ({config.resolved_preset}), "
+        f"{config.backend}: attention rollout over {model_config.depth} layers, "
+        f"{'[CLS] token row' if has_cls else 'mean of token rows'}"
+    )
+    return attention.save_attention_grid(
+        images[..., 0], maps, dataset.y_test[idx], preds, out_dir / "attention.png", title
+    )
+
+
+def write_torch_weights(config: TrainConfig, result: results.RunResult, out_dir: Path) -> Path:
+    """model.pth: the trained weights as a torch state_dict, whichever backend trained them, so
+    that torchvision (or torch_reference) loads them with `load_state_dict`."""
+    return backends.get(config.backend).save_torch_weights(result.model, out_dir / "model.pth")
+
+
+def train(config: TrainConfig) -> dict:
+    """Loads the data, trains, writes metrics.json, prints the results row; returns the record."""
+    backend = backends.get(config.backend)
+    config.arch_spec.preset(config.preset)  # fail on a bad preset before loading data
+    backend.check(config)  # missing weights, the device request: before the data is loaded
+    if config.save_attention and config.arch != "vit":
+        raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
+    dataset = data.load_dataset(
+        config.dataset,
+        source=config.data_source,
+        data_dir=config.data_dir,
+        tfds_data_dir=config.tfds_data_dir,
+    )
+    if config.checkpoint_dir:  # a checkpoint that does not fit fails before any model is built
+        backends.plan_checkpoint(config, dataset)
+    result = backend.train_and_evaluate(config, dataset)
+    record = results.metrics_record(config, dataset, result)
+    if not backend.is_primary():  # multi-host: process 0 writes the outputs
+        return record
+    out_dir = Path(config.out) if config.out else results.default_out_dir(config)
+    path = results.write_metrics(record, out_dir)
+    print(results.RESULTS_HEADER)
+    print(results.results_row(record))
+    print(f"wrote {path}")
+    if config.save_attention:
+        print(f"wrote {save_attention(config, dataset, result, out_dir)}")
+    if config.save_weights:
+        print(f"wrote {write_torch_weights(config, result, out_dir)}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    launch = Launch(**flags.values(args, Launch))
+
+    def body():
+        config = config_from_args(args)
+        backends.get(config.backend).start(config, launch.distributed_args())
+        train(config)
+
+    return exit_code(body)

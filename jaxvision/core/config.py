@@ -1,0 +1,297 @@
+"""`TrainConfig`: what a training run is given, in either backend.
+
+Every field is declared once, here: its type, default, help text and help group
+(`jaxvision.core.flags` makes the command line from them). The optimisation fields belong to the
+arch's recipe (`jaxvision.core.recipes`, registered in `jaxvision.core.archs`): left unset (None),
+they are taken from the recipe that `recipe` names, so `TrainConfig(arch="vit")` is the ViT's
+default recipe and `TrainConfig.for_arch("vit", "lab-cpu", epochs=3)` the lab's, shortened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxvision.core.archs import ARCHS, DEFAULT_RECIPE, get_arch, model_config
+from jaxvision.core.data import DATASETS, SOURCES, Dataset
+from jaxvision.core.errors import UserError
+from jaxvision.core.flags import flag
+from jaxvision.core.recipes import RECIPE_FIELDS
+
+BACKENDS = ("jax", "torch")
+BACKEND_NAMES = {"jax": "JAX", "torch": "PyTorch"}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+# Help groups, in the order --help shows them.
+MODEL = "model"
+DATA = "data"
+TRAINING = "training (unset: the recipe's value, shown in brackets per arch)"
+FINE_TUNING = "fine-tuning (vgg16, alexnet, faster_rcnn)"
+DETECTOR = "detector (faster_rcnn)"
+DEVICES = "devices (JAX backend)"
+CHECKPOINTS = "checkpoints"
+REPRODUCIBILITY = "reproducibility"
+OUTPUT = "output"
+
+_PRESETS = "; ".join(f"{a.name}: {', '.join(a.presets)} [{a.default_preset}]"
+                     for a in ARCHS.values())  # fmt: skip
+_RECIPES = sorted({r for a in ARCHS.values() for r in a.recipes}, key=lambda r: r != "default")
+
+
+def _field(default, help: str, group: str, **kwargs):
+    return dataclasses.field(default=default, metadata=flag(help, group=group, **kwargs))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainConfig:
+    arch: str = _field("cnn", f"model to train (built: {', '.join(ARCHS)})", MODEL)
+    backend: str = _field("jax", f"{' or '.join(BACKENDS)}", MODEL)
+    preset: str | None = _field(None, f"model preset ({_PRESETS})", MODEL)
+    recipe: str = _field(
+        DEFAULT_RECIPE,
+        f"training recipe, one of {', '.join(_RECIPES)}: lab-cpu is the lab's model sized for "
+        "2 CPU cores and no network (scripts/run_lab.py), lab-pretrained its fine-tuning from "
+        "torchvision's weights; any training flag overrides the recipe's value",
+        MODEL,
+    )
+    # data
+    dataset: str = _field("mnist", f"one of {', '.join(DATASETS)}", DATA)
+    data_source: str = _field(
+        "auto",
+        "auto: --data-dir if given, else a local copy, else (mnist) the bundled 5,000-digit "
+        "sample; never the network",
+        DATA,
+        choices=SOURCES,
+    )
+    data_dir: str | None = _field(
+        None, "folder with IDX files (.gz or raw), or torchvision's root holding <Name>/raw/", DATA
+    )
+    tfds_data_dir: str | None = _field(None, "TFDS data dir (default: TFDS's own)", DATA)
+    # training: None takes the recipe's value
+    epochs: int | None = _field(None, "epochs", TRAINING)
+    batch_size: int | None = _field(None, "training batch size", TRAINING)
+    eval_batch_size: int = _field(1000, "evaluation batch size", TRAINING)
+    lr: float | None = _field(None, "peak learning rate (fine-tuning: the classifier's)", TRAINING,
+                              aliases=("--head-lr",))  # fmt: skip
+    optimizer: str | None = _field(None, f"{', '.join(OPTIMIZERS)}", TRAINING)
+    momentum: float | None = _field(None, "SGD momentum", TRAINING)
+    weight_decay: float | None = _field(
+        None, "AdamW's decoupled decay, on weight matrices only", TRAINING
+    )
+    schedule: str | None = _field(
+        None, "constant, or cosine: linear warmup then cosine decay to 0", TRAINING
+    )
+    warmup_epochs: float | None = _field(None, "epochs of linear warmup (cosine)", TRAINING)
+    clip_norm: float | None = _field(None, "clip the global gradient norm; 0 is off", TRAINING)
+    label_smoothing: float | None = _field(None, "label smoothing of the loss", TRAINING)
+    augment: bool | None = _field(
+        None,
+        "random affine: rotation 15 deg, shift 10%, scale 0.9-1.1, per image, on the device",
+        TRAINING,
+    )
+    scan: bool | None = _field(
+        None,
+        "JAX: train --log-every steps per compiled call, under lax.scan (fewer dispatches; "
+        "slower for the CNN's convolutions on CPU)",
+        TRAINING,
+    )
+    log_every: int = _field(
+        10, "steps between progress-bar loss updates and NaN checks (the only host syncs)",
+        TRAINING,
+    )  # fmt: skip
+    # fine-tuning
+    image_size: int | None = _field(
+        None,
+        "resize inputs to this (on the device; faster_rcnn: the transform's min_size and max_size)",
+        FINE_TUNING,
+    )
+    pretrained: bool | None = _field(
+        None,
+        "torchvision's weights (ImageNet; COCO for faster_rcnn), from --weights or torch hub's "
+        "cache",
+        FINE_TUNING,
+    )
+    weights: str | None = _field(None, "a torchvision .pth state_dict to start from", FINE_TUNING)
+    unfreeze: bool | None = _field(
+        None,
+        "train the convolutional features too (at --feature-lr); faster_rcnn: the whole "
+        "backbone, not only its last 3 layers",
+        FINE_TUNING,
+    )
+    feature_lr: float | None = _field(
+        None, "the features' learning rate with --unfreeze", FINE_TUNING
+    )
+    dtype: str = _field("float32", "compute dtype; parameters stay float32", FINE_TUNING,
+                        choices=DTYPES)  # fmt: skip
+    # Faster R-CNN
+    box_margin: int = _field(
+        0, "pixels added around each digit's ink box (the detection target)", DETECTOR
+    )
+    score_threshold: float = _field(
+        0.5,
+        "the top detection decides the class only if it scores at least this; below it, the "
+        "box head's best class does (a counted fallback)",
+        DETECTOR,
+    )
+    devices: int = _field(
+        0,
+        "data-parallel over the first N devices; 0: every visible device (the batch is split "
+        "across them: --batch-size must be a multiple of N)",
+        DEVICES,
+    )
+    checkpoint_dir: str | None = _field(
+        None,
+        "save a checkpoint here after every epoch and on Ctrl-C (the last 3 are kept); JAX: "
+        "orbax, torch: torch.save",
+        CHECKPOINTS,
+    )
+    resume: bool = _field(
+        False,
+        "continue from --checkpoint-dir's latest checkpoint (same arch, preset, data, seed, "
+        "batch size and optimiser; --epochs may grow)",
+        CHECKPOINTS,
+    )
+    seed: int = _field(0, "initialisation, dropout and data order", REPRODUCIBILITY)
+    deterministic: bool = _field(
+        False,
+        "GPU: deterministic kernels only, at some speed cost (JAX: XLA's "
+        "--xla_gpu_deterministic_ops; torch: use_deterministic_algorithms). The CPU paths are "
+        "deterministic without it",
+        REPRODUCIBILITY,
+    )
+    out: str | None = _field(None, "output folder [runs/<arch>-<backend>-<time>/]", OUTPUT)
+    progress: bool = _field(True, "a progress bar per epoch and a test-set line after it", OUTPUT)
+    save_weights: bool = _field(
+        False,
+        "write model.pth, the trained weights as a torch state_dict (from either backend; VGG16 "
+        "and AlexNet load into torchvision)",
+        OUTPUT,
+    )
+    save_attention: bool = _field(
+        False, "ViT: write attention.png (attention rollout of test digits) to --out", OUTPUT
+    )
+
+    @classmethod
+    def for_arch(cls, arch: str, recipe: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
+        """`arch`'s recipe `recipe`, with `overrides` (any field) on top."""
+        return cls(arch=arch, recipe=recipe, **overrides)
+
+    def __post_init__(self):
+        arch = get_arch(self.arch)
+        recipe = arch.recipe(self.recipe)
+        for name in RECIPE_FIELDS:  # unset fields: the recipe's
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(recipe, name))
+        self._validate(arch)
+
+    def _validate(self, arch) -> None:
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown --backend {self.backend!r}; available: {', '.join(BACKENDS)}")
+        if self.backend not in arch.backends:
+            others = ", ".join(a.name for a in ARCHS.values() if self.backend in a.backends)
+            name = BACKEND_NAMES[self.backend]
+            raise UserError(
+                f"--arch {self.arch} has no {name} backend (its model is built in "
+                f"{' and '.join(BACKEND_NAMES[b] for b in arch.backends)} only); use --backend "
+                f"{arch.backends[0]} ({name} trains {others})"
+            )
+        if arch.detector:
+            self._check_detector()
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(
+                f"unknown --optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}"
+            )
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
+        if self.unfreeze and self.feature_lr is None:
+            raise UserError("--unfreeze needs --feature-lr (the features' learning rate)")
+        if self.schedule not in SCHEDULES:
+            raise UserError(
+                f"unknown --schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}"
+            )
+        if self.weight_decay < 0 or (self.weight_decay > 0 and self.optimizer != "adamw"):
+            raise UserError(
+                f"--weight-decay {self.weight_decay:g} needs --optimizer adamw "
+                f"(decoupled decay), not {self.optimizer}"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.clip_norm < 0:
+            raise UserError(f"--clip-norm must be >= 0 (0 is off), got {self.clip_norm}")
+        if self.devices < 0:
+            raise UserError(f"--devices must be at least 1 (or 0 for all), got {self.devices}")
+        if self.resume and not self.checkpoint_dir:
+            raise UserError("--resume needs --checkpoint-dir (the folder to resume from)")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise UserError(
+                f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), "
+                f"got {self.warmup_epochs}"
+            )
+
+    def _check_detector(self) -> None:
+        if self.augment:
+            raise UserError("--augment is not supported for faster_rcnn (its boxes would need "
+                            "the same transform); use --no-augment")  # fmt: skip
+        if self.label_smoothing:
+            raise UserError("--label-smoothing does not apply to faster_rcnn: the loss is "
+                            "torchvision's detector loss")  # fmt: skip
+        if self.dtype != "float32":
+            raise UserError(f"--dtype {self.dtype} is not supported for faster_rcnn; use float32")
+        if not 0 <= self.score_threshold <= 1:
+            raise UserError(f"--score-threshold must be in [0, 1], got {self.score_threshold}")
+        if self.box_margin < 0:
+            raise UserError(f"--box-margin must be >= 0 pixels, got {self.box_margin}")
+
+    @property
+    def arch_spec(self):
+        return get_arch(self.arch)
+
+    @property
+    def resolved_preset(self) -> str:
+        return self.preset or self.arch_spec.default_preset
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Full batches per epoch; the last partial batch is dropped (a new one each epoch)."""
+        if n_train < self.batch_size:
+            raise UserError(
+                f"--batch-size {self.batch_size} is larger than the {n_train} training images"
+            )
+        return n_train // self.batch_size
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return round(self.warmup_epochs * steps_per_epoch)
+
+    def model_config(self, data: Dataset):
+        """The model's config: the preset, sized for the data (or for --image-size)."""
+        return model_config(self.arch, self.preset, data.num_classes, data.image_shape,
+                            self.image_size)  # fmt: skip
+
+
+def recipe_defaults(field: dataclasses.Field) -> str | None:
+    """'[cnn: 10, vit: 100, ...]': a recipe field's default recipe value per arch, for --help."""
+    if field.name not in RECIPE_FIELDS:
+        return None
+    return "[" + ", ".join(f"{a.name}: {getattr(a.recipe(), field.name)}"
+                           for a in ARCHS.values()) + "]"  # fmt: skip
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The cosine schedule's multiplier of --lr at optimiser step `step` (0-based).
+
+    Linear warmup from 0 over `warmup` steps, then cosine decay to 0 at `total`. The torch
+    backend uses this function; the JAX backend uses optax's `warmup_cosine_decay_schedule`,
+    which a test checks against it step for step.
+    """
+    if step < warmup:
+        return step / warmup
+    progress = min(step - warmup, total - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

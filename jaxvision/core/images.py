@@ -1,0 +1,86 @@
+"""Image files -> the training data's form: 28x28 grey, light on dark (`prepare`).
+From any PNG or JPG to the training data's 28x28 grey, light on dark:
+  1. Read; apply the EXIF orientation; composite transparency onto white; colour -> luminance
+     (ITU-R 601-2, Pillow's "L").
+  2. Polarity: the median of the border pixels is the background. A light background (above
+     mid-grey) means dark ink on light paper, and the image is inverted, since MNIST digits are
+     light on dark.
+  3. Contrast: the background level is subtracted and the brightest pixel scaled to 255.
+  4. Fit, as the dataset was made (`--fit auto` picks by the checkpoint's dataset):
+     digit  (MNIST, KMNIST) the ink's bounding box (pixels above 10% of the peak) is scaled,
+            keeping its aspect ratio, to fit a 20x20 box, and placed in the 28x28 frame with its
+            centre of mass on pixel (14, 14), as LeCun et al. prepared MNIST;
+     item   (Fashion-MNIST) the bounding box is scaled to fit the whole 28x28 frame, centred;
+     none   the whole image is resized to 28x28.
+  Downscaling is Pillow's antialiased bilinear filter.
+Then the checkpoint's own normalisation applies (the training set's mean and std, or ImageNet's
+for VGG16 and AlexNet), and the model runs in eval mode in the framework that wrote the
+checkpoint (a converted checkpoint runs in the other one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from jaxvision.core.errors import UserError
+
+FITS = ("auto", "digit", "item", "none")
+INK_FRACTION = 0.1  # of the peak: what counts as ink when finding the bounding box
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """An image file -> (H, W) float32 luminance in [0, 255]. Raises UserError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            return np.asarray(im.convert("L"), dtype=np.float32)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read it as an image ({e})") from None
+
+
+def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(a, mode="F").resize((width, height), Image.BILINEAR))
+
+
+def prepare(grey: np.ndarray, size: int = 28, fit: str = "digit") -> np.ndarray:
+    """(H, W) luminance in [0, 255] -> (size, size) uint8, light on dark (see the module doc)."""
+    g = np.asarray(grey, np.float32)
+    h, w = g.shape
+    b = max(1, min(h, w) // 20)
+    border = np.concatenate([g[:b].ravel(), g[-b:].ravel(), g[:, :b].ravel(), g[:, -b:].ravel()])
+    background = float(np.median(border))
+    if background > 127.5:  # dark ink on light paper
+        g, background = 255.0 - g, 255.0 - background
+    g = np.clip(g - background, 0.0, None)
+    peak = float(g.max())
+    if peak <= 0.0:
+        return np.zeros((size, size), np.uint8)  # blank: nothing to centre
+    g = g * (255.0 / peak)
+    if fit == "none":
+        return np.clip(_resize(g, size, size), 0, 255).round().astype(np.uint8)
+    ys, xs = np.nonzero(g > INK_FRACTION * 255.0)
+    crop = g[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    box = size if fit == "item" else round(size * 20 / 28)
+    scale = box / max(crop.shape)
+    nh, nw = (max(1, min(box, round(n * scale))) for n in crop.shape)
+    small = np.clip(_resize(crop, nh, nw), 0.0, 255.0)
+    if fit == "item":
+        top, left = (size - nh) // 2, (size - nw) // 2
+    else:  # centre of mass on pixel (14, 14), as in MNIST; the whole box inside the frame
+        mass = small.sum()
+        cy = (small.sum(1) * np.arange(nh)).sum() / mass  # in pixel indices
+        cx = (small.sum(0) * np.arange(nw)).sum() / mass
+        top = int(np.clip(round(size / 2 - cy), 0, size - nh))
+        left = int(np.clip(round(size / 2 - cx), 0, size - nw))
+    out = np.zeros((size, size), np.float32)
+    out[top : top + nh, left : left + nw] = small
+    return out.round().astype(np.uint8)

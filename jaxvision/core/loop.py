@@ -1,0 +1,208 @@
+"""The epoch loop both backends share, framework-free: progress bars, the running loss and its
+NaN check, Ctrl-C handling, checkpoints after every epoch, and what a run returns.
+
+A backend supplies `train_epoch(epoch, bar, start) -> (mean loss, seconds)` and `evaluate() ->
+dict`; `run_epochs` does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.errors import Interrupted, TrainingDiverged
+from jaxvision.core.results import EpochStats, epoch_line
+
+
+def check_finite(loss: float, epoch: int, step: int, steps_per_epoch: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"training loss became {loss} at epoch {epoch}, step {step}/{steps_per_epoch}; "
+            f"lower --lr (now {lr:g}) or check the input data"
+        )
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: the epoch being trained (0-based) and the steps done in it.
+
+    A checkpoint stores it; with the seed it fixes the data order (`epoch_permutation(seed,
+    epoch)`, from batch `step` on) and the step's RNG (folded in from the global step).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    loss_total: float = 0.0  # the sum of those steps' losses
+    seconds: float = 0.0  # their training time
+
+
+class StopRequested(Exception):
+    """Ctrl-C was pressed; raised between two optimiser steps, with the position reached."""
+
+    def __init__(self, position: Position):
+        super().__init__(position)
+        self.position = position
+
+
+_stop = threading.Event()
+
+
+class stop_on_ctrl_c:
+    """Within it, the first Ctrl-C asks training to stop after the current step (so a checkpoint
+    of a consistent state can be saved); a second one interrupts at once."""
+
+    def __enter__(self):
+        _stop.clear()
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        _stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second press
+        print("\nstopping after this step (Ctrl-C again to quit now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+        _stop.clear()
+
+
+class LossTracker:
+    """The running mean of an epoch's step losses, for the progress bar and the NaN check.
+
+    Step losses stay on the device; every `log_every` steps they are fetched in one go (the only
+    host sync inside an epoch), checked for NaN/inf, and shown on the bar. A resumed epoch starts
+    from its checkpointed `Position`. After a Ctrl-C, `add` checks the pending losses and raises
+    `StopRequested`.
+    """
+
+    def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None,
+                 start: Position | None = None):  # fmt: skip
+        self.config, self.epoch, self.steps, self.fetch, self.bar = config, epoch, steps, fetch, bar
+        start = start or Position(epoch)
+        self.pending: list = []  # device losses: scalars, or arrays whose first n are real
+        self.counts: list[int] = []  # the n of each
+        self.n_pending = 0
+        self.values: list[float] = []  # this call's step losses, in order
+        self.total, self.seen, self.seconds = start.loss_total, start.step, start.seconds
+        self.t0 = time.perf_counter()
+
+    def add(self, loss, n: int = 1) -> None:
+        """The loss of the step just taken, or the n steps just taken: the first n of `loss`."""
+        self.pending.append(loss)
+        self.counts.append(n)
+        self.n_pending += n
+        if (
+            self.n_pending >= self.config.log_every
+            or self.seen + self.n_pending == self.steps
+            or _stop.is_set()
+        ):
+            self.flush()
+        if _stop.is_set() and self.seen < self.steps:
+            raise StopRequested(self.position())
+
+    def position(self) -> Position:
+        return Position(self.epoch, self.seen, self.total, self.elapsed())
+
+    def elapsed(self) -> float:
+        """Training seconds of this epoch so far, including those before a resume."""
+        return self.seconds + time.perf_counter() - self.t0
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fetched = zip(self.fetch(self.pending), self.counts, strict=True)
+        values = np.concatenate([np.ravel(v)[:n] for v, n in fetched])
+        for i, v in enumerate(values):  # name the first bad step, not just "some step"
+            check_finite(float(v), self.epoch + 1, self.seen + i + 1, self.steps, self.config.lr)
+        values = [float(v) for v in values]
+        self.values += values
+        for v in values:  # one by one, in float64, which holds a sum of an epoch's float32 losses
+            self.total += v  # exactly: the mean does not depend on where a resume split the epoch
+        self.seen += len(values)
+        self.pending, self.counts, self.n_pending = [], [], 0
+        if self.bar is not None:
+            self.bar.update(len(values))
+            self.bar.set_postfix(loss=f"{self.mean:.4f}", refresh=False)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.seen, 1)
+
+
+def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoints=None):
+    """The epoch loop both backends share: a progress bar per epoch, then a test-set line.
+
+    train_epoch(epoch, bar, start: Position) -> (mean train loss, seconds); evaluate() -> dict
+    with loss, accuracy, f1_macro and preds. `checkpoints` (a
+    `jaxvision.core.checkpoint.Checkpoints`) resumes the run, saves it after every epoch and on
+    Ctrl-C. Returns the history and the last predictions.
+    """
+    start, history = checkpoints.start() if checkpoints else (Position(), [])
+    with stop_on_ctrl_c():
+        for epoch in range(start.epoch, config.epochs):
+            position = start if epoch == start.epoch else Position(epoch)
+            ev = _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints,
+                                           position, history, tqdm)  # fmt: skip
+            if _stop.is_set():  # Ctrl-C during evaluation or saving: the epoch is saved
+                raise _interrupted(checkpoints, Position(epoch + 1), steps, history)
+    return history, np.asarray(ev["preds"])
+
+
+def _interrupted(checkpoints, position: Position, steps: int, history) -> Interrupted:
+    where = f"epoch {position.epoch + 1}, step {position.step}/{steps}"
+    if position.step == 0:
+        where = f"the end of epoch {position.epoch}"
+    if checkpoints is None:
+        return Interrupted(f"interrupted at {where}; nothing saved (no --checkpoint-dir)")
+    path = checkpoints.save(position, history)
+    return Interrupted(f"interrupted at {where}; saved {path}; continue with --resume")
+
+
+def _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints, position,
+                              history, tqdm) -> dict:  # fmt: skip
+    epoch = position.epoch
+    with tqdm(
+        total=steps,
+        initial=position.step,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="step",
+        disable=not config.progress,
+        leave=False,
+        mininterval=0.5,
+    ) as bar:
+        try:
+            train_loss, train_s = train_epoch(epoch, bar, position)
+        except StopRequested as stop:
+            raise _interrupted(checkpoints, stop.position, steps, history) from None
+        except TrainingDiverged as e:
+            kept = checkpoints.describe_latest() if checkpoints else "no --checkpoint-dir"
+            raise TrainingDiverged(f"{e} (last good checkpoint: {kept})") from None
+    t0 = time.perf_counter()
+    ev = evaluate()
+    stats = EpochStats(
+        epoch + 1,
+        float(train_loss),
+        float(ev["loss"]),
+        float(ev["accuracy"]),
+        float(ev["f1_macro"]),
+        train_s,
+        time.perf_counter() - t0,
+        ev.get("extras", {}),
+    )
+    history.append(stats)
+    if config.progress:
+        tqdm.write(epoch_line(stats, config.epochs))
+    if checkpoints is not None:
+        checkpoints.save(Position(epoch + 1), history)
+    return ev

@@ -1,0 +1,152 @@
+"""What a run reports, framework-free: `metrics.json`, the results table row, the epoch line and
+the host description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import Dataset
+
+
+@dataclasses.dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    test_f1_macro: float
+    train_time_s: float
+    eval_time_s: float
+    extras: dict = dataclasses.field(default_factory=dict)  # arch-specific figures (detection)
+
+
+@dataclasses.dataclass
+class RunResult:
+    history: list[EpochStats]
+    params: int
+    device: str
+    compile_time_s: float  # JAX: ahead-of-time compilation of the train and eval steps
+    predictions: np.ndarray | None = None  # the last evaluation's predicted test labels
+    model: object = None  # the trained model (Flax, in eval mode, or torch), for inspection
+    extras: dict | None = None  # arch-specific figures for metrics.json (faster_rcnn: detection)
+
+    @property
+    def final(self) -> EpochStats:
+        return self.history[-1]
+
+    @property
+    def train_time_s(self) -> float:
+        """Wall time of the training steps of every epoch; excludes loading, compiling, eval."""
+        return sum(h.train_time_s for h in self.history)
+
+
+def describe_host() -> str:
+    """'<CPU model>, <n> cores' for the results table."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def default_out_dir(config: TrainConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.arch}-{config.backend}-{stamp}"
+    out, i = base, 1
+    while out.exists():
+        out, i = Path(f"{base}-{i}"), i + 1
+    return out
+
+
+def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dict:
+    final = result.final
+    return {
+        "arch": config.arch,
+        "backend": config.backend,
+        "preset": config.preset,
+        "dataset": data.name,
+        "data_source": data.source,
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "test_accuracy": final.test_accuracy,
+        "test_f1_macro": final.test_f1_macro,
+        "train_loss": final.train_loss,
+        "test_loss": final.test_loss,
+        "train_time_s": result.train_time_s,
+        "compile_time_s": result.compile_time_s,
+        "eval_time_s": sum(h.eval_time_s for h in result.history),
+        "params": result.params,
+        "device": result.device,
+        "host": describe_host(),
+        "seed": config.seed,
+        **({"detection": result.extras} if result.extras else {}),
+        "history": [dataclasses.asdict(h) for h in result.history],
+        "config": dataclasses.asdict(config),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(record: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+RESULTS_COLUMNS = (
+    "model",
+    "backend",
+    "dataset",
+    "accuracy",
+    "F1 (macro)",
+    "train loss",
+    "test loss",
+    "train time",
+    "params",
+    "device",
+)
+RESULTS_HEADER = "| " + " | ".join(RESULTS_COLUMNS) + " |\n" + "|---" * len(RESULTS_COLUMNS) + "|"
+
+
+def results_row(record: dict) -> str:
+    return (
+        f"| {record['arch']}"
+        + (f" ({record['preset']})" if record.get("preset") else "")
+        + f" | {record['backend']}"
+        + f" | {record['dataset']} ({record['n_train']:,}/{record['n_test']:,})"
+        f" | {record['test_accuracy']:.2%} | {record['test_f1_macro']:.4f}"
+        f" | {record['train_loss']:.4f} | {record['test_loss']:.4f}"
+        f" | {record['train_time_s']:.1f} s | {record['params']:,} | {record['device']} |"
+    )
+
+
+def epoch_line(stats: EpochStats, epochs: int) -> str:
+    extras = stats.extras
+    detection = (
+        f" | mAP@0.5 {extras['map50']:.4f} | top-box IoU {extras['mean_iou']:.3f} | "
+        f"fallbacks {extras['fallbacks']}"
+        if "map50" in extras
+        else ""
+    )
+    return (
+        f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f} | "
+        f"test loss {stats.test_loss:.4f} | test acc {stats.test_accuracy:.2%} | "
+        f"F1 {stats.test_f1_macro:.4f}{detection} | {stats.train_time_s:.1f} s"
+    )

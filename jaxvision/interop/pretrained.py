@@ -1,0 +1,50 @@
+"""torchvision's pretrained weights in Flax: found and read by `torch_reference.pretrained`,
+converted (`jaxvision.interop.convert`) and cached as `.npz` beside them, keyed by the source
+file's name and size, so that the conversion runs once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jaxvision.core.errors import UserError
+from jaxvision.interop import convert
+from torch_reference.pretrained import find_weights, load_state_dict, weights_name
+
+__all__ = ["find_weights", "load_into_flax", "weights_name"]
+
+
+def cache_path(source: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    root = Path(cache_dir or os.environ.get("JAXVISION_CACHE", "~/.cache/jaxvision")).expanduser()
+    return root / f"{source.stem}-{source.stat().st_size}-flax.npz"
+
+
+def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool = True) -> Path:
+    """Writes torchvision's pretrained weights into the Flax `model` (1000 classes), in place."""
+    source = find_weights(arch, weights)
+    cached = cache_path(source, cache_dir)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    if cached.is_file():
+        with np.load(cached) as npz:
+            arrays = {
+                tuple(int(p) if p.isdigit() else p for p in k.split("/")): npz[k] for k in npz
+            }
+        if set(arrays) != set(params):
+            raise UserError(f"{cached}: converted cache does not match the model; delete it")
+        for path, value in arrays.items():
+            params[path].set_value(value)
+        origin = f"{source} (converted cache {cached})"
+    else:
+        convert.load_torch_state_dict(model, load_state_dict(source))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez(tmp, **{"/".join(map(str, p)): np.asarray(v[...]) for p, v in params.items()})
+        tmp.replace(cached)  # never leave a half-written cache behind
+        origin = f"{source} (converted, cached at {cached})"
+    if verbose:
+        print(f"pretrained {arch} weights: {origin}")
+    return source

@@ -1,0 +1,158 @@
+"""The JAX backend's checkpoints: `jaxvision.core.checkpoint`'s layout, written with orbax.
+
+DIR/<step>/ holds three orbax items: `model` (every variable of the model, by module path:
+trained, frozen or neither), `train` (the optimiser state and the run's RNG key) and `meta`
+(JSON, `jaxvision.core.checkpoint.checkpoint_meta`). What is saved is the trainer's
+`TrainState` pytree; the arrays are restored onto the trainer's mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxvision.core.archs import config_from_dict
+from jaxvision.core.checkpoint import KEEP, Checkpoints
+from jaxvision.models import build_model
+from jaxvision.training.state import TrainState, with_mode
+
+
+def to_nested(tree) -> dict:
+    """A pytree (nnx.State, optax state) -> nested dicts of its arrays, keyed by path parts, the
+    form orbax stores with readable names."""
+    out: dict = {}
+    for path, leaf in jax.tree.flatten_with_path(tree)[0]:
+        keys = [_key_name(k) for k in path]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    return out
+
+
+def from_nested(nested: dict, target):
+    """The inverse of `to_nested`: `nested`'s arrays in `target`'s tree structure."""
+    leaves, treedef = jax.tree.flatten_with_path(target)
+    values = []
+    for path, _ in leaves:
+        node = nested
+        for k in path:
+            node = node[_key_name(k)]
+        values.append(node)
+    return jax.tree.unflatten(treedef, values)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    raise TypeError(f"unsupported pytree path entry {k!r}")
+
+
+def _abstract(nested: dict):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        nested)  # fmt: skip
+
+
+class JaxCheckpoints(Checkpoints):
+    """Orbax checkpoints of a `Trainer`'s `TrainState`; the arrays are restored onto its mesh."""
+
+    def __init__(self, config, data, model_cfg, trainer):
+        super().__init__(config, data, model_cfg, trainer.steps)
+        self.trainer = trainer  # its `state` is what is saved and restored
+        self.manager = self.open(self.directory)
+
+    @staticmethod
+    def open(directory: Path, read_only: bool = False):
+        if read_only:
+            logging.getLogger("absl").setLevel(logging.ERROR)  # "directory is read only" notes
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=KEEP,
+                create=True,
+                enable_async_checkpointing=False,  # saved before the next epoch starts
+                cleanup_tmp_directories=True,  # what a killed save left: a temporary folder
+            )
+        return _Manager(ocp.CheckpointManager(directory, options=options))
+
+    @staticmethod
+    def read_meta(path: Path) -> dict:
+        return JaxCheckpoints.open(path.parent, read_only=True).restore_meta(int(path.name))
+
+    @staticmethod
+    def _items(state: TrainState) -> tuple[dict, dict]:
+        """(model, train) as nested dicts: the model's variables by module path, whether
+        trained, frozen or neither; the optimiser state and the RNG key's data."""
+        model = to_nested(state.params)
+        for part in (state.frozen, state.rest):
+            _merge(model, to_nested(part))
+        train = {"opt_state": to_nested(state.opt_state), "key": jax.random.key_data(state.key)}
+        return model, train
+
+    def _write(self, step: int, meta: dict) -> None:
+        model, train = self._items(self.trainer.state)
+        self.manager.save(step, model, train, {**meta, "items": ["model", "train", "meta"]})
+
+    def _restore(self, step: int) -> None:
+        state = self.trainer.state
+        model, train = self._items(state)
+        model, train = self.manager.restore_state(step, _abstract(model), _abstract(train))
+        self.trainer.state = TrainState(
+            params=from_nested(model, state.params),
+            frozen=from_nested(model, state.frozen),
+            rest=from_nested(model, state.rest),
+            opt_state=from_nested(train["opt_state"], state.opt_state),
+            key=jax.random.wrap_key_data(train["key"]),
+        )
+
+
+def save_weights(directory: Path, step: int, model: nnx.Module, meta: dict) -> None:
+    """A weights-only checkpoint DIR/<step> (model and meta, no optimiser state) of `model`."""
+    JaxCheckpoints.open(directory).save(step, to_nested(nnx.state(model)), None, meta)
+
+
+def load_flax_model(path: Path, meta: dict):
+    """The Flax model in checkpoint folder `path` (DIR/<step>), in eval mode."""
+    model = build_model(config_from_dict(meta["arch"], meta["model_config"]), rngs=nnx.Rngs(0))
+    target = to_nested(nnx.state(model))
+    manager = JaxCheckpoints.open(path.parent, read_only=True)
+    restored, _ = manager.restore_state(int(path.name), _abstract(target))
+    nnx.update(model, from_nested(restored, nnx.state(model)))
+    return with_mode(model, train=False)
+
+
+def _merge(into: dict, other: dict) -> None:
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+class _Manager:
+    """An orbax CheckpointManager with this project's three items."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def save(self, step: int, model: dict, train: dict | None, meta: dict) -> None:
+        items = dict(model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta))
+        if train is not None:
+            items["train"] = ocp.args.StandardSave(train)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+        self.manager.wait_until_finished()
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_state(self, step: int, model, train=None):
+        items = dict(model=ocp.args.StandardRestore(model))
+        if train is not None:
+            items["train"] = ocp.args.StandardRestore(train)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out.model, (out.train if train is not None else None)
