@@ -75,6 +75,9 @@ class Backend(Protocol):
     def torch_state_dict(self, model) -> dict:
         """The model's weights as a torch state_dict (the format both frameworks exchange)."""
 
+    def save_torch_weights(self, model, path: Path) -> Path:
+        """The model's weights as a torch state_dict file (model.pth)."""
+
     def write_weights(self, dst: Path, step: int, state_dict: dict, meta: dict) -> Path:
         """A weights-only checkpoint folder DST/<step> of this backend, from a torch state_dict."""
 
@@ -82,7 +85,8 @@ class Backend(Protocol):
 
     def describe_device(self) -> str: ...
 
-    def bench(self, spec): ...
+    def bench(self, config: TrainConfig, data: Dataset):
+        """A benchmark worker (`jaxvision.core.bench.BenchWorker`) over this backend's trainer."""
 
 
 def entry(name: str) -> Entry:

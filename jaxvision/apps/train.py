@@ -114,7 +114,7 @@ def train(config: TrainConfig) -> dict:
     backend = backends.get(config.backend)
     config.arch_spec.preset(config.preset)  # fail on a bad preset before loading data
     backend.check(config)  # missing weights, the device request: before the data is loaded
-    if config.save_attention and config.arch != "vit":
+    if config.save_attention and not config.arch_spec.attention:
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
     dataset = data.load_dataset(
         config.dataset,

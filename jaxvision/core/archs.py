@@ -52,6 +52,7 @@ class Arch:
     pretrained: Mapping[str, str] | None  # preset -> torchvision's weights enum entry
     imagenet: bool = False  # inputs resized to --image-size, grey -> RGB, ImageNet statistics
     detector: bool = False  # trained as a detector, read out as a classifier
+    attention: bool = False  # has attention maps to draw (--save-attention)
     summary: str = ""
 
     @property
@@ -140,6 +141,7 @@ ARCHS: dict[str, Arch] = {
         torch_model="torch_reference.models.vit:ViT",
         conversion="jaxvision.interop.convert:vit_rules",
         pretrained=None,
+        attention=True,
         summary="a Vision Transformer from scratch",
     ),
     "vgg16": Arch(
