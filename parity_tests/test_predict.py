@@ -104,3 +104,49 @@ def test_cli_prints_per_file_and_json_and_survives_a_bad_file(trained, tmp_path,
 def test_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):
     assert predict.main(["--checkpoint", str(tmp_path), "x.png"]) == 2
     assert "holds no finished checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_writes_its_confusion_matrix_and_mistakes(trained):
+    tmp = trained[0]
+    record = json.loads((tmp / "run" / "metrics.json").read_text())
+    cm = np.array(record["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == record["n_test"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(record["test_accuracy"], abs=1e-6)
+    for name in ("confusion.png", "mistakes.png"):
+        with Image.open(tmp / "run" / name) as im:
+            assert im.size[0] > 400 and im.size[1] > 300
+
+
+def test_evaluate_scores_a_checkpoint_on_the_official_test_set(trained, tmp_path, capsys):
+    from jaxvision.apps import evaluate
+    from jaxvision.core import data
+
+    tmp, classifier = trained[0], trained[1]
+    assert evaluate.main(["--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "ev"),
+                          "--quiet"]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    x, y = data.load_official_mnist_test()
+    probs = classifier.probabilities(x)
+    assert record["n_test"] == 10000 and record["backend"] == "jax"
+    assert record["test_accuracy"] == pytest.approx((probs.argmax(-1) == y).mean(), abs=1e-9)
+    assert record["test_accuracy"] > 0.9  # 3 epochs on 4,000 digits, scored on MNIST's own test set
+    nll = -np.log(probs[np.arange(len(y)), y].astype(np.float64)).mean()
+    assert record["test_loss"] == pytest.approx(nll, rel=1e-6)
+    assert np.array(record["confusion_matrix"]).sum(axis=1).tolist() == np.bincount(y).tolist()
+    assert (tmp_path / "ev" / "confusion.png").exists() and (
+        tmp_path / "ev" / "mistakes.png"
+    ).exists()
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys):
+    from jaxvision.apps import evaluate
+    from jaxvision.core import data
+
+    data.write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((10, 14, 14), np.uint8))
+    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10, dtype=np.uint8))
+    code = evaluate.main(["--checkpoint", str(trained[0] / "ckpt"), "--data-dir", str(tmp_path),
+                          "--out", str(tmp_path / "ev"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "error: the test images are 14x14x1, but" in err and "trained on 28x28x1" in err

@@ -46,7 +46,7 @@ def hub_checkpoint_path(arch: str) -> Path:
 def find_weights(arch: str, weights: str | os.PathLike | None = None) -> Path:
     """The local file holding `arch`'s pretrained weights, downloading it only if reachable."""
     if weights_entry(arch) is None:
-        have = ", ".join(a.name for a in ARCHS.values() if a.pretrained)
+        have = ", ".join(sorted(a.name for a in ARCHS.values() if a.pretrained))
         raise UserError(f"--pretrained: torchvision has no weights for {arch} (it has for {have})")
     if weights is not None:
         path = Path(weights).expanduser()

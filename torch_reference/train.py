@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jaxvision.core.archs import arch_of
 from jaxvision.core.config import TrainConfig, lr_factor
 from jaxvision.core.data import Dataset, epoch_permutation
 from jaxvision.core.loop import LossTracker, Position, run_epochs
@@ -193,6 +194,21 @@ class Trainer:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+@torch.inference_mode()
+def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000):
+    """Eval-mode class probabilities (N, K) of (N, H, W, C) uint8 images, normalised as the
+    model was trained (`mean`, `std`: the training set's statistics)."""
+    model.eval()
+    device = next(model.parameters()).device
+    arch = arch_of(model.config)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_nchw(images[i : i + batch_size], device).float() / 255.0
+        x = model_input(x, arch, model.config, mean, std)
+        out.append(torch.softmax(model(x), dim=-1).cpu().numpy())
+    return np.concatenate(out)
 
 
 @torch.inference_mode()

@@ -1,2 +1,2 @@
-"""The applications: train, predict, checkpoint export, benchmark, the lab and its report.
-Only apps choose a backend, through `jaxvision.apps.backends`."""
+"""The applications: train, predict, evaluate, checkpoint export, benchmark, the lab and its
+report. Only apps choose a backend, through `jaxvision.apps.backends`."""

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from jaxvision.core import checkpoint
+from jaxvision.core.archs import get_arch
 from jaxvision.core.config import BACKENDS, TrainConfig
 from jaxvision.core.data import Dataset
 from jaxvision.core.errors import UserError
@@ -81,6 +82,10 @@ class Backend(Protocol):
     def write_weights(self, dst: Path, step: int, state_dict: dict, meta: dict) -> Path:
         """A weights-only checkpoint folder DST/<step> of this backend, from a torch state_dict."""
 
+    def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
+        """Eval-mode (N, K) class probabilities of (N, H, W, C) uint8 images; a classifier's
+        model only (not the detector's)."""
+
     def attention_weights(self, model, images: np.ndarray, data: Dataset): ...
 
     def describe_device(self) -> str: ...
@@ -115,6 +120,19 @@ def plan_checkpoint(config: TrainConfig, data: Dataset) -> None:
     if steps:
         writer = checkpoint.written_by(Path(config.checkpoint_dir) / str(steps[-1]))
     get(writer).plan_checkpoint(config, data)
+
+
+def for_classifier_checkpoint(directory: str | Path, app: str) -> tuple[Backend, Path, dict]:
+    """`for_checkpoint`, refusing what `app` (predict.py, evaluate.py) cannot classify with: a
+    folder that is no jaxvision checkpoint, or a detector's."""
+    backend, path, meta = for_checkpoint(directory)
+    if meta.get("format") != checkpoint.FORMAT:
+        raise UserError(f"{path} is not a jaxvision checkpoint; pass a folder that "
+                        "train.py --checkpoint-dir wrote")  # fmt: skip
+    if get_arch(meta["arch"]).detector:
+        raise UserError(f"{path} holds a {meta['arch']} detector; {app} classifies with cnn, "
+                        "vit, vgg16 and alexnet checkpoints")  # fmt: skip
+    return backend, path, meta
 
 
 def for_checkpoint(directory: str | Path) -> tuple[Backend, Path, dict]:

@@ -23,7 +23,6 @@ from jaxvision.core.data import Dataset
 from jaxvision.core.results import RunResult
 from jaxvision.models import build_model
 from jaxvision.training import checkpoint, parallel, trainer
-from jaxvision.training.preprocess import model_input
 
 XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
 
@@ -80,15 +79,10 @@ class JaxBackend:
 
     def classifier(self, path: Path, meta: dict):
         model = self.load_model(path, meta)
-        arch = archs.get_arch(meta["arch"])
+        return lambda x: trainer.predict_proba(model, x, meta["mean"], meta["std"])
 
-        @jax.jit
-        def forward(x):  # (N, H, W, C) uint8 -> (N, K) probabilities
-            x = model_input(x.astype(jnp.float32) / 255.0, arch, model.config, meta["mean"],
-                            meta["std"])  # fmt: skip
-            return jax.nn.softmax(model(x), axis=-1)
-
-        return lambda x: np.asarray(forward(x))
+    def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
+        return trainer.predict_proba(model, images, data.mean, data.std)
 
     def torch_state_dict(self, model: nnx.Module) -> dict:
         from jaxvision.interop import convert  # torch: see the module's docstring

@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from jaxvision.apps import backends
-from jaxvision.core.archs import get_arch
-from jaxvision.core.checkpoint import FORMAT
 from jaxvision.core.data import DATASETS
 from jaxvision.core.errors import UserError, exit_code
 from jaxvision.core.images import FITS, prepare, read_grey
@@ -27,14 +25,8 @@ class Classifier:
     """A checkpoint's model, in eval mode, in the framework that wrote it."""
 
     def __init__(self, directory: str | Path):
-        backend, self.path, self.meta = backends.for_checkpoint(directory)
+        backend, self.path, self.meta = backends.for_classifier_checkpoint(directory, "predict.py")
         meta = self.meta
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{self.path} is not a jaxvision checkpoint; pass a folder that "
-                            "train.py --checkpoint-dir wrote")  # fmt: skip
-        if get_arch(meta["arch"]).detector:
-            raise UserError(f"{self.path} holds a {meta['arch']} detector; predict.py classifies "
-                            "with cnn, vit, vgg16 and alexnet checkpoints")  # fmt: skip
         self.arch = meta["arch"]
         h, w, c = meta["image_shape"]
         if c != 1:

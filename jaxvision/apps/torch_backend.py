@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from jaxvision.core import archs
 from jaxvision.core.bench import BenchWorker, median_time
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import Dataset
@@ -19,7 +18,7 @@ from jaxvision.core.detection import ink_boxes
 from jaxvision.core.errors import UserError
 from jaxvision.core.results import RunResult
 from torch_reference import checkpoint, detection, train
-from torch_reference.preprocess import model_input, to_nchw
+from torch_reference.preprocess import model_input
 from torch_reference.pretrained import find_weights, weights_name
 
 
@@ -32,11 +31,6 @@ class TorchBackend:
     def check(self, config: TrainConfig) -> None:
         if config.pretrained:
             find_weights(weights_name(config.arch, config.preset), config.weights)
-        if config.devices > 1:
-            raise UserError(
-                f"--devices {config.devices}: the torch backend trains on one device; data "
-                "parallelism is the JAX backend's (--backend jax)"
-            )
 
     def start(self, config: TrainConfig, distributed: tuple | None) -> None:
         if distributed is not None:
@@ -66,15 +60,10 @@ class TorchBackend:
 
     def classifier(self, path: Path, meta: dict):
         model = self.load_model(path, meta)
-        arch = archs.get_arch(meta["arch"])
+        return lambda x: train.predict_proba(model, x, meta["mean"], meta["std"])
 
-        @torch.inference_mode()
-        def forward(x):  # (N, H, W, C) uint8 -> (N, K) probabilities
-            x = to_nchw(x, "cpu").float() / 255.0
-            x = model_input(x, arch, model.config, meta["mean"], meta["std"])
-            return torch.softmax(model(x), dim=-1).numpy()
-
-        return forward
+    def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
+        return train.predict_proba(model, images, data.mean, data.std)
 
     def torch_state_dict(self, model: torch.nn.Module) -> dict:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvision.apps import backends
-from jaxvision.core import attention, config, data, flags, results
+from jaxvision.core import attention, config, data, figures, flags, results
 from jaxvision.core.archs import get_arch
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import UserError, exit_code
@@ -103,6 +103,20 @@ def save_attention(
     )
 
 
+def write_figures(config, backend, dataset, result, out_dir: Path) -> list[Path]:
+    """confusion.png, and (classifiers) mistakes.png: the most confidently wrong test images."""
+    classes = dataset.classes
+    title = f"{config.arch} ({config.resolved_preset}), {config.backend}, {dataset.name}"
+    cm = figures.confusion_matrix(dataset.y_test, result.predictions, dataset.num_classes)
+    paths = [figures.save_confusion(cm, classes, out_dir / "confusion.png", title)]
+    if not config.arch_spec.detector:
+        probs = backend.predict_proba(result.model, dataset.x_test, dataset)
+        index = figures.worst_mistakes(dataset.y_test, probs)
+        paths.append(figures.save_mistakes(dataset.x_test, dataset.y_test, probs, index, classes,
+                                           out_dir / "mistakes.png", title))  # fmt: skip
+    return paths
+
+
 def write_torch_weights(config: TrainConfig, result: results.RunResult, out_dir: Path) -> Path:
     """model.pth: the trained weights as a torch state_dict, whichever backend trained them, so
     that torchvision (or torch_reference) loads them with `load_state_dict`."""
@@ -121,6 +135,7 @@ def train(config: TrainConfig) -> dict:
         source=config.data_source,
         data_dir=config.data_dir,
         tfds_data_dir=config.tfds_data_dir,
+        test_data_dir=config.test_data_dir,
     )
     if config.checkpoint_dir:  # a checkpoint that does not fit fails before any model is built
         backends.plan_checkpoint(config, dataset)
@@ -133,6 +148,8 @@ def train(config: TrainConfig) -> dict:
     print(results.RESULTS_HEADER)
     print(results.results_row(record))
     print(f"wrote {path}")
+    for figure in write_figures(config, backend, dataset, result, out_dir):
+        print(f"wrote {figure}")
     if config.save_attention:
         print(f"wrote {save_attention(config, dataset, result, out_dir)}")
     if config.save_weights:

@@ -53,6 +53,7 @@ class Arch:
     imagenet: bool = False  # inputs resized to --image-size, grey -> RGB, ImageNet statistics
     detector: bool = False  # trained as a detector, read out as a classifier
     attention: bool = False  # has attention maps to draw (--save-attention)
+    only_torch_because: str = ""  # why there is no Flax model, for the error message
     summary: str = ""
 
     @property
@@ -203,6 +204,7 @@ ARCHS: dict[str, Arch] = {
             "resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
         },
         detector=True,
+        only_torch_because="the detector (RPN, RoIAlign, box heads) is torchvision's",
         summary=f"Faster R-CNN ({', '.join(DETECTORS.values())}) as a classifier",
     ),
 }

@@ -20,6 +20,7 @@ from jaxvision.core.recipes import RECIPE_FIELDS
 
 BACKENDS = ("jax", "torch")
 BACKEND_NAMES = {"jax": "JAX", "torch": "PyTorch"}
+DATA_PARALLEL = {"jax": True, "torch": False}  # trains over several devices (--devices)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -61,7 +62,8 @@ class TrainConfig:
     data_source: str = _field(
         "auto",
         "auto: --data-dir if given, else a local copy, else (mnist) the bundled 5,000-digit "
-        "sample; never the network",
+        "sample, split 4,000/1,000; sample: those 5,000 for training and MNIST's official "
+        "10,000 test digits (shipped with jaxvision) for testing; never the network",
         DATA,
         choices=SOURCES,
     )
@@ -69,6 +71,12 @@ class TrainConfig:
         None, "folder with IDX files (.gz or raw), or torchvision's root holding <Name>/raw/", DATA
     )
     tfds_data_dir: str | None = _field(None, "TFDS data dir (default: TFDS's own)", DATA)
+    test_data_dir: str | None = _field(
+        None,
+        "test on the t10k-* IDX files in this folder instead (it may hold only those two); "
+        "the images must have the training set's shape",
+        DATA,
+    )
     # training: None takes the recipe's value
     epochs: int | None = _field(None, "epochs", TRAINING)
     batch_size: int | None = _field(None, "training batch size", TRAINING)
@@ -192,9 +200,11 @@ class TrainConfig:
         if self.backend not in arch.backends:
             others = ", ".join(a.name for a in ARCHS.values() if self.backend in a.backends)
             name = BACKEND_NAMES[self.backend]
+            why = arch.only_torch_because or (
+                f"its model is built in {' and '.join(BACKEND_NAMES[b] for b in arch.backends)}"
+            )
             raise UserError(
-                f"--arch {self.arch} has no {name} backend (its model is built in "
-                f"{' and '.join(BACKEND_NAMES[b] for b in arch.backends)} only); use --backend "
+                f"--arch {self.arch} has no {name} backend: {why}; use --backend "
                 f"{arch.backends[0]} ({name} trains {others})"
             )
         if arch.detector:
@@ -229,6 +239,11 @@ class TrainConfig:
             raise UserError(f"--clip-norm must be >= 0 (0 is off), got {self.clip_norm}")
         if self.devices < 0:
             raise UserError(f"--devices must be at least 1 (or 0 for all), got {self.devices}")
+        if self.devices > 1 and not DATA_PARALLEL[self.backend]:
+            raise UserError(
+                f"--devices {self.devices}: the {self.backend} backend trains on one device; "
+                "data parallelism is the JAX backend's (--backend jax)"
+            )
         if self.resume and not self.checkpoint_dir:
             raise UserError("--resume needs --checkpoint-dir (the folder to resume from)")
         if not 0 <= self.warmup_epochs <= self.epochs:

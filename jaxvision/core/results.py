@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import Dataset
+from jaxvision.core.figures import confusion_matrix
 
 
 @dataclasses.dataclass
@@ -96,6 +97,9 @@ def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dic
         "host": describe_host(),
         "seed": config.seed,
         **({"detection": result.extras} if result.extras else {}),
+        "confusion_matrix": confusion_matrix(
+            data.y_test, result.predictions, data.num_classes
+        ).tolist(),  # fmt: skip
         "history": [dataclasses.asdict(h) for h in result.history],
         "config": dataclasses.asdict(config),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

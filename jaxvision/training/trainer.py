@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxvision.core.archs import arch_of
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import Dataset, epoch_permutation
 from jaxvision.core.loop import LossTracker, Position, run_epochs
@@ -300,6 +301,25 @@ class Trainer:
     def model(self, *, train: bool = False) -> nnx.Module:
         graphdef = self.train_graphdef if train else self.eval_graphdef
         return nnx.merge(graphdef, self.state.params, self.state.frozen, self.state.rest)
+
+
+def predict_proba(model: nnx.Module, images: np.ndarray, mean, std, batch_size: int = 1000):
+    """Eval-mode class probabilities (N, K) of (N, H, W, C) uint8 images, normalised as the
+    model was trained (`mean`, `std`: the training set's statistics)."""
+    graphdef, state = nnx.split(with_mode(model, train=False))
+    # On this process's own device: a mesh-replicated state, fetched, needs no other process.
+    state = jax.device_get(state)
+    arch = arch_of(model.config)
+
+    @jax.jit
+    def forward(state, x):  # (B, H, W, C) uint8 -> (B, K)
+        x = model_input(x.astype(jnp.float32) / 255.0, arch, model.config, mean, std)
+        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+
+    n = len(images)
+    return np.concatenate(
+        [np.asarray(forward(state, images[i : i + batch_size])) for i in range(0, n, batch_size)]
+    )
 
 
 def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):

@@ -3,9 +3,10 @@
 `build_detector` makes the same network as torchvision's public builders
 (`fasterrcnn_mobilenet_v3_large_320_fpn`, `fasterrcnn_resnet50_fpn`), with two differences that
 the public builders cannot express without downloading weights:
-- COCO-pretrained weights come from a local file (`jaxvision.pretrained`), loaded into the same
-  structure torchvision loads them into: FrozenBatchNorm2d and `trainable_backbone_layers` of the
-  backbone trainable (the rest frozen), then the 91-way box predictor is replaced by a new one;
+- COCO-pretrained weights come from a local file (`torch_reference.pretrained`), loaded into the
+  same structure torchvision loads them into: FrozenBatchNorm2d and `trainable_backbone_layers`
+  of the backbone trainable (the rest frozen), then the 91-way box predictor is replaced by a
+  new one;
 - the transform's `min_size`/`max_size` and the RoI sample size come from `FasterRCNNConfig`.
 From scratch (`pretrained=False`) the result is exactly the public builder's model with
 `weights=None, weights_backbone=None` (BatchNorm2d, every layer trainable), which a test checks
@@ -32,7 +33,7 @@ def build_detector(
     config: FasterRCNNConfig, pretrained: bool = False, num_classes: int | None = None
 ) -> FasterRCNN:
     """Faster R-CNN for `config`; `pretrained` builds the COCO weights' structure (91 classes,
-    frozen BatchNorm, early layers frozen) for `jaxvision.pretrained` to load into."""
+    frozen BatchNorm, early layers frozen) for `torch_reference.pretrained` to load into."""
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     trainable = config.trainable_backbone_layers if pretrained else ALL_LAYERS[config.detector]
     kwargs = dict(

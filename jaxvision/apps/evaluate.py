@@ -1,0 +1,119 @@
+"""`evaluate.py --checkpoint DIR`: score a trained checkpoint on a test set, without training.
+
+Reports accuracy, macro F1, the mean cross-entropy and the confusion matrix, and writes
+metrics.json, confusion.png and mistakes.png to --out. The test set is the checkpoint's
+dataset's, from `--data-source` (`sample`: MNIST's official 10,000 test digits, shipped with
+jaxvision), or the t10k-* IDX files in `--data-dir`; its image shape and classes must be the
+checkpoint's. The model runs
+in eval mode in the backend that wrote the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+from jaxvision.apps import backends
+from jaxvision.core import data, figures
+from jaxvision.core.errors import UserError, exit_code
+from jaxvision.core.results import describe_host
+
+
+def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
+    """accuracy, macro F1 (scikit-learn's), mean cross-entropy, confusion matrix."""
+    preds = probs.argmax(-1)
+    cm = figures.confusion_matrix(labels, preds, num_classes)
+    f1 = float(f1_score(labels, preds, average="macro"))
+    picked = probs[np.arange(len(labels)), labels].astype(np.float64)
+    loss = float(-np.log(np.maximum(picked, np.finfo(np.float64).tiny)).mean())
+    return {
+        "test_accuracy": float((preds == labels).mean()),
+        "test_f1_macro": f1,
+        "test_loss": loss,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    backend, path, meta = backends.for_classifier_checkpoint(args.checkpoint, "evaluate.py")
+    name = args.dataset or meta["dataset"]
+    if name not in data.DATASETS:
+        raise UserError(f"unknown --dataset {name!r}; available: {', '.join(data.DATASETS)}")
+    if args.data_dir:  # a folder whose t10k-* files are the test set; train files are not needed
+        x, y, source = data.load_test_split(data.DATASETS[name], args.data_dir, "--data-dir")
+        ds = data.make_dataset(name, source, x, y, x, y, data.DATASETS[name].num_classes)
+        if not args.quiet:
+            print(f"test set: {len(y):,} images from {source}")
+    else:
+        ds = data.load_dataset(name, source=args.data_source, verbose=not args.quiet)
+    if list(ds.x_test.shape[1:]) != list(meta["image_shape"]):
+        raise UserError(
+            f"the test images are {'x'.join(map(str, ds.x_test.shape[1:]))}, but {path} was "
+            f"trained on {'x'.join(map(str, meta['image_shape']))}; pass a test set of that shape"
+        )
+    if ds.num_classes != meta["num_classes"]:
+        raise UserError(
+            f"the test set has {ds.num_classes} classes, but {path} was trained on "
+            f"{meta['num_classes']}; pass a test set with the same classes"
+        )
+    classify = backend.classifier(path, meta)  # normalised with the checkpoint's statistics
+    probs = classify(ds.x_test)
+    record = {
+        "checkpoint": str(path),
+        "arch": meta["arch"],
+        "preset": meta["preset"],
+        "backend": backend.name,
+        "dataset": ds.name,
+        "data_source": ds.source,
+        "n_test": ds.n_test,
+        **scores(ds.y_test, probs, ds.num_classes),
+        "host": describe_host(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    title = f"{meta['arch']} ({meta['preset']}), {backend.name}, {ds.name}: {path}"
+    cm = np.asarray(record["confusion_matrix"])
+    figures.save_confusion(cm, ds.classes, out / "confusion.png", title)
+    index = figures.worst_mistakes(ds.y_test, probs)
+    figures.save_mistakes(ds.x_test, ds.y_test, probs, index, ds.classes, out / "mistakes.png",
+                          title)  # fmt: skip
+    print(
+        f"{path}: accuracy {record['test_accuracy']:.2%} | F1 {record['test_f1_macro']:.4f} | "
+        f"loss {record['test_loss']:.4f} on {ds.n_test:,} test images of {ds.source}"
+    )
+    print(f"wrote {out / 'metrics.json'}, confusion.png, mistakes.png")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Score a checkpoint that train.py --checkpoint-dir wrote on a test set, "
+        "without training: accuracy, macro F1, loss, confusion matrix.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a --checkpoint-dir; its latest checkpoint is used")  # fmt: skip
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+    p.add_argument("--data-source", default="sample", choices=data.SOURCES,
+                   help="sample: MNIST's official 10,000 test digits, shipped with jaxvision; "
+                   "see train.py --help for the others (default: sample)")  # fmt: skip
+    p.add_argument(
+        "--data-dir", default=None, help="test on the t10k-* IDX files in this folder (only those)"
+    )
+    p.add_argument("--out", default="evaluation", help="output folder (default: evaluation)")
+    p.add_argument("--quiet", action="store_true", help="no dataset line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code(lambda: evaluate(args))
