@@ -78,11 +78,10 @@ class JaxBackend:
         return checkpoint.load_flax_model(path, meta)
 
     def classifier(self, path: Path, meta: dict):
-        model = self.load_model(path, meta)
-        return lambda x: trainer.predict_proba(model, x, meta["mean"], meta["std"])
+        return trainer.predictor(self.load_model(path, meta), meta["mean"], meta["std"])
 
     def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
-        return trainer.predict_proba(model, images, data.mean, data.std)
+        return trainer.predictor(model, data.mean, data.std)(images)
 
     def torch_state_dict(self, model: nnx.Module) -> dict:
         from jaxvision.interop import convert  # torch: see the module's docstring

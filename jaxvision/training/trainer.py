@@ -303,12 +303,13 @@ class Trainer:
         return nnx.merge(graphdef, self.state.params, self.state.frozen, self.state.rest)
 
 
-def predict_proba(model: nnx.Module, images: np.ndarray, mean, std, batch_size: int = 1000):
-    """Eval-mode class probabilities (N, K) of (N, H, W, C) uint8 images, normalised as the
-    model was trained (`mean`, `std`: the training set's statistics)."""
+def predictor(model: nnx.Module, mean, std, batch_size: int = 1000):
+    """f((N, H, W, C) uint8 images) -> their eval-mode class probabilities (N, K), normalised as
+    the model was trained (`mean`, `std`: the training set's statistics). Compiled once per
+    batch shape; the weights are put on this process's first device once."""
     graphdef, state = nnx.split(with_mode(model, train=False))
-    # On this process's own device: a mesh-replicated state, fetched, needs no other process.
-    state = jax.device_get(state)
+    # A mesh-replicated state, fetched and put on one local device, needs no other process.
+    state = jax.device_put(jax.device_get(state), jax.local_devices()[0])
     arch = arch_of(model.config)
 
     @jax.jit
@@ -316,10 +317,16 @@ def predict_proba(model: nnx.Module, images: np.ndarray, mean, std, batch_size: 
         x = model_input(x.astype(jnp.float32) / 255.0, arch, model.config, mean, std)
         return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
 
-    n = len(images)
-    return np.concatenate(
-        [np.asarray(forward(state, images[i : i + batch_size])) for i in range(0, n, batch_size)]
-    )
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        return np.concatenate(
+            [
+                np.asarray(forward(state, images[i : i + batch_size]))
+                for i in range(0, n, batch_size)
+            ]
+        )
+
+    return probabilities
 
 
 def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
