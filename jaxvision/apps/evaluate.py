@@ -47,9 +47,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UserError(f"unknown --dataset {name!r}; available: {', '.join(data.DATASETS)}")
     if args.data_dir:  # a folder whose t10k-* files are the test set; train files are not needed
         x, y, source = data.load_test_split(data.DATASETS[name], args.data_dir, "--data-dir")
-        ds = data.make_dataset(name, source, x, y, x, y, data.DATASETS[name].num_classes)
+        ds = data.make_dataset(name, source, x, y, x, y, data.DATASETS[name].num_classes,
+                               data_source="idx")  # fmt: skip
         if not args.quiet:
-            print(f"test set: {len(y):,} images from {source}")
+            print(f"test set: {len(y):,} images: {ds.test_set}")
     else:
         ds = data.load_dataset(name, source=args.data_source, verbose=not args.quiet)
     if list(ds.x_test.shape[1:]) != list(meta["image_shape"]):
@@ -70,8 +71,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         "preset": meta["preset"],
         "backend": backend.name,
         "dataset": ds.name,
-        "data_source": ds.source,
+        "data_source": ds.data_source,
+        "data": ds.source,
         "n_test": ds.n_test,
+        "test_set": ds.test_set,
         **scores(ds.y_test, probs, ds.num_classes),
         "host": describe_host(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -88,7 +91,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                           title)  # fmt: skip
     print(
         f"{path}: accuracy {record['test_accuracy']:.2%} | F1 {record['test_f1_macro']:.4f} | "
-        f"loss {record['test_loss']:.4f} on {ds.n_test:,} test images of {ds.source}"
+        f"loss {record['test_loss']:.4f} on {ds.n_test:,} test images: {ds.test_set}"
     )
     print(f"wrote {out / 'metrics.json'}, confusion.png, mistakes.png")
     return record

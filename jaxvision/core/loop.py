@@ -188,18 +188,21 @@ def _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints,
         except TrainingDiverged as e:
             kept = checkpoints.describe_latest() if checkpoints else "no --checkpoint-dir"
             raise TrainingDiverged(f"{e} (last good checkpoint: {kept})") from None
-    t0 = time.perf_counter()
-    ev = evaluate()
-    stats = EpochStats(
-        epoch + 1,
-        float(train_loss),
-        float(ev["loss"]),
-        float(ev["accuracy"]),
-        float(ev["f1_macro"]),
-        train_s,
-        time.perf_counter() - t0,
-        ev.get("extras", {}),
-    )
+    if (epoch + 1) % config.eval_every and epoch + 1 < config.epochs:  # --eval-every
+        ev, stats = None, EpochStats(epoch + 1, float(train_loss), None, None, None, train_s, 0.0)
+    else:
+        t0 = time.perf_counter()
+        ev = evaluate()
+        stats = EpochStats(
+            epoch + 1,
+            float(train_loss),
+            float(ev["loss"]),
+            float(ev["accuracy"]),
+            float(ev["f1_macro"]),
+            train_s,
+            time.perf_counter() - t0,
+            ev.get("extras", {}),
+        )
     history.append(stats)
     if config.progress:
         tqdm.write(epoch_line(stats, config.epochs))

@@ -27,6 +27,7 @@ class Recipe:
     unfreeze: bool = False
     feature_lr: float | None = None
     scan: bool = False  # JAX: --log-every steps per compiled call, under lax.scan
+    eval_every: int = 1  # epochs between test-set evaluations (and always after the last)
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))

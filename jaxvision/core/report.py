@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from jaxvision.core.errors import UserError
+from jaxvision.core.results import data_label
 
 COLUMNS = (
     "model",
@@ -72,12 +73,11 @@ def rows(runs: list[dict]) -> list[dict]:
     """One table row per run, sorted by model then backend."""
     out = []
     for r in sorted(runs, key=lambda r: (r["arch"], str(r.get("preset")), r["backend"])):
-        n = f" ({r['n_train']:,}/{r['n_test']:,})" if "n_train" in r else ""
         out.append(
             {
                 "model": model_name(r),
                 "backend": r["backend"],
-                "dataset": r["dataset"] + n,
+                "dataset": data_label(r),
                 "accuracy": r["test_accuracy"],
                 "F1 (macro)": r["test_f1_macro"],
                 "loss": r["train_loss"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.data import Dataset
+from jaxvision.core.data import OFFICIAL_TEST_SET, Dataset
 from jaxvision.core.figures import confusion_matrix
 
 
@@ -23,9 +23,9 @@ from jaxvision.core.figures import confusion_matrix
 class EpochStats:
     epoch: int
     train_loss: float
-    test_loss: float
-    test_accuracy: float
-    test_f1_macro: float
+    test_loss: float | None  # None: no evaluation after this epoch (--eval-every)
+    test_accuracy: float | None
+    test_f1_macro: float | None
     train_time_s: float
     eval_time_s: float
     extras: dict = dataclasses.field(default_factory=dict)  # arch-specific figures (detection)
@@ -80,9 +80,11 @@ def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dic
         "backend": config.backend,
         "preset": config.preset,
         "dataset": data.name,
-        "data_source": data.source,
+        "data_source": data.data_source,
+        "data": data.source,
         "n_train": data.n_train,
         "n_test": data.n_test,
+        "test_set": data.test_set,
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "test_accuracy": final.test_accuracy,
@@ -129,12 +131,20 @@ RESULTS_COLUMNS = (
 RESULTS_HEADER = "| " + " | ".join(RESULTS_COLUMNS) + " |\n" + "|---" * len(RESULTS_COLUMNS) + "|"
 
 
+def data_label(record: dict) -> str:
+    """A run's data for a table cell: "mnist (5,000/10,000 official test)"."""
+    if "n_train" not in record:
+        return record["dataset"]
+    official = " official test" if record.get("test_set") == OFFICIAL_TEST_SET else ""
+    return f"{record['dataset']} ({record['n_train']:,}/{record['n_test']:,}{official})"
+
+
 def results_row(record: dict) -> str:
     return (
         f"| {record['arch']}"
         + (f" ({record['preset']})" if record.get("preset") else "")
         + f" | {record['backend']}"
-        + f" | {record['dataset']} ({record['n_train']:,}/{record['n_test']:,})"
+        + f" | {data_label(record)}"
         f" | {record['test_accuracy']:.2%} | {record['test_f1_macro']:.4f}"
         f" | {record['train_loss']:.4f} | {record['test_loss']:.4f}"
         f" | {record['train_time_s']:.1f} s | {record['params']:,} | {record['device']} |"
@@ -149,8 +159,13 @@ def epoch_line(stats: EpochStats, epochs: int) -> str:
         if "map50" in extras
         else ""
     )
-    return (
-        f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f} | "
+    test = (
         f"test loss {stats.test_loss:.4f} | test acc {stats.test_accuracy:.2%} | "
-        f"F1 {stats.test_f1_macro:.4f}{detection} | {stats.train_time_s:.1f} s"
+        f"F1 {stats.test_f1_macro:.4f}{detection}"
+        if stats.test_accuracy is not None
+        else "(not evaluated: --eval-every)"
+    )
+    return (
+        f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f} | {test} | "
+        f"{stats.train_time_s:.1f} s"
     )
