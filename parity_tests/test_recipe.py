@@ -53,7 +53,7 @@ def test_augmentation_parameters_stay_in_range_and_differ_per_image():
     assert np.abs(t_angle).max() <= np.radians(15) and 0.9 <= t_scale.min() <= t_scale.max() <= 1.1
 
 
-@pytest.mark.parametrize("warmup_epochs", [0.0, 2.5])
+@pytest.mark.parametrize("warmup_epochs", [0.0, 2.5, 10.0])  # 10: warmup to the end, no decay
 def test_cosine_schedule_is_the_same_in_both_frameworks(warmup_epochs):
     config = TrainConfig(
         arch="vit",
@@ -77,7 +77,8 @@ def test_cosine_schedule_is_the_same_in_both_frameworks(warmup_epochs):
         opt.step()
         sched.step()
     np.testing.assert_allclose(seen, ours[:total], atol=1e-12)
-    assert ours[0] == (0.0 if warmup else config.lr) and ours[total] == pytest.approx(0.0)
+    assert ours[0] == (0.0 if warmup else config.lr)
+    assert ours[total] == pytest.approx(0.0 if warmup < total else config.lr)
 
 
 def test_label_smoothing_matches_torch():

@@ -16,25 +16,28 @@ from pathlib import Path
 import torch
 
 from jaxvision.core.archs import config_from_dict
-from jaxvision.core.checkpoint import KEEP, TORCH_META, TORCH_STATE, Checkpoints
-from jaxvision.core.errors import UserError
+from jaxvision.core.checkpoint import (
+    KEEP,
+    TORCH_META,
+    TORCH_STATE,
+    Checkpoints,
+    damaged_if_not_finite,
+    fsync,
+    write_manifest,
+)
+from jaxvision.core.errors import DamagedCheckpoint
 from torch_reference.models import build_model
 
 TMP_PREFIX = ".tmp-"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TorchCheckpoints(Checkpoints):
     @staticmethod
     def read_meta(path: Path) -> dict:
-        return json.loads((path / TORCH_META).read_text())
+        try:
+            return json.loads((path / TORCH_META).read_text())
+        except (OSError, ValueError) as e:
+            raise DamagedCheckpoint(f"cannot read {path / TORCH_META} ({e})") from None
 
     def __init__(self, config, data, model_cfg, trainer):
         super().__init__(config, data, model_cfg, trainer.steps)
@@ -65,6 +68,7 @@ class TorchCheckpoints(Checkpoints):
     def _restore(self, step: int) -> None:
         t = self.trainer
         state = load_state(self.path(step))
+        check_finite(state["model"], self.path(step))
         t.model.load_state_dict(state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         if t.scheduler is not None:
@@ -85,10 +89,11 @@ def write_folder(directory: Path, step: int, state: dict, meta: dict) -> Path:
     tmp.mkdir()
     torch.save(state, tmp / TORCH_STATE)
     (tmp / TORCH_META).write_text(json.dumps(meta, indent=1) + "\n")
-    for f in (tmp / TORCH_STATE, tmp / TORCH_META, tmp):
-        _fsync(f)
+    for f in (tmp / TORCH_STATE, tmp / TORCH_META):
+        fsync(f)
+    write_manifest(tmp)  # last: it seals the folder
     os.rename(tmp, directory / str(step))
-    _fsync(directory)
+    fsync(directory)
     return directory / str(step)
 
 
@@ -102,14 +107,25 @@ def save_state_dict(state_dict: dict, path: Path) -> Path:
 def load_model(path: Path, meta: dict) -> torch.nn.Module:
     """The torch model in checkpoint folder `path` (DIR/<step>), in eval mode."""
     model = build_model(config_from_dict(meta["arch"], meta["model_config"]))
-    model.load_state_dict(load_state(path)["model"])
+    state = load_state(path)["model"]
+    check_finite(state, path)
+    model.load_state_dict(state)
     return model.eval()
+
+
+def check_finite(state_dict: dict, path: Path) -> None:
+    """DamagedCheckpoint when a floating-point tensor of `state_dict` holds NaN or inf."""
+    damaged_if_not_finite(
+        [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()],
+        path,
+    )
 
 
 def load_state(path: Path) -> dict:
     """DIR/<step>/state.pt, on the CPU; a clear error when it cannot be read."""
     try:
         return torch.load(path / TORCH_STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"cannot read checkpoint {path / TORCH_STATE} ({e}); it may be damaged, "
-                        "use an older checkpoint folder") from None  # fmt: skip
+    except Exception as e:  # noqa: BLE001  (unpickling damaged bytes raises anything)
+        raise DamagedCheckpoint(f"cannot read checkpoint {path / TORCH_STATE} "
+                                f"({type(e).__name__}: {e}); use an older checkpoint folder"
+                                ) from None  # fmt: skip

@@ -115,10 +115,10 @@ def other(name: str) -> Backend:
 def plan_checkpoint(config: TrainConfig, data: Dataset) -> None:
     """Raises a UserError, before any model is built, when --checkpoint-dir and the flags
     disagree; the checkpoints there are read by the backend that wrote them."""
-    steps = checkpoint.step_folders(Path(config.checkpoint_dir))
+    good, _ = checkpoint.intact_steps(Path(config.checkpoint_dir))
     writer = config.backend
-    if steps:
-        writer = checkpoint.written_by(Path(config.checkpoint_dir) / str(steps[-1]))
+    if good:
+        writer = checkpoint.written_by(Path(config.checkpoint_dir) / str(good[-1]))
     get(writer).plan_checkpoint(config, data)
 
 

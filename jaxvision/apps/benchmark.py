@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvision.apps import backends
-from jaxvision.core import data
+from jaxvision.core import data, flags
 from jaxvision.core.archs import get_arch
 from jaxvision.core.bench import peak_host_mb
 from jaxvision.core.config import BACKEND_NAMES, TrainConfig
@@ -262,7 +262,7 @@ def ratio_rows(records: list[dict]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="benchmark.py",
         description="Training and inference throughput of each arch in each backend, measured "
         "side by side in one run (interleaved repeats, medians).",

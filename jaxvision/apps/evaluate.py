@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from jaxvision.apps import backends
-from jaxvision.core import data, figures
+from jaxvision.core import data, figures, flags
 from jaxvision.core.errors import UserError, exit_code
 from jaxvision.core.results import describe_host
 
@@ -98,7 +98,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="evaluate.py",
         description="Score a checkpoint that train.py --checkpoint-dir wrote on a test set, "
         "without training: accuracy, macro F1, loss, confusion matrix.",

@@ -11,10 +11,10 @@ parity tests check.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from jaxvision.apps import backends
+from jaxvision.core import flags
 from jaxvision.core.archs import get_arch
 from jaxvision.core.errors import UserError, exit_code
 from torch_reference.checkpoint import save_state_dict
@@ -36,7 +36,7 @@ def export(src: str | Path, dst: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="convert_checkpoint.py",
         description="Convert a checkpoint's weights to the other framework: JAX -> torch "
         "(a .pth state_dict or a checkpoint folder), torch -> JAX (an orbax checkpoint folder).",

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxvision.core import report
+from jaxvision.core import flags, report
 from jaxvision.core.archs import ARCHS
 from jaxvision.core.config import BACKENDS
 from jaxvision.core.errors import RunFailed, UserError, exit_code
@@ -96,7 +96,7 @@ def run_lab(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="run_lab.py",
         description="Train every arch in both backends (CPU-sized settings), then write the "
         "comparison report (markdown, CSV, PNG).",

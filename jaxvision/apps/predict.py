@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from jaxvision.apps import backends
+from jaxvision.core import flags
 from jaxvision.core.data import DATASETS
 from jaxvision.core.errors import UserError, exit_code
-from jaxvision.core.images import FITS, prepare, read_grey
+from jaxvision.core.images import FITS, is_blank, prepare, read_grey
 
 
 class Classifier:
@@ -50,10 +51,12 @@ def predict_files(classifier: Classifier, files: list[str], fit: str = "auto"):
     records, images = [], []
     for f in files:
         try:
-            images.append(prepare(read_grey(f), classifier.size, fit))
-            records.append({"file": f})
+            grey = read_grey(f)
         except UserError as e:
             records.append({"file": f, "error": str(e)})
+            continue
+        images.append(prepare(grey, classifier.size, fit))
+        records.append({"file": f, "blank": is_blank(grey)})
     if images:
         probs = classifier.probabilities(np.stack(images))
         good = (r for r in records if "error" not in r)
@@ -65,14 +68,15 @@ def predict_files(classifier: Classifier, files: list[str], fit: str = "auto"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="predict.py",
         description="Classify PNG or JPG images (any size, colour or grey, either polarity) "
         "with a checkpoint that train.py --checkpoint-dir wrote.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a --checkpoint-dir; its latest checkpoint is used")  # fmt: skip
+                   help="a --checkpoint-dir (its latest checkpoint is used), or one checkpoint's "
+                   "DIR/<step> folder")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     p.add_argument("--fit", default="auto", choices=FITS,
                    help="how an image is fitted to 28x28: digit (MNIST's 20x20 box, centre of "
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 failed.append(r)
                 print(f"error: {r['error']}", file=sys.stderr)
+            elif r["blank"]:
+                print(f"warning: {r['file']}: blank (no ink stands out from the background); "
+                      "its class means nothing", file=sys.stderr)  # fmt: skip
         if args.json:
             print(json.dumps(records, indent=1))
         else:

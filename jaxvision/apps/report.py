@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from jaxvision.core import flags
 from jaxvision.core.errors import exit_code
 from jaxvision.core.report import load_runs, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="compare.py",
         description="Collect training runs (metrics.json) into the lab's comparison table "
         "(markdown, CSV) and a plot of accuracy against training time.",

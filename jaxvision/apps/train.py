@@ -54,7 +54,7 @@ class Launch:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="train.py",
         description="Train one of the lab's models on an MNIST-family dataset, in JAX or PyTorch, "
         "and write metrics.json.",
@@ -125,11 +125,18 @@ def write_torch_weights(config: TrainConfig, result: results.RunResult, out_dir:
 
 def train(config: TrainConfig) -> dict:
     """Loads the data, trains, writes metrics.json, prints the results row; returns the record."""
+    for note in config.notes:
+        print(f"note: {note}")
     backend = backends.get(config.backend)
     config.arch_spec.preset(config.preset)  # fail on a bad preset before loading data
     backend.check(config)  # missing weights, the device request: before the data is loaded
     if config.save_attention and not config.arch_spec.attention:
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
+    out_dir = Path(config.out) if config.out else results.default_out_dir(config)
+    if backend.is_primary():  # unwritable outputs fail now, not after training
+        results.probe_writable(out_dir, "--out")
+    if config.checkpoint_dir:
+        results.probe_writable(Path(config.checkpoint_dir), "--checkpoint-dir")
     dataset = data.load_dataset(
         config.dataset,
         source=config.data_source,
@@ -143,7 +150,6 @@ def train(config: TrainConfig) -> dict:
     record = results.metrics_record(config, dataset, result)
     if not backend.is_primary():  # multi-host: process 0 writes the outputs
         return record
-    out_dir = Path(config.out) if config.out else results.default_out_dir(config)
     path = results.write_metrics(record, out_dir)
     print(results.RESULTS_HEADER)
     print(results.results_row(record))

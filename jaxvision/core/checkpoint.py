@@ -12,8 +12,14 @@ This module is the framework-free half: the format, the checks, and when a check
 The JAX backend writes them with orbax (`jaxvision.training.checkpoint`); the torch backend with
 `torch.save` (`torch_reference.checkpoint`). Both are atomic: a checkpoint is written into a
 temporary folder and renamed into place when complete, so a run killed mid-save leaves the
-previous checkpoint as
-the latest valid one, never a half-written one that loads.
+previous checkpoint as the latest valid one, never a half-written one that loads.
+
+Every checkpoint folder ends with `MANIFEST.json`, written last and atomically: each file's size
+and SHA-256. Every load verifies it first (`verify`), so a truncated file, flipped bits or a
+folder without a manifest (a save that never finished) is reported as damage, naming the file,
+never loaded. `--resume` takes the newest intact checkpoint and moves damaged ones aside to
+`<step>.damaged` (it never deletes them); predict.py, evaluate.py and convert_checkpoint.py refuse
+a damaged one with one line that names an intact one.
 
 The data order needs no saved permutation: epoch `e` visits `epoch_permutation(n, seed, e)`, and
 each step's dropout and augmentation keys are folded in from the global step. The seed, batch
@@ -23,14 +29,19 @@ size and training-set size that fix them must therefore match on resume (`check_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from pathlib import Path
 
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.errors import UserError
+from jaxvision.core.errors import DamagedCheckpoint, UserError
 from jaxvision.core.loop import Position
 from jaxvision.core.results import EpochStats
 
 FORMAT = "jaxvision-checkpoint/1"
+MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = "jaxvision-manifest/1"
 KEEP = 3  # checkpoints kept per run: the newest ones
 TORCH_STATE = "state.pt"  # the torch backend's files in DIR/<step>/
 TORCH_META = "meta.json"
@@ -124,7 +135,7 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
             + ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
             + "; resume with the checkpoint's settings"
         )
-    ignore = {"resume", "checkpoint_dir", "out", "progress", "devices", "clipped"}
+    ignore = {"resume", "checkpoint_dir", "out", "progress", "devices", "clipped", "notes"}
     return [
         f"{k} {saved[k]} -> {now[k]}"
         for k in now
@@ -146,24 +157,34 @@ class Checkpoints:
     @classmethod
     def plan(cls, config: TrainConfig, data) -> tuple[Path | None, dict | None]:
         """Where a run with a --checkpoint-dir starts: (None, None) from scratch, or (--resume) the
-        latest checkpoint's folder and meta. Raises a UserError, before any model is built, when the
-        folder and the flags disagree."""
+        newest intact checkpoint's folder and meta. Raises a UserError, before any model is built,
+        when the folder and the flags disagree. --resume moves damaged checkpoints aside to
+        `<step>.damaged`, with a line each; it never deletes them."""
         directory = Path(config.checkpoint_dir).absolute()
         if directory.exists() and not directory.is_dir():
             raise UserError(f"--checkpoint-dir {directory} is a file; give a folder")
-        steps = step_folders(directory)
+        good, damaged = intact_steps(directory)
         if not config.resume:
-            if steps:
-                meta = cls.read_meta(directory / str(steps[-1]))
+            if good or damaged:
                 raise UserError(
-                    f"{directory} already holds checkpoints (latest {describe_position(meta)}); "
+                    f"{directory} already holds checkpoints (latest intact: "
+                    f"{describe_folder(cls, directory)}); "
                     "pass --resume to continue that run, or choose another --checkpoint-dir"
                 )
             return None, None
-        if not steps:
+        if not good and not damaged:
             raise UserError(f"--resume: no checkpoint in {directory}; check the path, or drop "
                             "--resume to start a new run there")  # fmt: skip
-        where = directory / str(steps[-1])
+        if not good:
+            raise DamagedCheckpoint(
+                f"--resume: no intact checkpoint in {directory} ("
+                + "; ".join(damaged.values())
+                + "); start a new run in another --checkpoint-dir"
+            )
+        for step, why in damaged.items():  # out of the step numbering: kept, never pruned
+            aside = set_aside(directory / str(step))
+            print(f"skipping damaged checkpoint: {why}; moved it to {aside}", flush=True)
+        where = directory / str(good[-1])
         meta = cls.read_meta(where)
         check_resumable(meta, config, data, where)
         if meta["position"]["epoch"] >= config.epochs:
@@ -206,11 +227,30 @@ class Checkpoints:
         return self.path(step)
 
     def describe_latest(self) -> str:
-        steps = self._steps()
-        if not steps:
-            return f"none saved yet in {self.directory}"
-        path = self.path(steps[-1])
-        return f"{path}, {describe_position(self.read_meta(path))}"
+        """The newest intact checkpoint, for messages."""
+        return describe_folder(self, self.directory)
+
+
+def describe_folder(backend, directory: Path) -> str:
+    """The newest intact checkpoint, '<dir>/<step>, after epoch 3', and any damaged newer ones,
+    for messages."""
+    good, damaged = intact_steps(directory)
+    newer = [str(directory / str(s)) for s in damaged if not good or s > good[-1]]
+    note = f"; damaged: {', '.join(newer)}" if newer else ""
+    if not good:
+        return f"none intact in {directory}{note}"
+    path = directory / str(good[-1])
+    return f"{path}, {describe_position(backend.read_meta(path))}{note}"
+
+
+def set_aside(folder: Path) -> Path:
+    """Renames a damaged checkpoint folder to `<step>.damaged` (or `.damaged-2`, ...), out of the
+    step numbering, and returns its new path."""
+    aside, i = folder.with_name(f"{folder.name}.damaged"), 2
+    while aside.exists():
+        aside, i = folder.with_name(f"{folder.name}.damaged-{i}"), i + 1
+    os.rename(folder, aside)
+    return aside
 
 
 def step_folders(directory: Path) -> list[int]:
@@ -221,19 +261,125 @@ def step_folders(directory: Path) -> list[int]:
 
 
 def latest_step(directory: str | Path) -> tuple[Path, str]:
-    """(the latest checkpoint's folder, 'jax' or 'torch'), or a UserError saying what is wrong."""
+    """(the latest checkpoint's folder, 'jax' or 'torch'), after verifying its manifest; or a
+    UserError saying what is wrong (damage, naming the newest intact checkpoint to use instead)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"checkpoint folder {directory} does not exist; pass a --checkpoint-dir "
                         "that train.py wrote")  # fmt: skip
     steps = step_folders(directory)
+    if not steps and directory.name.isdigit() and (directory / MANIFEST).exists():
+        directory, steps = directory.parent, [int(directory.name)]  # one checkpoint's own folder
     if not steps:
         raise UserError(f"{directory} holds no finished checkpoint; pass the folder given to "
                         "train.py --checkpoint-dir")  # fmt: skip
     path = directory / str(steps[-1])
+    try:
+        verify(path)
+    except DamagedCheckpoint as e:
+        good, _ = intact_steps(directory)
+        hint = (
+            f"the newest intact one is {directory / str(good[-1])}; pass that folder instead"
+            if good
+            else "no checkpoint there is intact"
+        )
+        raise DamagedCheckpoint(f"damaged checkpoint: {e}; {hint}") from None
     return path, written_by(path)
 
 
 def written_by(path: Path) -> str:
     """The backend that wrote checkpoint folder `path`: torch's holds a meta.json, orbax's not."""
     return "torch" if (path / TORCH_META).exists() else "jax"
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest: every file's size and SHA-256, written last
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> Path:
+    """`folder`/MANIFEST.json: the size and SHA-256 of every other file in it, written through a
+    temporary file, flushed and renamed, so the manifest exists whole or not at all."""
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(folder)
+    }
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+    fsync(tmp)
+    os.replace(tmp, folder / MANIFEST)
+    fsync(folder)
+    return folder / MANIFEST
+
+
+def verify(folder: Path) -> None:
+    """Raises DamagedCheckpoint naming the first problem when checkpoint folder `folder` does not
+    match its manifest: no manifest, a file missing, of another size, or with another SHA-256."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if manifest["format"] != MANIFEST_FORMAT or not all(
+            isinstance(v, dict) and isinstance(v["size"], int) and isinstance(v["sha256"], str)
+            for v in files.values()
+        ):
+            raise ValueError("unexpected contents")
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{folder} has no {MANIFEST}: its save did not finish, or it is "
+                                "not a jaxvision checkpoint") from None  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DamagedCheckpoint(f"{path} is damaged (not a readable manifest)") from None
+    for name, want in files.items():
+        f = folder / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            raise DamagedCheckpoint(f"{f} is missing") from None
+        if size != want["size"]:
+            raise DamagedCheckpoint(f"{f} is {size:,} bytes; its manifest says {want['size']:,}")
+        if _sha256(f) != want["sha256"]:
+            raise DamagedCheckpoint(f"{f} does not match its SHA-256 in {MANIFEST} (bit rot or "
+                                    "an edit)")  # fmt: skip
+
+
+def intact_steps(directory: Path) -> tuple[list[int], dict[int, str]]:
+    """(the steps whose folders verify, oldest first; {step: what is wrong} for the others)."""
+    good, damaged = [], {}
+    for step in step_folders(directory):
+        try:
+            verify(directory / str(step))
+            good.append(step)
+        except DamagedCheckpoint as e:
+            damaged[step] = str(e)
+    return good, damaged
+
+
+def damaged_if_not_finite(bad: list[str], path: Path) -> None:
+    """DamagedCheckpoint naming the variables of checkpoint `path` that hold NaN or inf."""
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DamagedCheckpoint(
+            f"{path} holds non-finite numbers (NaN or inf) in {shown}: the checkpoint is damaged "
+            "(not a learning-rate problem); use an older checkpoint"
+        )

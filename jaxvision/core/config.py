@@ -21,6 +21,7 @@ from jaxvision.core.recipes import RECIPE_FIELDS
 BACKENDS = ("jax", "torch")
 BACKEND_NAMES = {"jax": "JAX", "torch": "PyTorch"}
 DATA_PARALLEL = {"jax": True, "torch": False}  # trains over several devices (--devices)
+SCANS = {"jax": True, "torch": False}  # runs --log-every steps per compiled call (--scan)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -43,6 +44,20 @@ _RECIPES = sorted({r for a in ARCHS.values() for r in a.recipes}, key=lambda r: 
 
 def _field(default, help: str, group: str, **kwargs):
     return dataclasses.field(default=default, metadata=flag(help, group=group, **kwargs))
+
+
+# Float flags: (name, lower bound, upper bound or None); each must be finite and in range.
+FLOAT_RANGES = (
+    ("lr", 0.0, None),
+    ("feature_lr", 0.0, None),
+    ("momentum", 0.0, 1.0),
+    ("weight_decay", 0.0, None),
+    ("warmup_epochs", 0.0, None),
+    ("clip_norm", 0.0, None),
+    ("label_smoothing", 0.0, 1.0),
+)
+POSITIVE = {"lr", "feature_lr"}  # > 0; the others >= their bound
+DETECTOR_DEFAULTS = {"box_margin": 0, "score_threshold": 0.5}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,13 +153,13 @@ class TrainConfig:
     dtype: str = _field("float32", "compute dtype; parameters stay float32", FINE_TUNING,
                         choices=DTYPES)  # fmt: skip
     # Faster R-CNN
-    box_margin: int = _field(
-        0, "pixels added around each digit's ink box (the detection target)", DETECTOR
+    box_margin: int | None = _field(
+        None, "pixels added around each digit's ink box (the detection target) [0]", DETECTOR
     )
-    score_threshold: float = _field(
-        0.5,
+    score_threshold: float | None = _field(
+        None,
         "the top detection decides the class only if it scores at least this; below it, the "
-        "box head's best class does (a counted fallback)",
+        "box head's best class does (a counted fallback) [0.5]",
         DETECTOR,
     )
     devices: int = _field(
@@ -184,6 +199,8 @@ class TrainConfig:
     save_attention: bool = _field(
         False, "ViT: write attention.png (attention rollout of test digits) to --out", OUTPUT
     )
+    # What __post_init__ adjusted in a recipe's defaults to fit the flags given (not a flag).
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     @classmethod
     def for_arch(cls, arch: str, recipe: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
@@ -193,10 +210,74 @@ class TrainConfig:
     def __post_init__(self):
         arch = get_arch(self.arch)
         recipe = arch.recipe(self.recipe)
+        given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        self._check_applies(arch, given)
         for name in RECIPE_FIELDS:  # unset fields: the recipe's
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(recipe, name))
+        if arch.detector:
+            for name, default in DETECTOR_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+        self._fit_recipe(given)
         self._validate(arch)
+        # metrics.json records what is used: settings that do not apply are None.
+        if self.optimizer != "sgd":
+            object.__setattr__(self, "momentum", None)
+        if self.schedule != "cosine":
+            object.__setattr__(self, "warmup_epochs", None)
+        if not self.unfreeze:
+            object.__setattr__(self, "feature_lr", None)
+        if not SCANS[self.backend]:
+            object.__setattr__(self, "scan", None)
+
+    def _check_applies(self, arch, given: set[str]) -> None:
+        """A UserError for a flag given that the arch, the backend or the optimiser would
+        ignore (before the recipe fills the rest in)."""
+
+        def refuse(name: str, why: str):
+            raise UserError(f"--{name.replace('_', '-')} does not apply here: {why}")
+
+        if "image_size" in given and not (arch.imagenet or arch.detector):
+            refuse("image_size", f"--arch {arch.name} trains at the data's own size")
+        fine_tuning = ", ".join(a.name for a in ARCHS.values() if a.pretrained)
+        for name in ("weights", "pretrained", "unfreeze", "feature_lr"):
+            if name in given and arch.pretrained is None and getattr(self, name) is not False:
+                refuse(name, f"--arch {arch.name} trains from scratch (fine-tuning: {fine_tuning})")
+        for name in DETECTOR_DEFAULTS:
+            if name in given and not arch.detector:
+                refuse(name, f"it is faster_rcnn's, not --arch {arch.name}'s")
+        if "scan" in given and self.scan and not SCANS.get(self.backend, True):
+            refuse("scan", "it is the JAX backend's (lax.scan over steps)")
+        optimizer = self.optimizer or arch.recipe(self.recipe).optimizer
+        if "momentum" in given and optimizer != "sgd":
+            refuse("momentum", f"it is SGD's; this run's optimizer is {optimizer}")
+        schedule = self.schedule or arch.recipe(self.recipe).schedule
+        if "warmup_epochs" in given and schedule != "cosine" and self.warmup_epochs:
+            refuse("warmup_epochs", "it is the cosine schedule's; add --schedule cosine")
+        unfreeze = self.unfreeze if self.unfreeze is not None else arch.recipe(self.recipe).unfreeze
+        if "feature_lr" in given and not unfreeze:
+            refuse("feature_lr", "it is the features' learning rate with --unfreeze")
+
+    def _fit_recipe(self, given: set[str]) -> None:
+        """Adjusts a recipe default that does not fit the flags given, with a note: the run never
+        fails on a flag the user did not pass."""
+        notes = list(self.notes)
+        if (
+            "warmup_epochs" not in given
+            and self.schedule == "cosine"
+            and self.warmup_epochs >= self.epochs
+            and self.warmup_epochs > 0
+        ):
+            fitted = self.epochs / 2
+            notes.append(f"--warmup-epochs {fitted:g}: the recipe's {self.warmup_epochs:g} "
+                         f"does not fit --epochs {self.epochs}")  # fmt: skip
+            object.__setattr__(self, "warmup_epochs", fitted)
+        if "weight_decay" not in given and self.weight_decay > 0 and self.optimizer != "adamw":
+            notes.append(f"--weight-decay 0: the recipe's {self.weight_decay:g} is AdamW's, and "
+                         f"this run's optimizer is {self.optimizer}")  # fmt: skip
+            object.__setattr__(self, "weight_decay", 0.0)
+        object.__setattr__(self, "notes", tuple(notes))
 
     def _validate(self, arch) -> None:
         if self.backend not in BACKENDS:
@@ -222,8 +303,22 @@ class TrainConfig:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        for name, low, high in FLOAT_RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = math.isfinite(value) and (value > low if name in POSITIVE else value >= low)
+            if not ok or (high is not None and value >= high):
+                where = f"> {low:g}" if name in POSITIVE else f">= {low:g}"
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be a finite number {where}"
+                    + (f" and below {high:g}" if high is not None else "")
+                    + f", got {value}"
+                )
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
         if self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
         if self.unfreeze and self.feature_lr is None:
@@ -232,15 +327,11 @@ class TrainConfig:
             raise UserError(
                 f"unknown --schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}"
             )
-        if self.weight_decay < 0 or (self.weight_decay > 0 and self.optimizer != "adamw"):
+        if self.weight_decay > 0 and self.optimizer != "adamw":
             raise UserError(
                 f"--weight-decay {self.weight_decay:g} needs --optimizer adamw "
                 f"(decoupled decay), not {self.optimizer}"
             )
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.clip_norm < 0:
-            raise UserError(f"--clip-norm must be >= 0 (0 is off), got {self.clip_norm}")
         if self.devices < 0:
             raise UserError(f"--devices must be at least 1 (or 0 for all), got {self.devices}")
         if self.devices > 1 and not DATA_PARALLEL[self.backend]:
@@ -250,7 +341,7 @@ class TrainConfig:
             )
         if self.resume and not self.checkpoint_dir:
             raise UserError("--resume needs --checkpoint-dir (the folder to resume from)")
-        if not 0 <= self.warmup_epochs <= self.epochs:
+        if self.schedule == "cosine" and self.warmup_epochs > self.epochs:
             raise UserError(
                 f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), "
                 f"got {self.warmup_epochs}"
@@ -265,7 +356,7 @@ class TrainConfig:
                             "torchvision's detector loss")  # fmt: skip
         if self.dtype != "float32":
             raise UserError(f"--dtype {self.dtype} is not supported for faster_rcnn; use float32")
-        if not 0 <= self.score_threshold <= 1:
+        if not 0 <= self.score_threshold <= 1:  # NaN fails too
             raise UserError(f"--score-threshold must be in [0, 1], got {self.score_threshold}")
         if self.box_margin < 0:
             raise UserError(f"--box-margin must be >= 0 pixels, got {self.box_margin}")

@@ -130,6 +130,11 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
                  data_source: str = "", test_set: str | None = None) -> Dataset:  # fmt: skip
     """Validates the arrays and computes the normalisation statistics. `test_set` defaults to
     the name of MNIST's official test set when the test split is it, image for image."""
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{source}: the training images are {'x'.join(map(str, x_train.shape[1:]))} but the "
+            f"test images {'x'.join(map(str, x_test.shape[1:]))}; both splits must have one shape"
+        )
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim != 4 or x.dtype != np.uint8:
             raise DataError(
@@ -260,54 +265,82 @@ _IDX_NAMES = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"missing file: {path}") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt gzip file ({e}); download it again") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+# The most data one IDX file may declare: full MNIST's training images are 47 MB, EMNIST's
+# largest split 0.6 GB. Reading never holds more than the declared size plus a byte.
+MAX_IDX_BYTES = 2 << 30
+
+
+class _Reader:
+    """Reads an IDX file, raw or .gz, a piece at a time, so that memory never exceeds what its
+    header declares (a gzip bomb is refused after its first byte too many)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            raise DataError(f"missing file: {path}") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.f.read(n)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise DataError(f"{self.path}: corrupt gzip file ({e}); download it again") from None
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot read ({e.strerror or e})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
-    """Reads one IDX file (raw or .gz) into a native-endian numpy array."""
+    """Reads one IDX file (raw or .gz) into a native-endian numpy array, in memory bounded by the
+    size its header declares (at most MAX_IDX_BYTES)."""
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, the header alone needs 4)")
-    (magic,) = struct.unpack(">I", raw[:4])
-    dtype_code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\x00\x00" or dtype_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(
-            f"{path}: not an IDX file (magic number 0x{magic:08x}); is it the right file?"
-        )
-    if expected_magic is not None and magic != expected_magic:
-        raise DataError(
-            f"{path}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
-            f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'}); are the files swapped?"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(
-            f"{path}: truncated IDX file (header of {header} bytes, file has {len(raw)})"
-        )
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[dtype_code]).newbyteorder(">")
-    expected = int(np.prod(dims)) * dtype.itemsize
-    have = len(raw) - header
-    if have != expected:
-        what = "truncated" if have < expected else "has trailing bytes"
+    with _Reader(path) as f:
+        head = f.read(4)
+        if len(head) < 4:
+            raise DataError(f"{path}: truncated IDX file ({len(head)} bytes, the header alone "
+                            "needs 4)")  # fmt: skip
+        (magic,) = struct.unpack(">I", head)
+        dtype_code, ndim = head[2], head[3]
+        if head[:2] != b"\x00\x00" or dtype_code not in _IDX_DTYPES or ndim == 0:
+            raise DataError(
+                f"{path}: not an IDX file (magic number 0x{magic:08x}); is it the right file?"
+            )
+        if expected_magic is not None and magic != expected_magic:
+            raise DataError(
+                f"{path}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'}); are the files "
+                "swapped?"
+            )
+        dims_raw = f.read(4 * ndim)
+        if len(dims_raw) < 4 * ndim:
+            raise DataError(f"{path}: truncated IDX file (header of {4 + 4 * ndim} bytes, file "
+                            f"has {4 + len(dims_raw)})")  # fmt: skip
+        dims = struct.unpack(f">{ndim}I", dims_raw)
+        dtype = np.dtype(_IDX_DTYPES[dtype_code]).newbyteorder(">")
+        expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+        if expected > MAX_IDX_BYTES:
+            raise DataError(
+                f"{path}: its header declares shape {tuple(dims)}, {expected:,} bytes, over the "
+                f"limit of {MAX_IDX_BYTES:,}; is it the right file?"
+            )
+        payload = f.read(expected)
+        extra = f.read(1)  # one byte past the declared size, never the rest of a bomb
+    if len(payload) != expected or extra:
+        what = "truncated" if len(payload) < expected else "has trailing bytes"
+        have = f"{len(payload):,}" if not extra else f"more than {expected:,}"
         raise DataError(
             f"{path}: {what}: its header declares shape {tuple(dims)} ({expected:,} bytes of data) "
-            f"but the file holds {have:,}; download it again"
+            f"but the file holds {have}; download it again"
         )
-    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="))
+    return np.frombuffer(payload, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:

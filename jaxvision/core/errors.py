@@ -19,6 +19,10 @@ class DataError(UserError):
     """A dataset that cannot be found, read or trusted."""
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files do not match its manifest, or that holds non-finite numbers."""
+
+
 class ConversionError(UserError):
     """A state_dict that does not map key for key, shape for shape, onto the target model."""
 

@@ -16,6 +16,15 @@ import types
 import typing
 from collections.abc import Callable
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line: `error: <what>; see --help`, exit 2 (argparse
+    prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 # Field metadata key: see `flag`.
 KEY = "flag"
 

@@ -1,10 +1,12 @@
 """Image files -> the training data's form: 28x28 grey, light on dark (`prepare`).
 From any PNG or JPG to the training data's 28x28 grey, light on dark:
   1. Read; apply the EXIF orientation; composite transparency onto white; colour -> luminance
-     (ITU-R 601-2, Pillow's "L").
+     (ITU-R 601-2, Pillow's "L"); 16-bit and 32-bit grey scaled to [0, 255], not clipped.
+     Images over MAX_PIXELS pixels are refused (a decompression bomb would exhaust memory).
   2. Polarity: the median of the border pixels is the background. A light background (above
      mid-grey) means dark ink on light paper, and the image is inverted, since MNIST digits are
-     light on dark.
+     light on dark. An image then already in the data's form (28x28 on a black border) is
+     taken as it is, so a dataset digit saved as a PNG comes back unchanged.
   3. Contrast: the background level is subtracted and the brightest pixel scaled to 255.
   4. Fit, as the dataset was made (`--fit auto` picks by the checkpoint's dataset):
      digit  (MNIST, KMNIST) the ink's bounding box (pixels above 10% of the peak) is scaled,
@@ -20,6 +22,7 @@ checkpoint (a converted checkpoint runs in the other one).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +32,24 @@ from jaxvision.core.errors import UserError
 
 FITS = ("auto", "digit", "item", "none")
 INK_FRACTION = 0.1  # of the peak: what counts as ink when finding the bounding box
+MAX_PIXELS = 50_000_000  # larger images are refused, per file (a 7,000 x 7,000 scan fits)
+BLANK_PEAK = 8.0  # of 255: an image whose ink peaks below this above its background is blank
 
 
 def read_grey(path: str | Path) -> np.ndarray:
     """An image file -> (H, W) float32 luminance in [0, 255]. Raises UserError if unreadable."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            im_file = Image.open(path)
+        with im_file as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UserError(f"{path}: {w:,}x{h:,} pixels is over the limit of {MAX_PIXELS:,} "
+                                "(a decompression bomb guard); downscale it first")  # fmt: skip
             im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                return _wide_grey(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -43,8 +57,42 @@ def read_grey(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("L"), dtype=np.float32)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: over the limit of {MAX_PIXELS:,} pixels (a decompression "
+                        "bomb guard); downscale it first") from None  # fmt: skip
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read it as an image ({e})") from None
+
+
+def _wide_grey(im: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image -> [0, 255], scaled by its bit depth (Pillow's
+    own conversion to "L" clips them to 0 and 255)."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        full = 65535.0
+    elif im.mode == "F":
+        full = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+    else:  # "I": Pillow's 32-bit integer mode, which 16-bit PNGs also open as
+        peak = float(a.max()) if a.size else 0.0
+        full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**32 - 1
+    return np.clip(np.nan_to_num(a) * (255.0 / full), 0.0, 255.0).astype(np.float32)
+
+
+def is_blank(grey: np.ndarray) -> bool:
+    """True when an image holds no ink: after its background is removed, nothing stands more
+    than BLANK_PEAK grey levels above it (a uniform, 1x1 or fully transparent image)."""
+    g = np.asarray(grey, np.float32)
+    background = _background(g)
+    ink = 255.0 - g if background > 127.5 else g
+    return float(ink.max()) - min(background, 255.0 - background) < BLANK_PEAK
+
+
+def _background(g: np.ndarray) -> float:
+    """The median of the border pixels."""
+    h, w = g.shape
+    b = max(1, min(h, w) // 20)
+    border = np.concatenate([g[:b].ravel(), g[-b:].ravel(), g[:, :b].ravel(), g[:, -b:].ravel()])
+    return float(np.median(border))
 
 
 def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -54,12 +102,11 @@ def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
 def prepare(grey: np.ndarray, size: int = 28, fit: str = "digit") -> np.ndarray:
     """(H, W) luminance in [0, 255] -> (size, size) uint8, light on dark (see the module doc)."""
     g = np.asarray(grey, np.float32)
-    h, w = g.shape
-    b = max(1, min(h, w) // 20)
-    border = np.concatenate([g[:b].ravel(), g[-b:].ravel(), g[:, :b].ravel(), g[:, -b:].ravel()])
-    background = float(np.median(border))
+    background = _background(g)
     if background > 127.5:  # dark ink on light paper
         g, background = 255.0 - g, 255.0 - background
+    if g.shape == (size, size) and background == 0.0:  # already in the training data's form
+        return np.clip(g, 0.0, 255.0).round().astype(np.uint8)
     g = np.clip(g - background, 0.0, None)
     peak = float(g.max())
     if peak <= 0.0:

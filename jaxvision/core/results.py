@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import OFFICIAL_TEST_SET, Dataset
+from jaxvision.core.errors import UserError
 from jaxvision.core.figures import confusion_matrix
 
 
@@ -110,10 +111,31 @@ def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dic
 
 
 def write_metrics(record: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """out_dir/metrics.json. When it cannot be written, the record goes to stderr as JSON, so
+    the run's result is not lost, and a UserError says so."""
     path = out_dir / "metrics.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        print(text, file=sys.stderr, end="")
+        raise UserError(f"cannot write {path} ({e.strerror}); the metrics are above, on stderr, "
+                        "as JSON") from None  # fmt: skip
     return path
+
+
+def probe_writable(folder: Path, flag: str) -> None:
+    """A UserError now, before any data is loaded or step taken, when `folder` (created if
+    missing) cannot be written."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not writable ({e.strerror}); choose a folder you "
+                        "can write to") from None  # fmt: skip
 
 
 RESULTS_COLUMNS = (

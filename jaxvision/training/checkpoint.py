@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxvision.core.archs import config_from_dict
-from jaxvision.core.checkpoint import KEEP, Checkpoints
+from jaxvision.core.checkpoint import KEEP, Checkpoints, damaged_if_not_finite, write_manifest
+from jaxvision.core.errors import DamagedCheckpoint
 from jaxvision.models import build_model
 from jaxvision.training.state import TrainState, with_mode
 
@@ -102,6 +104,7 @@ class JaxCheckpoints(Checkpoints):
         state = self.trainer.state
         model, train = self._items(state)
         model, train = self.manager.restore_state(step, _abstract(model), _abstract(train))
+        check_finite(model, self.path(step))
         self.trainer.state = TrainState(
             params=from_nested(model, state.params),
             frozen=from_nested(model, state.frozen),
@@ -122,8 +125,20 @@ def load_flax_model(path: Path, meta: dict):
     target = to_nested(nnx.state(model))
     manager = JaxCheckpoints.open(path.parent, read_only=True)
     restored, _ = manager.restore_state(int(path.name), _abstract(target))
+    check_finite(restored, path)
     nnx.update(model, from_nested(restored, nnx.state(model)))
     return with_mode(model, train=False)
+
+
+def check_finite(nested: dict, path: Path) -> None:
+    """DamagedCheckpoint when a floating-point variable of `nested` holds NaN or inf."""
+    bad = [
+        "/".join(_key_name(k) for k in keys)
+        for keys, leaf in jax.tree.flatten_with_path(nested)[0]
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+        and not np.isfinite(np.asarray(leaf)).all()
+    ]
+    damaged_if_not_finite(bad, path)
 
 
 def _merge(into: dict, other: dict) -> None:
@@ -146,13 +161,27 @@ class _Manager:
             items["train"] = ocp.args.StandardSave(train)
         self.manager.save(step, args=ocp.args.Composite(**items))
         self.manager.wait_until_finished()
+        write_manifest(Path(self.manager.directory) / str(step))  # last: it seals the folder
 
     def restore_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._restore(step, args).meta
 
     def restore_state(self, step: int, model, train=None):
         items = dict(model=ocp.args.StandardRestore(model))
         if train is not None:
             items["train"] = ocp.args.StandardRestore(train)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        out = self._restore(step, ocp.args.Composite(**items))
         return out.model, (out.train if train is not None else None)
+
+    def _restore(self, step: int, args):
+        """Callers verify the manifest first; this catches what it cannot see (a checkpoint
+        folder orbax does not understand), as damage, in one line."""
+        try:
+            return self.manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+            where = Path(self.manager.directory) / str(step)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise DamagedCheckpoint(
+                f"cannot read checkpoint {where} ({type(e).__name__}: {first})"
+            ) from None

@@ -43,6 +43,8 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int) -> float | optax.Sc
     warmup = config.warmup_steps(steps_per_epoch)
     if warmup == 0:
         return optax.cosine_decay_schedule(config.lr, total)
+    if warmup >= total:  # --warmup-epochs == --epochs: all warmup, no decay (as `lr_factor`)
+        return optax.linear_schedule(0.0, config.lr, warmup)
     return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, total, end_value=0.0)
 
 

@@ -1,0 +1,422 @@
+"""Bad input of every kind ends in one clean `UserError` line or a correct result: property-based
+tests (hypothesis) of the IDX reader, the image reader and checkpoint loading, and the flag and
+output checks of issue 15."""
+
+import gzip
+import io
+import json
+import shutil
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from jaxvision.apps import backends, export, predict
+from jaxvision.apps import train as cli
+from jaxvision.core import checkpoint, data, images, results
+from jaxvision.core.config import TrainConfig
+from jaxvision.core.errors import DamagedCheckpoint, DataError, UserError
+
+# Small example counts: the suite runs on 2 CPU cores in CI.
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+# --- the IDX reader ----------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                       *array.shape)  # fmt: skip
+    buf.write(header + array.astype(np.uint8).tobytes())
+    return buf.getvalue()
+
+
+def read_back(tmp_path, payload: bytes, gz: bool):
+    path = tmp_path / ("f.idx.gz" if gz else "f.idx")
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return data.read_idx(path)
+
+
+@FAST
+@given(payload=st.binary(max_size=300), gz=st.booleans())
+def test_idx_reader_on_random_bytes(tmp_path_factory, payload, gz):
+    tmp = tmp_path_factory.mktemp("idx")
+    try:
+        arr = read_back(tmp, payload, gz)
+    except DataError:
+        return
+    assert arr.size * arr.itemsize == len(payload) - 4 - 4 * arr.ndim  # the bytes, all used
+
+
+@FAST
+@given(
+    shape=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    cut=st.integers(0, 400),
+    gz=st.booleans(),
+)
+def test_idx_reader_on_truncations(tmp_path_factory, shape, cut, gz):
+    tmp = tmp_path_factory.mktemp("idx")
+    full = np.arange(int(np.prod(shape)), dtype=np.uint8).reshape(shape)
+    payload = idx_bytes(full)
+    cut = min(cut, len(payload))
+    if cut == len(payload):
+        np.testing.assert_array_equal(read_back(tmp, payload, gz), full)
+    else:
+        with pytest.raises(DataError, match="truncated"):
+            read_back(tmp, payload[:cut], gz)
+
+
+@FAST
+@given(
+    code=st.integers(0, 255),
+    ndim=st.integers(0, 255),
+    dims=st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=4),
+    body=st.binary(max_size=64),
+)
+def test_idx_reader_on_random_headers(tmp_path_factory, code, ndim, dims, body):
+    tmp = tmp_path_factory.mktemp("idx")
+    header = bytes([0, 0, code, ndim]) + b"".join(struct.pack(">I", d) for d in dims)
+    try:
+        arr = read_back(tmp, header + body, gz=False)
+    except DataError:
+        return
+    assert arr.ndim == ndim and list(arr.shape) == dims[:ndim]
+
+
+def test_a_gzip_bomb_is_refused_in_bounded_memory(tmp_path):
+    """A .gz whose header declares 10 digits but that inflates to 256 MB: refused after reading
+    the declared size plus one byte; Python never holds more than a few MB."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    with open(path, "wb") as f:
+        f.write(z.compress(struct.pack(">BBBBIII", 0, 0, 8, 3, 10, 28, 28)))
+        chunk = bytes(1 << 20)
+        for _ in range(256):
+            f.write(z.compress(chunk))
+        f.write(z.flush())
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="has trailing bytes: its header declares shape "
+                                            r"\(10, 28, 28\)"):  # fmt: skip
+            data.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak:,} bytes"
+
+
+def test_a_header_declaring_too_much_is_refused_before_reading(tmp_path):
+    path = tmp_path / "big.idx"
+    path.write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, 60000, 2000, 2000))
+    with pytest.raises(DataError, match="over the limit of 2,147,483,648"):
+        data.read_idx(path)
+
+
+def test_train_and_test_shapes_are_checked_at_load():
+    with pytest.raises(DataError, match="training images are 28x28x1 but the test images 14x14x1"):
+        data.make_dataset("mnist", "x", np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2),
+                          np.zeros((2, 14, 14, 1), np.uint8), np.zeros(2), 10)  # fmt: skip
+
+
+# --- the image reader --------------------------------------------------------------------------
+
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F"]
+
+
+@FAST
+@given(
+    mode=st.sampled_from(MODES),
+    w=st.integers(1, 40),
+    h=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    fmt=st.sampled_from(["PNG", "TIFF"]),
+)
+def test_image_reader_on_random_modes_sizes_and_depths(tmp_path_factory, mode, w, h, seed, fmt):
+    rng = np.random.default_rng(seed)
+    top = {"1": 2, "I;16": 65536, "I": 2**31 - 1, "F": 1}.get(mode, 256)
+    a = rng.integers(0, top, size=(h, w, {"LA": 2, "RGB": 3, "RGBA": 4}.get(mode, 1)))
+    a = a.squeeze(-1) if a.shape[-1] == 1 else a
+    if mode == "F":
+        im = Image.fromarray(rng.random((h, w)).astype(np.float32))
+    elif mode in ("I;16", "I"):
+        im = Image.fromarray(a.astype(np.uint16 if mode == "I;16" else np.int32))
+        assert im.mode == mode
+    elif mode == "1":
+        im = Image.fromarray((a * 255).astype(np.uint8)).convert("1")
+    elif mode == "P":
+        im = Image.fromarray(a.astype(np.uint8)).convert("P")
+    else:
+        im = Image.fromarray(a.astype(np.uint8))
+        assert im.mode == mode
+    path = tmp_path_factory.mktemp("img") / f"x.{fmt.lower()}"
+    try:
+        im.save(path, fmt)
+    except (OSError, ValueError, KeyError):
+        return  # a mode this format cannot store
+    grey = images.read_grey(path)
+    assert grey.shape == (h, w) and grey.dtype == np.float32
+    assert 0.0 <= grey.min() and grey.max() <= 255.0
+    out = images.prepare(grey)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """A dark-on-light 16-bit scan keeps its grey levels (Pillow's own conversion to 8 bits
+    leaves only 0 and 255)."""
+    ramp = np.linspace(20000, 60000, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "scan.png")  # mode I;16
+    grey = images.read_grey(tmp_path / "scan.png")
+    np.testing.assert_allclose(grey, ramp / 65535 * 255, atol=0.5)
+    assert len(np.unique(grey.round())) > 100
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that declares w x h grey pixels and holds one row: opening it reads the header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    idat = zlib.compress(bytes(w + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8000, 13500])  # over our limit; over Pillow's own
+def test_a_decompression_bomb_is_a_per_file_error(tmp_path, side):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(side, side))
+    with pytest.raises(UserError, match=r"over the limit of 50,000,000 (pixels)?"):
+        images.read_grey(path)
+
+
+def test_blank_images_are_recognised(tmp_path):
+    Image.new("L", (1, 1), 0).save(tmp_path / "dot.png")
+    Image.new("RGBA", (40, 40), (10, 200, 30, 0)).save(tmp_path / "clear.png")
+    Image.new("RGB", (50, 30), (240, 240, 240)).save(tmp_path / "paper.png")
+    for name in ("dot.png", "clear.png", "paper.png"):
+        assert images.is_blank(images.read_grey(tmp_path / name)), name
+    digit = np.zeros((28, 28), np.float32)
+    digit[8:20, 12:15] = 200.0
+    assert not images.is_blank(digit)
+
+
+def test_official_test_digits_saved_as_png_come_back_unchanged():
+    """The README's claim: a real MNIST digit saved as a 28x28 PNG comes back unchanged."""
+    x, _ = data.load_official_mnist_test()
+    for img in x[:2000, ..., 0]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        buf.seek(0)
+        np.testing.assert_array_equal(images.prepare(images.read_grey(buf)), img)
+
+
+# --- flags -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"optimizer": "sgd", "momentum": float("nan")}, "--momentum must be a finite number"),
+        ({"optimizer": "sgd", "momentum": -5.0}, "--momentum must be a finite number >= 0"),
+        ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
+        ({"clip_norm": float("nan")}, "--clip-norm must be a finite number >= 0"),
+        ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+        ({"label_smoothing": 1.0}, "--label-smoothing must be a finite number >= 0 and below 1"),
+        ({"arch": "vgg16", "unfreeze": True, "feature_lr": -1.0}, "--feature-lr must be"),
+        ({"seed": -1}, "--seed must be >= 0"),
+        ({"image_size": 14}, "--image-size does not apply here: --arch cnn trains at the data's"),
+        ({"arch": "vit", "weights": "x.pth"}, "--weights does not apply here: --arch vit trains"),
+        ({"momentum": 0.5}, "--momentum does not apply here: it is SGD's; this run's optimizer"),
+        ({"backend": "torch", "scan": True}, "--scan does not apply here: it is the JAX"),
+        ({"box_margin": 2}, "--box-margin does not apply here: it is faster_rcnn's"),
+        ({"schedule": "constant", "warmup_epochs": 2.0}, "--warmup-epochs does not apply here"),
+        ({"feature_lr": 1e-4, "arch": "vgg16"}, "--feature-lr does not apply here"),
+    ],
+)
+def test_every_flag_is_validated_with_its_own_name(fields, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**fields)
+
+
+@pytest.mark.parametrize("epochs, warmup", [(1, 0.5), (2, 1.0), (3, 1.5), (4, 3.0)])
+def test_a_recipe_warmup_that_does_not_fit_the_epochs_is_adjusted_with_a_note(epochs, warmup):
+    config = TrainConfig(arch="vit", epochs=epochs)
+    assert config.warmup_epochs == warmup
+    assert bool(config.notes) == (epochs < 4)  # the recipe's 3 fits 4 epochs
+    if config.notes:
+        assert config.notes == (f"--warmup-epochs {warmup:g}: the recipe's 3 does not fit "
+                                f"--epochs {epochs}",)  # fmt: skip
+
+
+def test_metrics_record_only_what_is_used():
+    cnn = TrainConfig(arch="cnn")  # AdamW, cosine: no momentum
+    assert (cnn.optimizer, cnn.momentum, cnn.warmup_epochs) == ("adamw", None, 1.0)
+    lab = TrainConfig(arch="cnn", recipe="lab-cpu")  # Adam, constant: no momentum, no warmup
+    assert (lab.momentum, lab.warmup_epochs, lab.feature_lr) == (None, None, None)
+    assert TrainConfig(arch="vit", backend="torch").scan is None
+    sgd = TrainConfig(arch="cnn", optimizer="sgd")  # the recipe's AdamW decay does not apply
+    assert (sgd.momentum, sgd.weight_decay) == (0.9, 0.0)
+    assert sgd.notes == ("--weight-decay 0: the recipe's 0.05 is AdamW's, and this run's "
+                         "optimizer is sgd",)  # fmt: skip
+
+
+def test_usage_errors_are_one_line(train_cli):
+    r = train_cli("--epochs")
+    assert r.returncode == 2
+    assert r.stderr == "error: argument --epochs: expected one argument; see train.py --help\n"
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def test_unwritable_outputs_fail_before_any_data_is_loaded(tmp_path, train_cli):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for flag in ("--out", "--checkpoint-dir"):
+        r = train_cli("--arch", "cnn", "--epochs", "1", flag, str(blocker / "sub"))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"error: {flag} {blocker / 'sub'} is not writable")
+        assert r.stderr.count("\n") == 1 and "dataset" not in r.stdout
+
+
+def test_metrics_that_cannot_be_written_go_to_stderr(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write .*metrics.json .*on stderr, as JSON"):
+        results.write_metrics({"test_accuracy": 0.99}, blocker / "run")
+    assert json.loads(capsys.readouterr().err) == {"test_accuracy": 0.99}
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+TINY = ["--arch", "cnn", "--preset", "tiny", "--no-progress", "--data-source", "sample-split",
+        "--batch-size", "500"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def run(request, tmp_path_factory):
+    """A 2-epoch tiny-CNN run's checkpoint folder (one checkpoint per epoch), per backend."""
+    tmp = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    args = [*TINY, "--backend", request.param, "--epochs", "2", "--out", str(tmp / "out"),
+            "--checkpoint-dir", str(tmp / "ckpt")]  # fmt: skip
+    assert cli.main(args) == 0
+    return request.param, tmp / "ckpt"
+
+
+def load(directory):
+    """What predict.py and evaluate.py do: the latest checkpoint, verified, then its model."""
+    backend, path, meta = backends.for_checkpoint(directory)
+    return backend.classifier(path, meta)
+
+
+def damage(folder, rng, how: str):
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    victim = files[rng.integers(len(files))]
+    raw = bytearray(victim.read_bytes())
+    if how == "truncate":
+        raw = raw[: rng.integers(len(raw))] if raw else raw + b"x"
+    elif how == "flip":
+        for i in rng.integers(0, len(raw), size=min(len(raw), 1 + rng.integers(8))):
+            raw[i] ^= 1 << rng.integers(8)
+        if not raw:
+            raw = bytearray(b"x")
+    else:
+        victim.unlink()
+        return victim
+    victim.write_bytes(bytes(raw))
+    return victim
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1), how=st.sampled_from(["truncate", "flip", "delete"]))
+def test_a_damaged_checkpoint_is_never_loaded(run, tmp_path_factory, seed, how):
+    _, ckpt = run
+    copy = tmp_path_factory.mktemp("damaged") / "ckpt"
+    shutil.copytree(ckpt, copy)
+    latest = copy / str(checkpoint.step_folders(copy)[-1])
+    victim = damage(latest, np.random.default_rng(seed), how)
+    with pytest.raises(DamagedCheckpoint) as e:
+        load(copy)
+    assert str(e.value).startswith("damaged checkpoint: ")
+    older = copy / str(checkpoint.step_folders(copy)[0])
+    if victim.name != checkpoint.MANIFEST or how != "delete":
+        assert f"the newest intact one is {older}" in str(e.value)
+
+
+def test_predict_and_convert_refuse_a_damaged_checkpoint_in_one_line(run, tmp_path, capsys):
+    backend, ckpt = run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    latest = copy / str(checkpoint.step_folders(copy)[-1])
+    state = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    state.write_bytes(state.read_bytes()[:100])
+    digit = tmp_path / "digit.png"
+    Image.new("L", (28, 28), 0).save(digit)
+    for main, args in ((predict.main, ["--checkpoint", str(copy), str(digit)]),
+                       (export.main, [str(copy), str(tmp_path / "out.pth")])):  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: damaged checkpoint: {state} is 100 bytes; its manifest")
+        assert err.count("\n") == 1
+    # One checkpoint's own folder is accepted too: the older, intact one.
+    older = copy / str(checkpoint.step_folders(copy)[0])
+    assert predict.main(["--checkpoint", str(older), str(digit)]) == 0
+    assert "warning: " in capsys.readouterr().err  # the digit is blank
+
+
+def test_resume_takes_the_newest_intact_checkpoint_and_sets_damage_aside(run, tmp_path, capsys):
+    backend, ckpt = run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    first, second = checkpoint.step_folders(copy)
+    (copy / str(second) / checkpoint.MANIFEST).unlink()  # a save that never finished
+    (copy / str(second + 100)).mkdir()  # a stray empty numbered folder
+    args = [*TINY, "--backend", backend, "--epochs", "2", "--out", str(tmp_path / "out"),
+            "--checkpoint-dir", str(copy), "--resume"]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"skipping damaged checkpoint: {copy / str(second)} has no MANIFEST.json" in out
+    assert f"moved it to {copy / f'{second}.damaged'}" in out
+    assert f"{copy / str(second + 100)} has no MANIFEST.json" in out
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2]  # epoch 1 from the checkpoint
+    assert (copy / f"{second}.damaged").is_dir() and (copy / f"{second + 100}.damaged").is_dir()
+    assert checkpoint.step_folders(copy) == [first, second]  # epoch 2, saved again
+    checkpoint.verify(copy / str(second))
+
+
+def test_non_finite_parameters_are_damage_not_a_learning_rate_problem(run, tmp_path, capsys):
+    backend, ckpt = run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    latest = copy / str(checkpoint.step_folders(copy)[-1])
+    if backend == "torch":
+        import torch
+
+        state = torch.load(latest / checkpoint.TORCH_STATE, weights_only=True)
+        state["model"]["fc1.weight"][0, 0] = float("nan")
+        torch.save(state, latest / checkpoint.TORCH_STATE)
+    else:
+        from flax import nnx
+
+        from jaxvision.training.checkpoint import load_flax_model, save_weights
+
+        meta = backends.get("jax").read_meta(latest)
+        model = load_flax_model(latest, meta)
+        model.fc1.kernel[...] = model.fc1.kernel[...].at[0, 0].set(float("nan"))
+        shutil.rmtree(copy)
+        save_weights(copy, 7, model, {**meta, "items": ["model", "meta"]})
+        latest = copy / "7"
+        assert nnx.state(model)  # the model was real
+    checkpoint.write_manifest(latest)  # sealed as it is: the manifest cannot see a NaN
+    with pytest.raises(DamagedCheckpoint, match=r"holds non-finite numbers \(NaN or inf\) in "
+                                                r"fc1.*not a learning-rate problem"):  # fmt: skip
+        load(copy)
