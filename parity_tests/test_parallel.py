@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO
 
 from jaxvision.apps import train as cli
+from jaxvision.core import checkpoint
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import UserError
 from jaxvision.training import parallel
@@ -155,4 +156,6 @@ def test_two_processes_train_like_one(tmp_path):
     assert multi["test_accuracy"] == one["test_accuracy"]
     for k in ("train_loss", "test_loss"):
         np.testing.assert_allclose(multi[k], one[k], rtol=1e-5)
-    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [31, 62]
+    steps = 5000 // 64  # the default data and the CNN's default batch
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [steps, 2 * steps]
+    checkpoint.verify(tmp_path / "ckpt" / str(2 * steps))  # sealed once, by process 0

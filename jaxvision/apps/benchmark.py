@@ -64,16 +64,18 @@ class Spec:
     image_size: int | None  # None: the arch's default (VGG16 / AlexNet 224, Faster R-CNN 64)
     preset: str | None = None
     seed: int = 0
+    recipe: str = "default"
 
 
 def train_config(spec: Spec) -> TrainConfig:
     """The arch's default recipe, at the benchmark's batch size, on random weights."""
     arch = get_arch(spec.arch)
-    image_size = arch.recipe().image_size
+    image_size = arch.recipe(spec.recipe).image_size
     if spec.image_size is not None and image_size is not None:
         image_size = spec.image_size
     return TrainConfig.for_arch(
         spec.arch,
+        spec.recipe,
         backend=backends.entry(spec.backend).trains,
         preset=spec.preset,
         seed=spec.seed,
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="input size for vgg16, alexnet, faster_rcnn (default: the arch's)",
     )
     p.add_argument("--preset", default=None, help="model preset (default: each arch's)")
+    p.add_argument("--recipe", default="default",
+                   help="each arch's training recipe, e.g. lab-cpu (default: default)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the records to this file")
     return p
 
@@ -301,7 +305,7 @@ def benchmark(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     specs = [
-        Spec(a, b, args.batch_size, args.steps, args.image_size, args.preset)
+        Spec(a, b, args.batch_size, args.steps, args.image_size, args.preset, recipe=args.recipe)
         for a in archs
         for b in backend_names
         if backends.entry(b).trains in get_arch(a).backends

@@ -249,7 +249,10 @@ def set_aside(folder: Path) -> Path:
     aside, i = folder.with_name(f"{folder.name}.damaged"), 2
     while aside.exists():
         aside, i = folder.with_name(f"{folder.name}.damaged-{i}"), i + 1
-    os.rename(folder, aside)
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:  # another process of a multi-host run moved it first
+        pass
     return aside
 
 

@@ -387,7 +387,7 @@ class TrainConfig:
 
 
 def recipe_defaults(field: dataclasses.Field) -> str | None:
-    """'[cnn: 10, vit: 100, ...]': a recipe field's default recipe value per arch, for --help."""
+    """'[cnn: 40, vit: 150, ...]': a recipe field's default recipe value per arch, for --help."""
     if field.name not in RECIPE_FIELDS:
         return None
     return "[" + ", ".join(f"{a.name}: {getattr(a.recipe(), field.name)}"

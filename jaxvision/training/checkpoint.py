@@ -161,7 +161,8 @@ class _Manager:
             items["train"] = ocp.args.StandardSave(train)
         self.manager.save(step, args=ocp.args.Composite(**items))
         self.manager.wait_until_finished()
-        write_manifest(Path(self.manager.directory) / str(step))  # last: it seals the folder
+        if jax.process_index() == 0:  # orbax has finished every process's part by now
+            write_manifest(Path(self.manager.directory) / str(step))  # last: it seals the folder
 
     def restore_meta(self, step: int) -> dict:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
