@@ -170,6 +170,15 @@ def test_run_lab_dry_run_lists_every_arch_and_backend():
     )
 
 
+def test_run_lab_refuses_flags_that_one_arch_would_refuse_before_training(tmp_path):
+    r = script("run_lab.py", "--out", str(tmp_path / "lab"), "--", "--image-size", "64",
+               timeout=120)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: train.py --arch cnn --backend jax: --image-size does not "
+                               "apply here")  # fmt: skip
+    assert not (tmp_path / "lab").exists()  # nothing trained
+
+
 def test_run_lab_trains_and_reports_end_to_end(tmp_path):
     out = tmp_path / "lab"
     r = script(

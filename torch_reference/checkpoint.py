@@ -68,7 +68,9 @@ class TorchCheckpoints(Checkpoints):
     def _restore(self, step: int) -> None:
         t = self.trainer
         state = load_state(self.path(step))
-        check_finite(state["model"], self.path(step))
+        optimizer = {f"optimizer/{i}/{k}": v for i, slots in state["optimizer"]["state"].items()
+                     for k, v in slots.items() if isinstance(v, torch.Tensor)}  # fmt: skip
+        check_finite({**state["model"], **optimizer}, self.path(step))
         t.model.load_state_dict(state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         if t.scheduler is not None:

@@ -55,6 +55,22 @@ def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> 
     return cmds
 
 
+def check_flags(argv: list[str]) -> None:
+    """A UserError naming the run when train.py would refuse its flags (a flag after `--` that
+    does not apply to one of the archs, say)."""
+    from jaxvision.apps import train
+
+    def refuse(message: str):
+        raise UserError(message)
+
+    parser = train.build_parser()
+    parser.error = refuse  # argparse's usage errors as a UserError, not an exit
+    try:
+        train.config_from_args(parser.parse_args(argv))
+    except UserError as e:
+        raise UserError(f"train.py {' '.join(argv[:4])}: {e}") from None
+
+
 def run_lab(args: argparse.Namespace) -> None:
     """Trains every requested arch and backend, then writes the report."""
     archs = [a for a in args.archs.split(",") if a]
@@ -67,9 +83,11 @@ def run_lab(args: argparse.Namespace) -> None:
             raise UserError(
                 f"unknown backend {b!r} in --backends; available: {', '.join(BACKENDS)}"
             )
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    for cmd in commands(archs, backends, Path("runs"), args.pretrained, extra):
+        check_flags(cmd[2:])  # every run's flags, before the first one trains
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     cmds = commands(archs, backends, out, args.pretrained, extra)
     if not cmds:
         raise UserError("nothing to run: faster_rcnn has no JAX backend")

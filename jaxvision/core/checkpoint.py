@@ -206,10 +206,16 @@ class Checkpoints:
 
     def start(self) -> tuple[Position, list[EpochStats]]:
         """Where training starts: the beginning, or (--resume) the latest checkpoint, restored."""
-        where, meta = self.plan(self.config, self.data)
-        if where is None:
-            return Position(), []
-        self._restore(int(where.name))
+        while True:
+            where, meta = self.plan(self.config, self.data)
+            if where is None:
+                return Position(), []
+            try:
+                self._restore(int(where.name))
+                break
+            except DamagedCheckpoint as e:  # intact files, non-finite numbers: try the next
+                aside = set_aside(where)
+                print(f"skipping damaged checkpoint: {e}; moved it to {aside}", flush=True)
         if self.config.progress:
             print(f"resumed from {where} ({describe_position(meta)})")
             changed = check_resumable(meta, self.config, self.data, where)
@@ -271,7 +277,7 @@ def latest_step(directory: str | Path) -> tuple[Path, str]:
         raise UserError(f"checkpoint folder {directory} does not exist; pass a --checkpoint-dir "
                         "that train.py wrote")  # fmt: skip
     steps = step_folders(directory)
-    if not steps and directory.name.isdigit() and (directory / MANIFEST).exists():
+    if not steps and directory.name.isdigit():
         directory, steps = directory.parent, [int(directory.name)]  # one checkpoint's own folder
     if not steps:
         raise UserError(f"{directory} holds no finished checkpoint; pass the folder given to "
@@ -353,17 +359,33 @@ def verify(folder: Path) -> None:
                                 "not a jaxvision checkpoint") from None  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise DamagedCheckpoint(f"{path} is damaged (not a readable manifest)") from None
+    try:
+        signature = tuple((n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns)
+                          for n in sorted(files))  # fmt: skip
+    except OSError:
+        signature = None
+    if signature is not None and _verified.get(folder.absolute()) == signature:
+        return  # verified already, and no file has changed since (a run reads it 3 times)
     for name, want in files.items():
         f = folder / name
         try:
+            if not f.is_file():
+                raise DamagedCheckpoint(f"{f} is missing" if not f.exists() else
+                                        f"{f} is not a file")  # fmt: skip
             size = f.stat().st_size
-        except OSError:
-            raise DamagedCheckpoint(f"{f} is missing") from None
-        if size != want["size"]:
-            raise DamagedCheckpoint(f"{f} is {size:,} bytes; its manifest says {want['size']:,}")
-        if _sha256(f) != want["sha256"]:
-            raise DamagedCheckpoint(f"{f} does not match its SHA-256 in {MANIFEST} (bit rot or "
-                                    "an edit)")  # fmt: skip
+            if size != want["size"]:
+                raise DamagedCheckpoint(f"{f} is {size:,} bytes; its manifest says "
+                                        f"{want['size']:,}")  # fmt: skip
+            if _sha256(f) != want["sha256"]:
+                raise DamagedCheckpoint(f"{f} does not match its SHA-256 in {MANIFEST} (bit "
+                                        "rot or an edit)")  # fmt: skip
+        except OSError as e:
+            raise DamagedCheckpoint(f"{f} cannot be read ({e.strerror or e})") from None
+    if signature is not None:
+        _verified[folder.absolute()] = signature
+
+
+_verified: dict[Path, tuple] = {}  # folder -> the files' (name, size, mtime) when it verified
 
 
 def intact_steps(directory: Path) -> tuple[list[int], dict[int, str]]:

@@ -315,8 +315,8 @@ class TrainConfig:
                     + (f" and below {high:g}" if high is not None else "")
                     + f", got {value}"
                 )
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"--image-size must be at least 1, got {self.image_size}")
         if self.dtype not in DTYPES:

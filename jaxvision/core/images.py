@@ -5,8 +5,9 @@ From any PNG or JPG to the training data's 28x28 grey, light on dark:
      Images over MAX_PIXELS pixels are refused (a decompression bomb would exhaust memory).
   2. Polarity: the median of the border pixels is the background. A light background (above
      mid-grey) means dark ink on light paper, and the image is inverted, since MNIST digits are
-     light on dark. An image then already in the data's form (28x28 on a black border) is
-     taken as it is, so a dataset digit saved as a PNG comes back unchanged.
+     light on dark. An image then already in MNIST's form (28x28 on a black border, full
+     contrast, the ink in the 20x20 box, centred by mass) is taken as it is, so a dataset digit
+     saved as a PNG comes back unchanged.
   3. Contrast: the background level is subtracted and the brightest pixel scaled to 255.
   4. Fit, as the dataset was made (`--fit auto` picks by the checkpoint's dataset):
      digit  (MNIST, KMNIST) the ink's bounding box (pixels above 10% of the peak) is scaled,
@@ -99,13 +100,29 @@ def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a, mode="F").resize((width, height), Image.BILINEAR))
 
 
+def _in_digit_form(g: np.ndarray, background: float, size: int) -> bool:
+    """Already what `prepare` would make, up to resampling: size x size, light on a black border,
+    full contrast, the ink inside the 20x20 box and its centre of mass within a pixel of the
+    frame's centre (a dataset digit saved as a file)."""
+    if g.shape != (size, size) or background != 0.0 or g.max() < 200.0:
+        return False
+    ys, xs = np.nonzero(g > INK_FRACTION * g.max())
+    box = round(size * 20 / 28)
+    if ys.max() - ys.min() + 1 > box or xs.max() - xs.min() + 1 > box:
+        return False
+    mass = g.sum()
+    cy = (g.sum(1) * np.arange(size)).sum() / mass
+    cx = (g.sum(0) * np.arange(size)).sum() / mass
+    return abs(cy - size / 2) <= 1.5 and abs(cx - size / 2) <= 1.5
+
+
 def prepare(grey: np.ndarray, size: int = 28, fit: str = "digit") -> np.ndarray:
     """(H, W) luminance in [0, 255] -> (size, size) uint8, light on dark (see the module doc)."""
     g = np.asarray(grey, np.float32)
     background = _background(g)
     if background > 127.5:  # dark ink on light paper
         g, background = 255.0 - g, 255.0 - background
-    if g.shape == (size, size) and background == 0.0:  # already in the training data's form
+    if fit == "digit" and _in_digit_form(g, background, size):
         return np.clip(g, 0.0, 255.0).round().astype(np.uint8)
     g = np.clip(g - background, 0.0, None)
     peak = float(g.max())

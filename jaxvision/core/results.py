@@ -126,11 +126,17 @@ def write_metrics(record: dict, out_dir: Path) -> Path:
 
 
 def probe_writable(folder: Path, flag: str) -> None:
-    """A UserError now, before any data is loaded or step taken, when `folder` (created if
-    missing) cannot be written."""
-    probe = folder / f".write-probe-{os.getpid()}"
+    """A UserError now, before any data is loaded or step taken, when `folder` could not be
+    created or written. Creates nothing: it writes and removes a file in `folder`, or in the
+    nearest folder above it that exists."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder} cannot be created: {existing} is a file; choose a "
+                        "folder you can write to")  # fmt: skip
+    probe = existing / f".write-probe-{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

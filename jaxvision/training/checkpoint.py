@@ -104,7 +104,7 @@ class JaxCheckpoints(Checkpoints):
         state = self.trainer.state
         model, train = self._items(state)
         model, train = self.manager.restore_state(step, _abstract(model), _abstract(train))
-        check_finite(model, self.path(step))
+        check_finite({"model": model, "optimizer": train["opt_state"]}, self.path(step))
         self.trainer.state = TrainState(
             params=from_nested(model, state.params),
             frozen=from_nested(model, state.frozen),
