@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxvision.apps import train
 from jaxvision.core import flags, report
 from jaxvision.core.archs import ARCHS
 from jaxvision.core.config import BACKENDS
@@ -58,7 +59,6 @@ def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> 
 def check_flags(argv: list[str]) -> None:
     """A UserError naming the run when train.py would refuse its flags (a flag after `--` that
     does not apply to one of the archs, say)."""
-    from jaxvision.apps import train
 
     def refuse(message: str):
         raise UserError(message)
