@@ -192,6 +192,31 @@ class FasterRCNNConfig:
     def detector_classes(self) -> int:
         return self.num_classes + 1  # + background
 
+    # The settings torchvision's builders give each detector, in one place for both backends
+    # (`torch_reference.models.detector`, `jaxvision.models.detector`).
+    @property
+    def anchor_sizes(self) -> tuple[tuple[int, ...], ...]:
+        """Anchor sizes per feature level: MobileNetV3's three levels each take all five; the
+        ResNet-50 FPN's five levels one each."""
+        if self.detector == "mobilenet_v3_320":
+            return ((32, 64, 128, 256, 512),) * 3
+        return ((32,), (64,), (128,), (256,), (512,))
+
+    @property
+    def rpn_pre_nms_top_n(self) -> dict[str, int]:
+        """Proposals kept per feature level before NMS, in training and at test."""
+        test = 150 if self.detector == "mobilenet_v3_320" else 1000  # the 320 model's own
+        return {"train": 2000, "test": test}
+
+    @property
+    def rpn_post_nms_top_n(self) -> dict[str, int]:
+        """Proposals kept per image after NMS, in training and at test."""
+        return self.rpn_pre_nms_top_n
+
+    @property
+    def rpn_score_thresh(self) -> float:
+        return 0.05 if self.detector == "mobilenet_v3_320" else 0.0
+
 
 # --detector -> torchvision's builder and its COCO weights (the COCO_V1 entry of the enum).
 DETECTORS = {

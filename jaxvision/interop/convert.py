@@ -23,7 +23,15 @@ from flax import nnx
 
 from jaxvision.core.archs import arch_of
 from jaxvision.core.errors import ConversionError, UserError
-from jaxvision.core.model_configs import AlexNetConfig, CNNConfig, VGGConfig, ViTConfig
+from jaxvision.core.model_configs import (
+    AlexNetConfig,
+    CNNConfig,
+    FasterRCNNConfig,
+    VGGConfig,
+    ViTConfig,
+)
+from jaxvision.models.backbones import Buffer
+from jaxvision.models.detector import ROI_SIZE, FasterRCNN
 
 Path = tuple[str | int, ...]
 
@@ -150,9 +158,33 @@ def alexnet_rules(config: AlexNetConfig) -> list[Rule]:
     ]
 
 
+# Flax leaf name -> torch's, where they differ (batch norm keeps torch's own buffer names).
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight"}
+
+
+def faster_rcnn_rules(config: FasterRCNNConfig, *, frozen: bool = False) -> list[Rule]:
+    """The detector's table, read off its Flax structure: the module names are torchvision's
+    (`jaxvision.models.detector`), so each path is its torch key. `frozen`: FrozenBatchNorm2d's
+    four buffers per norm, where BatchNorm2d also has `num_batches_tracked`."""
+    model = nnx.eval_shape(lambda: FasterRCNN(config, frozen=frozen, rngs=nnx.Rngs(0)))
+    rules = []
+    for path, var in _flax_params(model).items():
+        *module, leaf = path
+        key = ".".join(map(str, [*module, _TORCH_LEAF.get(leaf, leaf)]))
+        if module == ["roi_heads", "box_head", "fc6"] and leaf == "kernel":
+            rules.append(Rule(key, path, "linear_chw", (256, ROI_SIZE, ROI_SIZE)))
+        elif leaf == "kernel":
+            rules.append(Rule(key, path, "conv" if len(var.shape) == 4 else "linear"))
+        else:
+            rules.append(Rule(key, path))
+    return rules
+
+
 def rules_for(model: nnx.Module) -> list[Rule]:
     """The conversion table the arch registry names for `model`'s config."""
     config = getattr(model, "config", None)
+    if isinstance(model, FasterRCNN):  # not in the registry until it trains in JAX (issue 16)
+        return faster_rcnn_rules(config, frozen=model.frozen)
     try:
         return arch_of(config).load("conversion")(config)
     except (TypeError, UserError):
@@ -166,7 +198,8 @@ def _to_numpy(t: Any) -> np.ndarray:
 
 
 def _flax_params(model: nnx.Module) -> dict[Path, nnx.Variable]:
-    return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    """Every variable a torch state_dict holds: parameters, batch-norm statistics, buffers."""
+    return dict(nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat, Buffer))))
 
 
 def load_torch_state_dict(

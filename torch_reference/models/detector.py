@@ -44,16 +44,22 @@ def build_detector(
     if config.detector == "mobilenet_v3_320":
         body = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm)
         backbone = _mobilenet_extractor(body, True, trainable)
-        anchor_sizes = ((32, 64, 128, 256, 512),) * 3
         kwargs.update(
-            rpn_anchor_generator=AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * 3),
-            rpn_pre_nms_top_n_test=150,  # the 320 model's own test-time settings
-            rpn_post_nms_top_n_test=150,
-            rpn_score_thresh=0.05,
+            rpn_anchor_generator=AnchorGenerator(
+                config.anchor_sizes, ((0.5, 1.0, 2.0),) * len(config.anchor_sizes)
+            ),
         )
     else:
         body = torchvision.models.resnet50(weights=None, norm_layer=norm)
         backbone = _resnet_fpn_extractor(body, trainable)
+    pre, post = config.rpn_pre_nms_top_n, config.rpn_post_nms_top_n
+    kwargs.update(  # the builders' values (`FasterRCNNConfig`'s properties)
+        rpn_pre_nms_top_n_train=pre["train"],
+        rpn_pre_nms_top_n_test=pre["test"],
+        rpn_post_nms_top_n_train=post["train"],
+        rpn_post_nms_top_n_test=post["test"],
+        rpn_score_thresh=config.rpn_score_thresh,
+    )
     classes = num_classes or (COCO_CLASSES if pretrained else config.detector_classes)
     return FasterRCNN(backbone, classes, **kwargs)
 

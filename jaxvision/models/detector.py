@@ -1,0 +1,238 @@
+"""torchvision's Faster R-CNN in Flax NNX, with static shapes, for digit images.
+
+Ren et al. 2015, as torchvision builds it (`fasterrcnn_mobilenet_v3_large_320_fpn`,
+`fasterrcnn_resnet50_fpn`). The torch twin is torchvision's own model
+(`torch_reference.models.detector`); the module names are torchvision's (`backbone.body`,
+`backbone.fpn`, `rpn.head`, `roi_heads.box_head`, `roi_heads.box_predictor`), so conversion is a
+table (`jaxvision.interop.convert.faster_rcnn_rules`).
+
+The one deviation is of form, not number: every variable-length list torchvision makes
+(proposals, detections) is a fixed-size array with a `valid` mask, so a step compiles once
+(`jaxvision.models.box_ops`). Inputs are (B, S, S, 3) in [0, 1], NHWC; the transform normalises,
+resizes to `config.image_size` and pads to a multiple of 32, as `GeneralizedRCNNTransform`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvision.core.model_configs import FASTER_RCNN_PRESETS as PRESETS  # noqa: F401
+from jaxvision.core.model_configs import FasterRCNNConfig
+from jaxvision.models import box_ops
+from jaxvision.models.backbones import BackboneWithFPN, Sequential, conv
+from jaxvision.models.layers import torch_linear
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+RPN_NMS_THRESH, RPN_MIN_SIZE = 0.7, 1e-3
+BOX_SCORE_THRESH, BOX_NMS_THRESH, BOX_MIN_SIZE, DETECTIONS_PER_IMG = 0.05, 0.5, 1e-2, 100
+ROI_SIZE, ROI_SAMPLING = 7, 2
+
+
+class RPNHead(nnx.Module):
+    """torchvision's RPNHead: a shared 3x3 conv + ReLU, then objectness and box deltas."""
+
+    def __init__(self, channels: int, anchors: int, rngs: nnx.Rngs):
+        init = dict(bias=True, init="normal_0.01")
+        self.conv = Sequential([Sequential([conv(channels, channels, 3, rngs, **init)])])
+        self.cls_logits = conv(channels, anchors, 1, rngs, **init)
+        self.bbox_pred = conv(channels, anchors * 4, 1, rngs, **init)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, H, W, C) -> objectness (B, H*W*A) and deltas (B, H*W*A, 4), location-major."""
+        t = nnx.relu(self.conv(x))
+        b = x.shape[0]
+        logits = self.cls_logits(t).reshape(b, -1)  # (B, H, W, A) -> (B, H*W*A)
+        deltas = self.bbox_pred(t).reshape(b, -1, 4)  # (B, H, W, A*4) -> (B, H*W*A, 4)
+        return logits, deltas
+
+
+class RegionProposalNetwork(nnx.Module):
+    def __init__(self, channels: int, anchors: int, rngs: nnx.Rngs):
+        self.head = RPNHead(channels, anchors, rngs)
+
+
+class TwoMLPHead(nnx.Module):
+    """fc6, fc7 with ReLU. Its input is flattened (H, W, C); the converter permutes fc6's rows
+    from torch's (C, H, W)."""
+
+    def __init__(self, features: int, hidden: int, rngs: nnx.Rngs):
+        self.fc6 = torch_linear(features, hidden, rngs)
+        self.fc7 = torch_linear(hidden, hidden, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)  # (R, 7, 7, C) -> (R, 7*7*C)
+        return nnx.relu(self.fc7(nnx.relu(self.fc6(x))))
+
+
+class FastRCNNPredictor(nnx.Module):
+    def __init__(self, hidden: int, classes: int, rngs: nnx.Rngs):
+        self.cls_score = torch_linear(hidden, classes, rngs)
+        self.bbox_pred = torch_linear(hidden, classes * 4, rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(nnx.Module):
+    def __init__(self, classes: int, rngs: nnx.Rngs):
+        self.box_head = TwoMLPHead(256 * ROI_SIZE**2, 1024, rngs)
+        self.box_predictor = FastRCNNPredictor(1024, classes, rngs)
+
+
+class FasterRCNN(nnx.Module):
+    """`frozen`: FrozenBatchNorm2d, the structure torchvision loads pretrained weights into;
+    otherwise trainable BatchNorm2d, as torchvision builds it from scratch. `num_classes`
+    includes background (default: the config's digits + 1)."""
+
+    def __init__(
+        self,
+        config: FasterRCNNConfig = FasterRCNNConfig(),
+        *,
+        frozen: bool = False,
+        num_classes: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.config = c = config
+        self.frozen = frozen
+        self.backbone = BackboneWithFPN(c.detector, rngs, frozen)
+        per_location = len(c.anchor_sizes[0]) * len(ASPECT_RATIOS)
+        self.rpn = RegionProposalNetwork(256, per_location, rngs)
+        self.roi_heads = RoIHeads(num_classes or c.detector_classes, rngs)
+
+    # --- static geometry (Python ints and numpy, fixed by the config) ---
+    @property
+    def padded_size(self) -> int:
+        return -(-self.config.image_size // 32) * 32
+
+    def anchors(self, feature_sizes: list[int]) -> list[np.ndarray]:
+        """Each level's (H*W*A, 4) anchors for square maps of these sides, as torchvision's
+        AnchorGenerator makes them."""
+        return [
+            box_ops.grid_anchors(box_ops.base_anchors(sizes, ASPECT_RATIOS), f, self.padded_size)
+            for sizes, f in zip(self.config.anchor_sizes, feature_sizes, strict=True)
+        ]
+
+    # --- stages ---
+    def transform(self, images: jax.Array) -> jax.Array:
+        """GeneralizedRCNNTransform: normalise, resize (bilinear) to image_size, zero-pad to a
+        multiple of 32. (B, S, S, 3) in [0, 1] -> (B, P, P, 3)."""
+        b, h, w, ch = images.shape
+        if h != w or ch != 3:
+            raise ValueError(f"FasterRCNN expects square RGB (B, S, S, 3), got {images.shape}")
+        x = (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+        x = box_ops.resize_bilinear(x, box_ops.resized_size(h, self.config.image_size))
+        pad = self.padded_size - x.shape[1]
+        return jnp.pad(x, ((0, 0), (0, pad), (0, pad), (0, 0))) if pad else x
+
+    def proposals(
+        self, features: list[jax.Array], mode: str, out: dict | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+        """The RPN: objectness and deltas on every level, then torchvision's `filter_proposals`
+        with `mode`'s ('train' or 'test') top-n settings.
+
+        Returns objectness (B, N) and deltas (B, N, 4) over all N anchors (for the RPN loss),
+        and proposals (B, P, 4), their sigmoid scores (B, P) and valid mask (B, P)."""
+        c = self.config
+        heads = [self.rpn.head(f) for f in features]
+        logits = jnp.concatenate([h[0] for h in heads], 1)  # (B, N)
+        deltas = jnp.concatenate([h[1] for h in heads], 1)  # (B, N, 4)
+        anchors = self.anchors([f.shape[1] for f in features])
+        anchors_all = jnp.asarray(np.concatenate(anchors))  # (N, 4)
+        boxes = box_ops.decode(
+            jax.lax.stop_gradient(deltas)[:, :, None, :], anchors_all, box_ops.RPN_WEIGHTS
+        )[:, :, 0]  # (B, N, 4)
+        obj = jax.lax.stop_gradient(logits)
+        # top-n per level, then torchvision's filter_proposals; NMS runs per level
+        cands, scores, keeps, offset = [], [], [], 0
+        for a in anchors:
+            k = min(c.rpn_pre_nms_top_n[mode], len(a))
+            top_obj, top = jax.lax.top_k(obj[:, offset : offset + len(a)], k)  # (B, k)
+            box = box_ops.clip(jnp.take_along_axis(boxes, top[..., None] + offset, 1), c.image_size)
+            score = jax.nn.sigmoid(top_obj)
+            ok = box_ops.not_small(box, RPN_MIN_SIZE) & (score >= c.rpn_score_thresh)
+            keeps.append(jax.vmap(box_ops.nms, (0, 0, 0, None))(box, score, ok, RPN_NMS_THRESH))
+            cands.append(box)
+            scores.append(score)
+            offset += len(a)
+        cand, scores = jnp.concatenate(cands, 1), jnp.concatenate(scores, 1)  # (B, K, 4), (B, K)
+        n_out = min(c.rpn_post_nms_top_n[mode], cand.shape[1])
+        keep, found = jax.vmap(box_ops.top_survivors, (0, 0, None))(
+            scores, jnp.concatenate(keeps, 1), n_out
+        )  # (B, P)
+        props = jnp.take_along_axis(cand, keep[..., None], 1)  # (B, P, 4)
+        prop_scores = jnp.take_along_axis(scores, keep, 1)
+        if out is not None:
+            out.update({"rpn.objectness": logits, "rpn.deltas": deltas, "anchors": anchors_all,
+                        "proposals": props, "proposals.scores": prop_scores,
+                        "proposals.valid": found})  # fmt: skip
+        return logits, deltas, props, prop_scores, found
+
+    def box_features(self, features: list[jax.Array], boxes: jax.Array) -> jax.Array:
+        """MultiScaleRoIAlign over the levels but `pool`, then the box head: (B, R, 4) boxes ->
+        (B, R, 1024)."""
+        b, r, _ = boxes.shape
+        pooled = box_ops.multiscale_roi_align(features[:-1], boxes, self.config.image_size,
+                                              ROI_SIZE, ROI_SAMPLING)  # fmt: skip
+        return self.roi_heads.box_head(pooled.reshape(b * r, *pooled.shape[2:])).reshape(b, r, -1)
+
+    def postprocess(
+        self, class_logits: jax.Array, box_regression: jax.Array, proposals: jax.Array,
+        valid: jax.Array,
+    ) -> dict[str, jax.Array]:  # fmt: skip
+        """`RoIHeads.postprocess_detections` per image: class-specific boxes, softmax, clip, drop
+        background, score > 0.05, small-box removal, per-class NMS, the top 100."""
+        c = self.config
+        b, p, k = class_logits.shape
+        boxes = box_ops.decode(
+            box_regression.reshape(b, p, k, 4), proposals, box_ops.BOX_HEAD_WEIGHTS
+        )  # (B, P, K, 4)
+        boxes = box_ops.clip(boxes, c.image_size)[:, :, 1:]  # (B, P, K-1, 4): no background
+        scores = jax.nn.softmax(class_logits, -1)[:, :, 1:]  # (B, P, K-1)
+        ok = valid[..., None] & (scores > BOX_SCORE_THRESH) & box_ops.not_small(boxes, BOX_MIN_SIZE)
+        per_class = jax.vmap(jax.vmap(box_ops.nms, (1, 1, 1, None), 1), (0, 0, 0, None))
+        keep = per_class(boxes, scores, ok, BOX_NMS_THRESH)  # (B, P, K-1), NMS within each class
+        boxes, scores = boxes.reshape(b, -1, 4), scores.reshape(b, -1)  # (B, P*(K-1)), p-major
+        n_out = min(DETECTIONS_PER_IMG, scores.shape[1])
+        keep, found = jax.vmap(box_ops.top_survivors, (0, 0, None))(
+            scores, keep.reshape(b, -1), n_out
+        )  # (B, D)
+        labels = keep % (k - 1) + 1
+        return {
+            "boxes": jnp.take_along_axis(boxes, keep[..., None], 1),
+            "scores": jnp.where(found, jnp.take_along_axis(scores, keep, 1), 0.0),
+            "labels": jnp.where(found, labels, 0),
+            "valid": found,
+        }
+
+    def detect(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Eval-mode detection: torchvision's `model(images)` with BatchNorm's running statistics.
+
+        images (B, S, S, 3) in [0, 1]. Returns the detections (`boxes` (B, D, 4) in input pixels,
+        `scores`, `labels` (digit + 1), `valid`; D = 100) plus `class_scores` (B, K), each
+        class's best softmax score over the image's proposals (the no-detection fallback), and
+        the named intermediates of every stage.
+        """
+        out = {}
+        out["transform"] = x = self.transform(images)
+        features = self.backbone(x)
+        for name, f in zip(self.level_names(), features, strict=True):
+            out[f"features.{name}"] = f
+        _, _, props, _, valid = self.proposals(features, "test", out)
+        out["box_head"] = feats = self.box_features(features, props)  # (B, P, 1024)
+        class_logits, box_regression = self.roi_heads.box_predictor(feats)
+        out["class_logits"], out["box_regression"] = class_logits, box_regression
+        det = self.postprocess(class_logits, box_regression, props, valid)
+        ratio = np.float32(images.shape[1]) / np.float32(self.config.image_size)
+        det["boxes"] = det["boxes"] * ratio  # back to input pixels (transform.postprocess)
+        probs = jax.nn.softmax(class_logits, -1)
+        det["class_scores"] = jnp.where(valid[..., None], probs, 0.0).max(1)  # (B, K)
+        out["detections"] = det
+        return det, out
+
+    def level_names(self) -> list[str]:
+        return [*map(str, range(len(self.config.anchor_sizes) - 1)), "pool"]
