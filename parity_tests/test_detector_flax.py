@@ -21,6 +21,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from jaxvision.core.model_configs import FasterRCNNConfig
 from jaxvision.interop import convert
 from jaxvision.models import box_ops
+from jaxvision.models.backbones import FrozenBatchNorm2d
 from jaxvision.models.detector import FasterRCNN
 from torch_reference.detection import as_rgb, detect
 from torch_reference.models.detector import COCO_CLASSES, build_detector
@@ -69,13 +70,14 @@ def same_up_to_ties(stage, boxes, scores, want_boxes, want_scores, labels=None, 
         np.asarray, (boxes, scores, want_boxes, want_scores)
     )
     close(f"{stage}.scores", scores, want_scores, SCORE_ATOL)
-    err, swapped = 0.0, 0
+    err, swapped, used = 0.0, 0, set()
     for j in range(len(want_boxes)):
-        candidates = [j] + [t for t in np.flatnonzero(np.abs(want_scores - want_scores[j]) <= 1e-6)
-                            if t != j]  # fmt: skip
-        diffs = [np.abs(boxes[t] - want_boxes[j]).max() for t in candidates]
-        t = candidates[int(np.argmin(diffs))]
+        tied = np.flatnonzero(np.abs(want_scores - want_scores[j]) <= 1e-6)
+        candidates = [t for t in [j, *tied] if t not in used]  # each box matches once
+        diffs = [np.abs(boxes[t] - want_boxes[j]).max() for t in candidates] or [np.inf]
         assert min(diffs) <= BOX_ATOL, f"{stage}[{j}]: no box within {BOX_ATOL} px of torchvision's"
+        t = candidates[int(np.argmin(diffs))]
+        used.add(t)
         if labels is not None:
             assert labels[t] == want_labels[j], (
                 f"{stage}[{j}]: label {labels[t]} != {want_labels[j]}"
@@ -124,7 +126,7 @@ def test_mobilenet_detector_matches_torchvision_stage_by_stage(sample, size):
     for i, p in enumerate(proposals):
         padded[i, : n[i]] = p.numpy()
     features = [out[f"features.{name}"] for name in fm.level_names()]
-    got_head = nnx.jit(lambda m, f, b: m.box_features(f, b))(fm, features, padded)
+    got_head = nnx.jit(lambda m, f, b: m.box_features(f, b, size))(fm, features, padded)
     got_head = np.concatenate([np.asarray(got_head)[i, : n[i]] for i in range(len(x))])
     close("box_head", got_head, box_head, ATOL)
     for i, want in enumerate(want_det):
@@ -154,6 +156,10 @@ def test_conversion_consumes_every_key_and_round_trips_exactly(detector, frozen)
     for k, v in sd.items():
         want = v + 0.5 if v.is_floating_point() else v
         np.testing.assert_array_equal(back[k].numpy(), want.numpy().astype(back[k].numpy().dtype))
+    if frozen:  # the builders' eps (0 for the ResNet-50 FPN's COCO weights), not in the dict
+        eps = {m.eps for m in tm.modules() if isinstance(m, torchvision.ops.FrozenBatchNorm2d)}
+        assert eps == {m.eps for _, m in nnx.iter_graph(fm) if isinstance(m, FrozenBatchNorm2d)}
+        assert eps == {config.frozen_bn_eps}
     again = FasterRCNN(config, frozen=frozen, num_classes=classes, rngs=nnx.Rngs(1))
     convert.load_torch_state_dict(again, back)
     a = jax.tree.leaves(nnx.state(fm))
@@ -223,3 +229,18 @@ def test_roi_align_matches_torchvision_inside_and_beyond_the_map():
             torch.from_numpy(feature).permute(0, 3, 1, 2), rois, 7, scale, 2, aligned=False
         )  # (B*R, C, 7, 7)
         close(f"roi_align@{scale}", np.asarray(got).reshape(10, 7, 7, 5), nhwc(want), 1e-5)
+
+
+def test_multiscale_roi_align_maps_boxes_to_torchvisions_levels():
+    """Four levels (ResNet-50 FPN's strides 4 to 32 over a 256 px image), boxes of every size,
+    some just either side of the level boundaries (sqrt(area) 112, 224, 448)."""
+    rng = np.random.default_rng(2)
+    feats = [rng.normal(size=(2, 256 // s, 256 // s, 3)).astype(np.float32) for s in (4, 8, 16, 32)]
+    sides = np.array([8, 20, 56, 111.9, 112.1, 223.9, 224.1, 300, 447.9, 448.1], np.float32)
+    corner = rng.uniform(0, 200, (2, len(sides), 2)).astype(np.float32)
+    boxes = np.concatenate([corner, corner + sides[None, :, None]], -1)  # (B, R, 4)
+    got = box_ops.multiscale_roi_align(feats, boxes, 256, 7, 2)  # (B, R, 7, 7, C)
+    pool = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    maps = {str(i): torch.from_numpy(f).permute(0, 3, 1, 2) for i, f in enumerate(feats)}
+    want = pool(maps, [torch.from_numpy(b) for b in boxes], [(256, 256)] * 2)  # (B*R, C, 7, 7)
+    close("multiscale_roi_align", np.asarray(got).reshape(-1, 7, 7, 3), nhwc(want), 1e-5)

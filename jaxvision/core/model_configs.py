@@ -214,6 +214,12 @@ class FasterRCNNConfig:
         return self.rpn_pre_nms_top_n
 
     @property
+    def frozen_bn_eps(self) -> float:
+        """FrozenBatchNorm2d's eps under the COCO weights: torchvision's ResNet-50 FPN builder
+        overwrites it with 0 (`overwrite_eps`), the MobileNet one keeps 1e-5."""
+        return 0.0 if self.detector == "resnet50_fpn" else 1e-5
+
+    @property
     def rpn_score_thresh(self) -> float:
         return 0.05 if self.detector == "mobilenet_v3_320" else 0.0
 

@@ -159,7 +159,7 @@ def alexnet_rules(config: AlexNetConfig) -> list[Rule]:
 
 
 # Flax leaf name -> torch's, where they differ (batch norm keeps torch's own buffer names).
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight"}
+_TORCH_LEAF = {"kernel": "weight"}
 
 
 def faster_rcnn_rules(config: FasterRCNNConfig, *, frozen: bool = False) -> list[Rule]:

@@ -39,8 +39,11 @@ class BatchNorm2d(nnx.Module):
         self.running_var = nnx.BatchStat(jnp.ones(channels))
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
-    def set_view(self, use_running_average: bool | None = None):
-        """`nnx.view(model, use_running_average=True)`: eval mode."""
+    def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
+        """Eval mode: `nnx.view(model, use_running_average=True)`, or `deterministic=True`, the
+        flag the trainers' eval views set."""
+        if use_running_average is None:
+            use_running_average = deterministic
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
@@ -67,8 +70,8 @@ class FrozenBatchNorm2d(nnx.Module):
         self.running_mean = Buffer(jnp.zeros(channels))
         self.running_var = Buffer(jnp.ones(channels))
 
-    def set_view(self, use_running_average: bool | None = None):
-        """Always the same affine map; accepts the eval-mode view for uniformity."""
+    def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
+        """Always the same affine map; accepts the eval-mode views for uniformity."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
@@ -164,7 +167,8 @@ class InvertedResidual(nnx.Module):
     """torchvision's MobileNetV3 block: [expand 1x1], depthwise kxk, [SE], project 1x1; a
     residual when the stride is 1 and the width is kept."""
 
-    def __init__(self, cin, k, expanded, cout, se, act, stride, rngs: nnx.Rngs, frozen: bool):
+    def __init__(self, cin: int, k: int, expanded: int, cout: int, se: bool, act: str,
+                 stride: int, rngs: nnx.Rngs, frozen: bool):  # fmt: skip
         act_layer = Hardswish if act == "HS" else ReLU
         layers = []
         if expanded != cin:
@@ -269,9 +273,11 @@ class FeaturePyramidNetwork(nnx.Module):
             h, w = lateral.shape[1:3]
             rows = nearest_indices(last.shape[1], h)
             cols = nearest_indices(last.shape[2], w)
-            last = lateral + last[:, rows][:, :, cols]  # F.interpolate(mode="nearest", size)
+            last = lateral + last[:, rows][:, :, cols]  # (B, h, w, C): nearest, as F.interpolate
             results.insert(0, self.layer_blocks[i](last))
-        results.append(results[-1][:, ::2, ::2])  # `pool`: max_pool2d(kernel 1, stride 2)
+        results.append(
+            results[-1][:, ::2, ::2]
+        )  # (B, ceil(h/2), ceil(w/2), C): `pool`, max_pool2d(1, 2)
         return results
 
 

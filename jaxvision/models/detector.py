@@ -22,7 +22,7 @@ from flax import nnx
 from jaxvision.core.model_configs import FASTER_RCNN_PRESETS as PRESETS  # noqa: F401
 from jaxvision.core.model_configs import FasterRCNNConfig
 from jaxvision.models import box_ops
-from jaxvision.models.backbones import BackboneWithFPN, Sequential, conv
+from jaxvision.models.backbones import BackboneWithFPN, FrozenBatchNorm2d, Sequential, conv
 from jaxvision.models.layers import torch_linear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,17 +103,22 @@ class FasterRCNN(nnx.Module):
         per_location = len(c.anchor_sizes[0]) * len(ASPECT_RATIOS)
         self.rpn = RegionProposalNetwork(256, per_location, rngs)
         self.roi_heads = RoIHeads(num_classes or c.detector_classes, rngs)
+        for _, m in nnx.iter_graph(self):  # torchvision's builder sets the COCO weights' eps
+            if isinstance(m, FrozenBatchNorm2d):
+                m.eps = c.frozen_bn_eps
 
     # --- static geometry (Python ints and numpy, fixed by the config) ---
-    @property
-    def padded_size(self) -> int:
-        return -(-self.config.image_size // 32) * 32
+    def resized(self, size: int) -> int:
+        """The side an input of side `size` is resized to: `image_size`, or one less where
+        torchvision's floor(size * image_size / size) rounds down (e.g. 49 -> 63 at 64). Boxes
+        are clipped to it and scaled back from it."""
+        return box_ops.resized_size(size, self.config.image_size)
 
-    def anchors(self, feature_sizes: list[int]) -> list[np.ndarray]:
-        """Each level's (H*W*A, 4) anchors for square maps of these sides, as torchvision's
-        AnchorGenerator makes them."""
+    def anchors(self, feature_sizes: list[int], padded: int) -> list[np.ndarray]:
+        """Each level's (H*W*A, 4) anchors for square maps of these sides over a padded batch of
+        side `padded`, as torchvision's AnchorGenerator makes them."""
         return [
-            box_ops.grid_anchors(box_ops.base_anchors(sizes, ASPECT_RATIOS), f, self.padded_size)
+            box_ops.grid_anchors(box_ops.base_anchors(sizes, ASPECT_RATIOS), f, padded)
             for sizes, f in zip(self.config.anchor_sizes, feature_sizes, strict=True)
         ]
 
@@ -125,15 +130,15 @@ class FasterRCNN(nnx.Module):
         if h != w or ch != 3:
             raise ValueError(f"FasterRCNN expects square RGB (B, S, S, 3), got {images.shape}")
         x = (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-        x = box_ops.resize_bilinear(x, box_ops.resized_size(h, self.config.image_size))
-        pad = self.padded_size - x.shape[1]
+        x = box_ops.resize_bilinear(x, self.resized(h))  # (B, r, r, 3)
+        pad = _padded(x.shape[1]) - x.shape[1]
         return jnp.pad(x, ((0, 0), (0, pad), (0, pad), (0, 0))) if pad else x
 
     def proposals(
-        self, features: list[jax.Array], mode: str, out: dict | None = None
+        self, features: list[jax.Array], size: int, mode: str, out: dict | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
         """The RPN: objectness and deltas on every level, then torchvision's `filter_proposals`
-        with `mode`'s ('train' or 'test') top-n settings.
+        with `mode`'s ('train' or 'test') top-n settings, for images resized to `size`.
 
         Returns objectness (B, N) and deltas (B, N, 4) over all N anchors (for the RPN loss),
         and proposals (B, P, 4), their sigmoid scores (B, P) and valid mask (B, P)."""
@@ -141,7 +146,7 @@ class FasterRCNN(nnx.Module):
         heads = [self.rpn.head(f) for f in features]
         logits = jnp.concatenate([h[0] for h in heads], 1)  # (B, N)
         deltas = jnp.concatenate([h[1] for h in heads], 1)  # (B, N, 4)
-        anchors = self.anchors([f.shape[1] for f in features])
+        anchors = self.anchors([f.shape[1] for f in features], _padded(size))
         anchors_all = jnp.asarray(np.concatenate(anchors))  # (N, 4)
         boxes = box_ops.decode(
             jax.lax.stop_gradient(deltas)[:, :, None, :], anchors_all, box_ops.RPN_WEIGHTS
@@ -152,7 +157,7 @@ class FasterRCNN(nnx.Module):
         for a in anchors:
             k = min(c.rpn_pre_nms_top_n[mode], len(a))
             top_obj, top = jax.lax.top_k(obj[:, offset : offset + len(a)], k)  # (B, k)
-            box = box_ops.clip(jnp.take_along_axis(boxes, top[..., None] + offset, 1), c.image_size)
+            box = box_ops.clip(jnp.take_along_axis(boxes, top[..., None] + offset, 1), size)
             score = jax.nn.sigmoid(top_obj)
             ok = box_ops.not_small(box, RPN_MIN_SIZE) & (score >= c.rpn_score_thresh)
             keeps.append(jax.vmap(box_ops.nms, (0, 0, 0, None))(box, score, ok, RPN_NMS_THRESH))
@@ -172,26 +177,25 @@ class FasterRCNN(nnx.Module):
                         "proposals.valid": found})  # fmt: skip
         return logits, deltas, props, prop_scores, found
 
-    def box_features(self, features: list[jax.Array], boxes: jax.Array) -> jax.Array:
-        """MultiScaleRoIAlign over the levels but `pool`, then the box head: (B, R, 4) boxes ->
-        (B, R, 1024)."""
+    def box_features(self, features: list[jax.Array], boxes: jax.Array, size: int) -> jax.Array:
+        """MultiScaleRoIAlign over the levels but `pool` (its scales inferred against the
+        resized side `size`), then the box head: (B, R, 4) boxes -> (B, R, 1024)."""
         b, r, _ = boxes.shape
-        pooled = box_ops.multiscale_roi_align(features[:-1], boxes, self.config.image_size,
+        pooled = box_ops.multiscale_roi_align(features[:-1], boxes, size,
                                               ROI_SIZE, ROI_SAMPLING)  # fmt: skip
         return self.roi_heads.box_head(pooled.reshape(b * r, *pooled.shape[2:])).reshape(b, r, -1)
 
     def postprocess(
         self, class_logits: jax.Array, box_regression: jax.Array, proposals: jax.Array,
-        valid: jax.Array,
+        valid: jax.Array, size: int,
     ) -> dict[str, jax.Array]:  # fmt: skip
         """`RoIHeads.postprocess_detections` per image: class-specific boxes, softmax, clip, drop
         background, score > 0.05, small-box removal, per-class NMS, the top 100."""
-        c = self.config
         b, p, k = class_logits.shape
         boxes = box_ops.decode(
             box_regression.reshape(b, p, k, 4), proposals, box_ops.BOX_HEAD_WEIGHTS
         )  # (B, P, K, 4)
-        boxes = box_ops.clip(boxes, c.image_size)[:, :, 1:]  # (B, P, K-1, 4): no background
+        boxes = box_ops.clip(boxes, size)[:, :, 1:]  # (B, P, K-1, 4): no background
         scores = jax.nn.softmax(class_logits, -1)[:, :, 1:]  # (B, P, K-1)
         ok = valid[..., None] & (scores > BOX_SCORE_THRESH) & box_ops.not_small(boxes, BOX_MIN_SIZE)
         per_class = jax.vmap(jax.vmap(box_ops.nms, (1, 1, 1, None), 1), (0, 0, 0, None))
@@ -222,12 +226,13 @@ class FasterRCNN(nnx.Module):
         features = self.backbone(x)
         for name, f in zip(self.level_names(), features, strict=True):
             out[f"features.{name}"] = f
-        _, _, props, _, valid = self.proposals(features, "test", out)
-        out["box_head"] = feats = self.box_features(features, props)  # (B, P, 1024)
+        size = self.resized(images.shape[1])
+        _, _, props, _, valid = self.proposals(features, size, "test", out)
+        out["box_head"] = feats = self.box_features(features, props, size)  # (B, P, 1024)
         class_logits, box_regression = self.roi_heads.box_predictor(feats)
         out["class_logits"], out["box_regression"] = class_logits, box_regression
-        det = self.postprocess(class_logits, box_regression, props, valid)
-        ratio = np.float32(images.shape[1]) / np.float32(self.config.image_size)
+        det = self.postprocess(class_logits, box_regression, props, valid, size)
+        ratio = np.float32(images.shape[1]) / np.float32(size)
         det["boxes"] = det["boxes"] * ratio  # back to input pixels (transform.postprocess)
         probs = jax.nn.softmax(class_logits, -1)
         det["class_scores"] = jnp.where(valid[..., None], probs, 0.0).max(1)  # (B, K)
@@ -236,3 +241,8 @@ class FasterRCNN(nnx.Module):
 
     def level_names(self) -> list[str]:
         return [*map(str, range(len(self.config.anchor_sizes) - 1)), "pool"]
+
+
+def _padded(size: int) -> int:
+    """The batch's side after the transform pads to a multiple of 32."""
+    return -(-size // 32) * 32

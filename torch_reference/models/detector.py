@@ -18,6 +18,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -61,7 +62,10 @@ def build_detector(
         rpn_score_thresh=config.rpn_score_thresh,
     )
     classes = num_classes or (COCO_CLASSES if pretrained else config.detector_classes)
-    return FasterRCNN(backbone, classes, **kwargs)
+    model = FasterRCNN(backbone, classes, **kwargs)
+    if pretrained:
+        overwrite_eps(model, config.frozen_bn_eps)  # as torchvision's builders do
+    return model
 
 
 def replace_box_predictor(model: FasterRCNN, num_classes: int) -> None:
