@@ -244,3 +244,12 @@ def test_multiscale_roi_align_maps_boxes_to_torchvisions_levels():
     maps = {str(i): torch.from_numpy(f).permute(0, 3, 1, 2) for i, f in enumerate(feats)}
     want = pool(maps, [torch.from_numpy(b) for b in boxes], [(256, 256)] * 2)  # (B*R, C, 7, 7)
     close("multiscale_roi_align", np.asarray(got).reshape(-1, 7, 7, 3), nhwc(want), 1e-5)
+
+
+def test_detect_refuses_training_mode_batch_norm():
+    """Eval is explicit: a detector still in training mode would normalise with batch
+    statistics and overwrite the running ones, so `detect` says how to switch instead."""
+    model = FasterRCNN(FasterRCNNConfig(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="use_running_average=True"):
+        model.detect(np.zeros((1, 28, 28, 3), np.float32))
+    assert nnx.view(model, deterministic=True).backbone.body[0][1].use_running_average

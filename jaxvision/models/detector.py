@@ -22,7 +22,13 @@ from flax import nnx
 from jaxvision.core.model_configs import FASTER_RCNN_PRESETS as PRESETS  # noqa: F401
 from jaxvision.core.model_configs import FasterRCNNConfig
 from jaxvision.models import box_ops
-from jaxvision.models.backbones import BackboneWithFPN, FrozenBatchNorm2d, Sequential, conv
+from jaxvision.models.backbones import (
+    BackboneWithFPN,
+    BatchNorm2d,
+    FrozenBatchNorm2d,
+    Sequential,
+    conv,
+)
 from jaxvision.models.layers import torch_linear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -221,6 +227,12 @@ class FasterRCNN(nnx.Module):
         class's best softmax score over the image's proposals (the no-detection fallback), and
         the named intermediates of every stage.
         """
+        training = [m for _, m in nnx.iter_graph(self)
+                    if isinstance(m, BatchNorm2d) and not m.use_running_average]  # fmt: skip
+        if training:  # batch statistics would be used, and the running ones overwritten
+            raise ValueError(
+                "FasterRCNN.detect needs eval mode: nnx.view(model, use_running_average=True)"
+            )
         out = {}
         out["transform"] = x = self.transform(images)
         features = self.backbone(x)
