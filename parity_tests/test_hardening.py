@@ -325,8 +325,9 @@ def damage(folder, rng, how: str):
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     victim = files[rng.integers(len(files))]
     raw = bytearray(victim.read_bytes())
-    if how == "truncate":
-        raw = raw[: rng.integers(len(raw))] if raw else raw + b"x"
+    if how == "truncate":  # into the content: a manifest without its final newline is intact
+        content = len(raw.rstrip())
+        raw = raw[: rng.integers(content)] if content else bytearray(b"x")
     elif how == "flip":
         for i in rng.integers(0, len(raw), size=min(len(raw), 1 + rng.integers(8))):
             raw[i] ^= 1 << rng.integers(8)
