@@ -107,6 +107,18 @@ def decode(deltas: jax.Array, boxes: jax.Array, weights: tuple[float, ...]) -> j
     )
 
 
+def encode(targets: jax.Array, boxes: jax.Array, weights: tuple[float, ...]) -> jax.Array:
+    """torchvision's `encode_boxes`, the inverse of `decode`: the deltas (..., 4) that take
+    reference boxes (..., 4) to target boxes (..., 4)."""
+    wx, wy, ww, wh = weights
+    ex_w, ex_h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    ex_x, ex_y = boxes[..., 0] + 0.5 * ex_w, boxes[..., 1] + 0.5 * ex_h
+    gt_w, gt_h = targets[..., 2] - targets[..., 0], targets[..., 3] - targets[..., 1]
+    gt_x, gt_y = targets[..., 0] + 0.5 * gt_w, targets[..., 1] + 0.5 * gt_h
+    return jnp.stack([wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h,
+                      ww * jnp.log(gt_w / ex_w), wh * jnp.log(gt_h / ex_h)], -1)  # fmt: skip
+
+
 def clip(boxes: jax.Array, size: int) -> jax.Array:
     """Boxes clamped into a square image of side `size`."""
     return jnp.clip(boxes, 0.0, float(size))
@@ -228,3 +240,50 @@ def multiscale_roi_align(
     for i, (f, s) in enumerate(zip(features, scales, strict=True)):
         pooled = pooled + roi_align(f, boxes, s, out, ratio) * (level == i)[..., None, None, None]
     return pooled
+
+
+# --- training targets -------------------------------------------------------------------------
+BELOW_LOW, BETWEEN = -1, -2  # torchvision's Matcher codes for unmatched predictions
+
+
+def match(
+    quality: jax.Array, gt_valid: jax.Array, high: float, low: float, low_quality: bool
+) -> jax.Array:
+    """torchvision's `Matcher` on a (G, N) quality matrix whose padded rows are `~gt_valid`:
+    each prediction's best ground truth (N,), or BELOW_LOW (< low) / BETWEEN ([low, high)).
+    `low_quality` (allow_low_quality_matches) gives back its best match to every prediction
+    that ties for some ground truth's highest quality, however low."""
+    q = jnp.where(gt_valid[:, None], quality, -1.0)  # a padded row never wins
+    vals, best = q.max(0), q.argmax(0)  # (N,)
+    matches = jnp.where(vals < low, BELOW_LOW, jnp.where(vals < high, BETWEEN, best))
+    if low_quality:
+        highest = q.max(1, keepdims=True)  # (G, 1)
+        ties = ((q == highest) & gt_valid[:, None]).any(0)  # (N,)
+        matches = jnp.where(ties, best, matches)
+    return matches
+
+
+def sample(
+    key: jax.Array, labels: jax.Array, batch: int, positive_fraction: float
+) -> tuple[jax.Array, jax.Array]:
+    """`BalancedPositiveNegativeSampler` with a PRNG key: of labels (N,) (>= 1 positive,
+    0 negative, -1 ignored) it picks min(batch * fraction, #positive) positives and fills the
+    rest of `batch` with negatives, uniformly at random. Returns the (N,) positive and negative
+    masks. A fixed count is ranked by random priorities, so the shapes are static."""
+    pos, neg = labels >= 1, labels == 0
+    n_pos = jnp.minimum(int(batch * positive_fraction), pos.sum())
+    n_neg = jnp.minimum(batch - n_pos, neg.sum())
+    k_pos, k_neg = jax.random.split(key)
+
+    def pick(k, eligible, n):
+        priority = jnp.where(eligible, jax.random.uniform(k, labels.shape), -1.0)
+        rank = jnp.argsort(jnp.argsort(-priority))  # 0 for the highest priority
+        return eligible & (rank < n)
+
+    return pick(k_pos, pos, n_pos), pick(k_neg, neg, n_neg)
+
+
+def smooth_l1(x: jax.Array, beta: float) -> jax.Array:
+    """torch's `smooth_l1_loss` per element, of the difference x."""
+    a = jnp.abs(x)
+    return jnp.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)

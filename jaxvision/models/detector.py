@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxvision.core.model_configs import FASTER_RCNN_PRESETS as PRESETS  # noqa: F401
@@ -37,6 +38,11 @@ ASPECT_RATIOS = (0.5, 1.0, 2.0)
 RPN_NMS_THRESH, RPN_MIN_SIZE = 0.7, 1e-3
 BOX_SCORE_THRESH, BOX_NMS_THRESH, BOX_MIN_SIZE, DETECTIONS_PER_IMG = 0.05, 0.5, 1e-2, 100
 ROI_SIZE, ROI_SAMPLING = 7, 2
+# Training (torchvision's defaults): the matchers' IoU thresholds, the samplers, smooth-L1's beta.
+RPN_FG_IOU, RPN_BG_IOU, RPN_BATCH, RPN_POSITIVE = 0.7, 0.3, 256, 0.5
+BOX_FG_IOU, BOX_BG_IOU, BOX_POSITIVE = 0.5, 0.5, 0.25
+SMOOTH_L1_BETA = 1.0 / 9
+LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
 class RPNHead(nnx.Module):
@@ -250,6 +256,110 @@ class FasterRCNN(nnx.Module):
         det["class_scores"] = jnp.where(valid[..., None], probs, 0.0).max(1)  # (B, K)
         out["detections"] = det
         return det, out
+
+    def losses(
+        self,
+        images: jax.Array,
+        boxes: jax.Array,
+        labels: jax.Array,
+        gt_valid: jax.Array,
+        key: jax.Array | None = None,
+        *,
+        samples: dict[str, jax.Array] | None = None,
+        out: dict | None = None,
+    ) -> dict[str, jax.Array]:
+        """torchvision's training-mode `model(images, targets)`: the four losses (`LOSSES`).
+
+        images (B, S, S, 3) in [0, 1]; ground truth padded to G per image: boxes (B, G, 4) in
+        input pixels, labels (B, G) (digit + 1), gt_valid (B, G) bool. BatchNorm follows the
+        model's view (batch statistics in training). `key` draws the RPN's and the box head's
+        balanced samples; `samples` injects them instead (masks `rpn.positive`, `rpn.negative`
+        over the anchors (B, N) and `roi.positive`, `roi.negative` over the box head's
+        candidates (B, P + G): the proposals, then the ground truth), which is how the parity
+        tests give both frameworks the same draw. `out` receives the named intermediates.
+        """
+        b, s = images.shape[:2]
+        size = self.resized(s)
+        out = {} if out is None else out
+        features = self.backbone(self.transform(images))
+        logits, deltas, props, _, valid = self.proposals(features, size, "train", out)
+        gt = boxes * (np.float32(size) / np.float32(s))  # the transform's resize_boxes
+        if samples is None:
+            if key is None:
+                raise ValueError("FasterRCNN.losses needs a PRNG key (or injected samples)")
+            k_rpn, k_roi = jax.random.split(key)
+        gather = jax.vmap(lambda a, i: a[i])  # per image: (G, ...)[(M,)] -> (M, ...)
+
+        # RPN: anchors matched at 0.7 / 0.3 (with low-quality matches), 256 sampled per image
+        anchors = out["anchors"]  # (N, 4)
+        quality = box_ops.pairwise_iou(gt, jnp.broadcast_to(anchors, (b, *anchors.shape)))
+        matches = jax.vmap(box_ops.match, (0, 0, None, None, None))(
+            quality, gt_valid, RPN_FG_IOU, RPN_BG_IOU, True
+        )  # (B, N)
+        rpn_labels = jnp.where(matches >= 0, 1, jnp.where(matches == box_ops.BELOW_LOW, 0, -1))
+        if samples is None:
+            pos, neg = jax.vmap(box_ops.sample, (0, 0, None, None))(
+                jax.random.split(k_rpn, b), rpn_labels, RPN_BATCH, RPN_POSITIVE
+            )
+        else:
+            pos, neg = samples["rpn.positive"], samples["rpn.negative"]
+        targets = box_ops.encode(gather(gt, jnp.maximum(matches, 0)), anchors, box_ops.RPN_WEIGHTS)
+        targets = jnp.where(pos[..., None], targets, 0.0)  # (B, N, 4); finite where unused
+        n_rpn = (pos | neg).sum()
+        box_rpn = jnp.where(pos, box_ops.smooth_l1(deltas - targets, SMOOTH_L1_BETA).sum(-1), 0.0)
+        bce = optax.sigmoid_binary_cross_entropy(logits, pos.astype(logits.dtype))
+        out.update({"rpn.matches": matches, "rpn.positive": pos, "rpn.negative": neg})
+
+        # Box head: proposals plus the ground truth, matched at 0.5, a balanced sample of them
+        cand = jnp.concatenate([props, gt], 1)  # (B, P + G, 4)
+        cand_valid = jnp.concatenate([valid, gt_valid], 1)
+        matches = jax.vmap(box_ops.match, (0, 0, None, None, None))(
+            box_ops.pairwise_iou(gt, cand), gt_valid, BOX_FG_IOU, BOX_BG_IOU, False
+        )  # (B, P + G)
+        roi_labels = jnp.where(
+            matches >= 0,
+            gather(labels, jnp.maximum(matches, 0)),
+            jnp.where(matches == box_ops.BELOW_LOW, 0, -1),
+        )
+        roi_labels = cand_labels = jnp.where(cand_valid, roi_labels, -1)
+        per_image = self.config.box_batch_size_per_image
+        if samples is None:
+            r_pos, r_neg = jax.vmap(box_ops.sample, (0, 0, None, None))(
+                jax.random.split(k_roi, b), roi_labels, per_image, BOX_POSITIVE
+            )
+        else:
+            r_pos, r_neg = samples["roi.positive"], samples["roi.negative"]
+        sampled = r_pos | r_neg
+        # the sampled candidates first, in index order (torchvision's `where`): a fixed count
+        idx = jnp.argsort(~sampled, axis=1, stable=True)[:, : min(per_image, cand.shape[1])]
+        ok = jnp.take_along_axis(sampled, idx, 1)  # (B, R)
+        rois = gather(cand, idx)  # (B, R, 4)
+        roi_labels = jnp.where(ok, jnp.take_along_axis(roi_labels, idx, 1), 0)
+        roi_gt = gather(gt, jnp.maximum(jnp.take_along_axis(matches, idx, 1), 0))
+        class_logits, box_regression = self.roi_heads.box_predictor(
+            self.box_features(features, rois, size)
+        )  # (B, R, K), (B, R, K * 4)
+        k = class_logits.shape[-1]
+        fg = ok & (roi_labels > 0)
+        reg = jnp.take_along_axis(
+            box_regression.reshape(b, -1, k, 4), roi_labels[..., None, None], 2
+        )[:, :, 0]  # (B, R, 4): each RoI's deltas for its own class
+        roi_targets = box_ops.encode(roi_gt, rois, box_ops.BOX_HEAD_WEIGHTS)
+        roi_targets = jnp.where(fg[..., None], roi_targets, 0.0)
+        n_roi = ok.sum()
+        ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, roi_labels)
+        box_roi = jnp.where(fg, box_ops.smooth_l1(reg - roi_targets, SMOOTH_L1_BETA).sum(-1), 0.0)
+        out.update({"roi.candidates": cand, "roi.candidate_labels": cand_labels,
+                    "roi.positive": r_pos, "roi.negative": r_neg, "roi.boxes": rois,
+                    "roi.labels": roi_labels, "roi.valid": ok,
+                    "roi.class_logits": class_logits,
+                    "roi.box_regression": box_regression})  # fmt: skip
+        return {
+            "loss_classifier": jnp.where(ok, ce, 0.0).sum() / n_roi,
+            "loss_box_reg": box_roi.sum() / n_roi,
+            "loss_objectness": jnp.where(pos | neg, bce, 0.0).sum() / n_rpn,
+            "loss_rpn_box_reg": box_rpn.sum() / n_rpn,
+        }
 
     def level_names(self) -> list[str]:
         return [*map(str, range(len(self.config.anchor_sizes) - 1)), "pool"]
