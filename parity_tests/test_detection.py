@@ -293,7 +293,12 @@ def test_a_few_train_steps_on_a_tiny_batch_reduce_the_loss(sample):
 # ---- the command line ---------------------------------------------------------------------------
 
 
-def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, sample, train_cli):
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_cli_trains_the_detector_and_reports_detection_figures(
+    tmp_path, sample, train_cli, backend
+):
+    """Both backends, from the command line: the same skipped image, the same figures, the
+    same parameter count."""
     data = tmp_path / "data"
     data.mkdir()
     from jaxvision.core.data import write_idx
@@ -309,7 +314,7 @@ def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, sample,
         "--arch",
         "faster_rcnn",
         "--backend",
-        "torch",
+        backend,
         "--no-pretrained",
         "--data-dir",
         str(data),
@@ -330,13 +335,13 @@ def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, sample,
     assert record["params"] == 19_000_754  # torchvision's, with an 11-way box predictor
     assert record["config"]["image_size"] == 64 and record["n_train"] == 100
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
-    assert "| faster_rcnn | torch |" in r.stdout
+    assert f"| faster_rcnn | {backend} |" in r.stdout
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--backend", "jax"], "--arch faster_rcnn has no JAX backend"),
+        (["--backend", "jax", "--batch-size", "0"], "--batch-size"),
         (["--backend", "torch", "--augment"], "--augment is not supported for faster_rcnn"),
         (["--backend", "torch", "--detector", "yolo"], "invalid choice: 'yolo'"),
         (

@@ -115,7 +115,6 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
     "args, message",
     [
         (["--arch", "resnet"], "unknown --arch 'resnet'; available: cnn"),
-        (["--arch", "faster_rcnn"], "--arch faster_rcnn has no JAX backend"),
         (["--backend", "tensorflow"], "unknown --backend 'tensorflow'; available: jax, torch"),
         (["--preset", "huge"], "unknown --preset 'huge' for cnn; available: lab, tiny"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),

@@ -160,31 +160,16 @@ class DetectorTrainer(Trainer):
                 losses.append(
                     detector_loss(self.model, images[keep], make_targets(boxes, labels)) * len(keep)
                 )
-        preds, fallback = detection.classify(
-            [d["scores"] for d in detections],
-            [d["labels"] for d in detections],
-            np.concatenate(class_scores),
-            cfg.score_threshold,
-        )
+        preds, extras = detection.readout(detections, np.concatenate(class_scores),
+                                          self.data.y_test, self.test_boxes, self.test_ink,
+                                          cfg.score_threshold)  # fmt: skip
         pred = torch.from_numpy(preds).to(self.device)
-        inked = np.flatnonzero(self.test_ink)
-        targets = [
-            {"boxes": self.test_boxes[i : i + 1], "labels": self.data.y_test[i : i + 1] + 1}
-            for i in inked
-        ]
-        dets = [detections[i] for i in inked]
         return {
-            "loss": sum(losses) / max(len(inked), 1),
+            "loss": sum(losses) / max(int(self.test_ink.sum()), 1),
             "accuracy": metrics.accuracy(self.y_test, pred).item(),
             "f1_macro": metrics.f1_macro(self.y_test, pred, self.data.num_classes).item(),
             "preds": preds,
-            "extras": {
-                "map50": detection.mean_average_precision(dets, targets, 0.5) if dets else 0.0,
-                "mean_iou": float(detection.top_box_iou(dets, self.test_boxes[inked]).mean())
-                if dets
-                else 0.0,
-                "fallbacks": int(fallback.sum()),
-            },
+            "extras": extras,
         }
 
 
@@ -193,19 +178,8 @@ def train_and_evaluate(config: TrainConfig, data: Dataset) -> RunResult:
     model_cfg = config.model_config(data)
     trainer = DetectorTrainer(create_detector(config, model_cfg), config, data)
     result = trainer.run()
-    final = result.final.extras
-    result.extras = {
-        "detector": model_cfg.detector,
-        "image_size": model_cfg.image_size,
-        "box_margin": config.box_margin,
-        "score_threshold": config.score_threshold,
-        "map50": final["map50"],
-        "mean_iou": final["mean_iou"],
-        "fallbacks": final["fallbacks"],
-        "fallback_fraction": final["fallbacks"] / data.n_test,
-        "blank_train_skipped": trainer.skipped_train,
-        "blank_test_excluded": int(data.n_test - trainer.test_ink.sum()),
-        "loss": "sum of torchvision's RPN objectness, RPN box, box-head classification and box "
-        "regression losses; test loss with BatchNorm in eval mode",
-    }
+    result.extras = detection.run_extras(
+        config, model_cfg, result.final.extras, data.n_test, trainer.skipped_train,
+        int(data.n_test - trainer.test_ink.sum()),
+    )  # fmt: skip
     return result

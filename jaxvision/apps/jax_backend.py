@@ -22,7 +22,7 @@ from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import Dataset
 from jaxvision.core.results import RunResult
 from jaxvision.models import build_model
-from jaxvision.training import checkpoint, parallel, trainer
+from jaxvision.training import checkpoint, detection, parallel, trainer
 
 XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
 
@@ -50,11 +50,15 @@ class JaxBackend:
         return parallel.is_primary()
 
     def create_model(self, config: TrainConfig, model_cfg, key: jax.Array, verbose: bool = True):
-        """The Flax model to train: fresh, or (VGG16 / AlexNet) torchvision's ImageNet weights
-        with a new `num_classes`-way last layer."""
-        if not (config.arch_spec.imagenet and config.pretrained):
+        """The Flax model to train: fresh, or torchvision's pretrained weights with a new
+        `num_classes`-way last layer (VGG16 / AlexNet: ImageNet; Faster R-CNN: COCO, with a new
+        box predictor)."""
+        if not config.pretrained:
             return build_model(model_cfg, rngs=nnx.Rngs(params=key))
         from jaxvision.interop import pretrained  # torch: see the module's docstring
+
+        if config.arch_spec.detector:
+            return pretrained.coco_detector(model_cfg, config.weights, key, verbose)
 
         model = build_model(dataclasses.replace(model_cfg, num_classes=1000), rngs=nnx.Rngs(0))
         pretrained.load_into_flax(model, config.arch, config.weights, verbose=verbose)
@@ -66,6 +70,8 @@ class JaxBackend:
     def train_and_evaluate(self, config: TrainConfig, data: Dataset) -> RunResult:
         init_key, _ = trainer.run_keys(config.seed)
         model = self.create_model(config, config.model_config(data), init_key)
+        if config.arch_spec.detector:
+            return detection.train_and_evaluate(config, data, model)
         return trainer.train_and_evaluate(config, data, model)
 
     def plan_checkpoint(self, config: TrainConfig, data: Dataset) -> None:
@@ -97,7 +103,9 @@ class JaxBackend:
         from jaxvision.interop import convert  # torch: see the module's docstring
 
         config = archs.config_from_dict(meta["arch"], meta["model_config"])
-        model = convert.load_torch_state_dict(build_model(config, rngs=nnx.Rngs(0)), state_dict)
+        model = build_model(config, rngs=nnx.Rngs(0),
+                            pretrained=meta["config"].get("pretrained", False))  # fmt: skip
+        model = convert.load_torch_state_dict(model, state_dict)
         checkpoint.save_weights(dst, step, model, {**meta, "backend": self.name})
         return dst / str(step)
 
@@ -119,7 +127,8 @@ class JaxBench(BenchWorker):
         init_key, _ = trainer.run_keys(config.seed)
         model_cfg = config.model_config(data)
         model = backend.create_model(config, model_cfg, init_key, verbose=False)
-        self.trainer = trainer.Trainer(model, config, data)
+        cls = detection.DetectorTrainer if config.arch_spec.detector else trainer.Trainer
+        self.trainer = cls(model, config, data)
         compile_s = self.trainer.compile()
         cost = self.trainer.step_cost()
         first_call_s = self.warm_up()

@@ -1,6 +1,6 @@
 """The lab, reproduced: every arch in both backends, CPU-sized, then the comparison report.
 
-    python scripts/run_lab.py                  # ~63 min on 2 CPU cores; runs/lab-<time>/
+    python scripts/run_lab.py                  # 63 min on 2 cores before the JAX detector joined
     python scripts/run_lab.py --dry-run        # print the training commands only
 
 Each run is `scripts/train.py --recipe lab-cpu` (or `lab-pretrained`: the arch's recipes in
@@ -9,7 +9,6 @@ printed), writing `<out>/<arch>-<backend>/metrics.json`; then `jaxvision.core.re
 `comparison.md`, `.csv` and `.png` in `<out>`. Offline, VGG16 and AlexNet start from torchvision's
 random initialisation and train every layer at a small image size, and Faster R-CNN trains from
 scratch; `--pretrained` uses torchvision's weights instead (they must be in torch hub's cache).
-Faster R-CNN has no JAX backend, so it runs in torch only.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def run_lab(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
     cmds = commands(archs, backends, out, args.pretrained, extra)
     if not cmds:
-        raise UserError("nothing to run: faster_rcnn has no JAX backend")
+        raise UserError("nothing to run: no arch given trains in the backends given")
     for i, cmd in enumerate(cmds, 1):
         shown = shlex.join(["python", *map(str, cmd[1:])]).replace(str(REPO) + "/", "")
         print(f"[{i}/{len(cmds)}] {shown}", flush=True)

@@ -9,7 +9,7 @@ is one entry in `ARCHS` (and its model files).
 Builders are given as "module:attribute" strings and imported only when asked for
 (`Arch.load`), so that this framework-free table can name Flax and torch code without importing
 either: the torch backend never loads JAX, nor the JAX backend torch. `None` says an arch has no
-such entry (Faster R-CNN has no Flax twin yet; the CNN and the ViT have no pretrained weights).
+such entry (the CNN and the ViT have no pretrained weights).
 A test checks that every entry resolves.
 """
 
@@ -204,15 +204,14 @@ ARCHS: dict[str, Arch] = {
             "lab-cpu": dataclasses.replace(_FASTER_RCNN, epochs=1, pretrained=False),
             "lab-pretrained": dataclasses.replace(_FASTER_RCNN, epochs=1),
         },
-        flax_model=None,  # the detector's heads are torchvision's (issue 16 ports them)
+        flax_model="jaxvision.models.detector:FasterRCNN",
         torch_model="torch_reference.models.detector:build_detector",
-        conversion=None,
+        conversion="jaxvision.interop.convert:faster_rcnn_rules",
         pretrained={
             "mobilenet_v3_320": "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
             "resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
         },
         detector=True,
-        only_torch_because="the detector (RPN, RoIAlign, box heads) is torchvision's",
         summary=f"Faster R-CNN ({', '.join(DETECTORS.values())}) as a classifier",
     ),
 }

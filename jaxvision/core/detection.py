@@ -155,3 +155,54 @@ def top_box_iou(detections: list[dict], target_boxes: np.ndarray) -> np.ndarray:
             top = np.asarray(det["boxes"]).reshape(-1, 4)[np.argmax(scores)]
             out[i] = box_iou(top, target_boxes[i])[0, 0]
     return out
+
+
+def readout(
+    detections: list[dict],
+    class_scores: np.ndarray,
+    labels: np.ndarray,
+    target_boxes: np.ndarray,
+    has_ink: np.ndarray,
+    threshold: float,
+) -> tuple[np.ndarray, dict]:
+    """A split's predicted digits and detection figures, from a detector's output: both
+    backends' evaluations end here.
+
+    detections: per image {"boxes", "scores", "labels"} in input pixels (labels digit + 1);
+    class_scores (N, K + 1) as `classify` takes them; labels (N,) digits; target_boxes (N, 4) and
+    has_ink (N,) from `ink_boxes`. Blank images are classified but left out of mAP@0.5 and the
+    top-box IoU. Returns the predictions (N,) and {"map50", "mean_iou", "fallbacks"}.
+    """
+    preds, fallback = classify(
+        [d["scores"] for d in detections],
+        [d["labels"] for d in detections],
+        class_scores,
+        threshold,
+    )
+    inked = np.flatnonzero(has_ink)
+    targets = [{"boxes": target_boxes[i : i + 1], "labels": labels[i : i + 1] + 1} for i in inked]
+    dets = [detections[i] for i in inked]
+    return preds, {
+        "map50": mean_average_precision(dets, targets, 0.5) if dets else 0.0,
+        "mean_iou": float(top_box_iou(dets, target_boxes[inked]).mean()) if dets else 0.0,
+        "fallbacks": int(fallback.sum()),
+    }
+
+
+def run_extras(config, model_cfg, final: dict, n_test: int, skipped_train: int,
+               blank_test: int) -> dict:  # fmt: skip
+    """A detector run's `RunResult.extras`: its settings and last evaluation's figures."""
+    return {
+        "detector": model_cfg.detector,
+        "image_size": model_cfg.image_size,
+        "box_margin": config.box_margin,
+        "score_threshold": config.score_threshold,
+        "map50": final["map50"],
+        "mean_iou": final["mean_iou"],
+        "fallbacks": final["fallbacks"],
+        "fallback_fraction": final["fallbacks"] / n_test,
+        "blank_train_skipped": skipped_train,
+        "blank_test_excluded": blank_test,
+        "loss": "sum of torchvision's RPN objectness, RPN box, box-head classification and box "
+        "regression losses; test loss with BatchNorm in eval mode",
+    }

@@ -168,7 +168,7 @@ def faster_rcnn_rules(config: FasterRCNNConfig, *, frozen: bool = False) -> list
     four buffers per norm, where BatchNorm2d also has `num_batches_tracked`."""
     model = nnx.eval_shape(lambda: FasterRCNN(config, frozen=frozen, rngs=nnx.Rngs(0)))
     rules = []
-    for path, var in _flax_params(model).items():
+    for path, var in flax_variables(model).items():
         *module, leaf = path
         key = ".".join(map(str, [*module, _TORCH_LEAF.get(leaf, leaf)]))
         if module == ["roi_heads", "box_head", "fc6"] and leaf == "kernel":
@@ -183,7 +183,7 @@ def faster_rcnn_rules(config: FasterRCNNConfig, *, frozen: bool = False) -> list
 def rules_for(model: nnx.Module) -> list[Rule]:
     """The conversion table the arch registry names for `model`'s config."""
     config = getattr(model, "config", None)
-    if isinstance(model, FasterRCNN):  # not in the registry until it trains in JAX (issue 16)
+    if isinstance(model, FasterRCNN):  # its table depends on its batch norm, not only its config
         return faster_rcnn_rules(config, frozen=model.frozen)
     try:
         return arch_of(config).load("conversion")(config)
@@ -197,7 +197,7 @@ def _to_numpy(t: Any) -> np.ndarray:
     return np.asarray(t)
 
 
-def _flax_params(model: nnx.Module) -> dict[Path, nnx.Variable]:
+def flax_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
     """Every variable a torch state_dict holds: parameters, batch-norm statistics, buffers."""
     return dict(nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat, Buffer))))
 
@@ -207,7 +207,7 @@ def load_torch_state_dict(
 ) -> nnx.Module:
     """Writes a torch state_dict into the Flax `model`, in place, and returns the model."""
     rules = rules_for(model) if rules is None else rules
-    params = _flax_params(model)
+    params = flax_variables(model)
     _check_coverage(rules, params)
     missing = [r.torch_key for r in rules if r.torch_key not in state_dict]
     if missing:
@@ -247,7 +247,7 @@ def load_torch_state_dict(
 def to_torch_state_dict(model: nnx.Module, rules: Sequence[Rule] | None = None) -> dict:
     """The torch state_dict (an ordered dict of CPU tensors) of the Flax `model`."""
     rules = rules_for(model) if rules is None else rules
-    params = _flax_params(model)
+    params = flax_variables(model)
     _check_coverage(rules, params)
     out = {}
     for rule in rules:

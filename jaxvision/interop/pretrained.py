@@ -13,6 +13,8 @@ from flax import nnx
 
 from jaxvision.core.errors import UserError
 from jaxvision.interop import convert
+from jaxvision.models.detector import FasterRCNN, FastRCNNPredictor
+from torch_reference.models.detector import COCO_CLASSES, build_detector
 from torch_reference.pretrained import find_weights, load_state_dict, weights_name
 
 __all__ = ["find_weights", "load_into_flax", "weights_name"]
@@ -24,10 +26,11 @@ def cache_path(source: Path, cache_dir: str | os.PathLike | None = None) -> Path
 
 
 def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool = True) -> Path:
-    """Writes torchvision's pretrained weights into the Flax `model` (1000 classes), in place."""
+    """Writes torchvision's pretrained weights into the Flax `model` (1000 classes, or COCO's
+    91), in place. `arch`: the weights' name (`weights_name`)."""
     source = find_weights(arch, weights)
     cached = cache_path(source, cache_dir)
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = convert.flax_variables(model)  # with batch norm's statistics and buffers
     if cached.is_file():
         with np.load(cached) as npz:
             arrays = {
@@ -48,3 +51,23 @@ def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool
     if verbose:
         print(f"pretrained {arch} weights: {origin}")
     return source
+
+
+def coco_detector(model_cfg, weights, key, verbose: bool = True):
+    """The Flax Faster R-CNN with torchvision's COCO weights, as the torch side builds it
+    (`torch_reference.detection.create_detector`): FrozenBatchNorm2d, the 91-way predictor
+    replaced by a new `detector_classes`-way one, and the same backbone layers frozen
+    (`trainable_backbone_layers`), read off torchvision's own builder. The frozen variables'
+    paths are kept as `model.frozen_paths` for the trainer."""
+    model = FasterRCNN(model_cfg, frozen=True, num_classes=COCO_CLASSES, rngs=nnx.Rngs(0))
+    load_into_flax(model, weights_name("faster_rcnn", model_cfg.detector), weights,
+                   verbose=verbose)  # fmt: skip
+    hidden = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(hidden, model_cfg.detector_classes,
+                                                      nnx.Rngs(params=key))  # fmt: skip
+    torch_model = build_detector(model_cfg, pretrained=True)
+    frozen = {n for n, p in torch_model.named_parameters() if not p.requires_grad}
+    model.frozen_paths = frozenset(
+        r.flax_path for r in convert.rules_for(model) if r.torch_key in frozen
+    )
+    return model

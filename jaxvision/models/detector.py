@@ -266,6 +266,7 @@ class FasterRCNN(nnx.Module):
         key: jax.Array | None = None,
         *,
         samples: dict[str, jax.Array] | None = None,
+        image_valid: jax.Array | None = None,
         out: dict | None = None,
     ) -> dict[str, jax.Array]:
         """torchvision's training-mode `model(images, targets)`: the four losses (`LOSSES`).
@@ -276,7 +277,9 @@ class FasterRCNN(nnx.Module):
         balanced samples; `samples` injects them instead (masks `rpn.positive`, `rpn.negative`
         over the anchors (B, N) and `roi.positive`, `roi.negative` over the box head's
         candidates (B, P + G): the proposals, then the ground truth), which is how the parity
-        tests give both frameworks the same draw. `out` receives the named intermediates.
+        tests give both frameworks the same draw. `image_valid` (B,) leaves images out
+        (padding; blank images, which torchvision cannot take). `out` receives the named
+        intermediates.
         """
         b, s = images.shape[:2]
         size = self.resized(s)
@@ -303,9 +306,11 @@ class FasterRCNN(nnx.Module):
             )
         else:
             pos, neg = samples["rpn.positive"], samples["rpn.negative"]
+        if image_valid is not None:
+            pos, neg = pos & image_valid[:, None], neg & image_valid[:, None]
         targets = box_ops.encode(gather(gt, jnp.maximum(matches, 0)), anchors, box_ops.RPN_WEIGHTS)
         targets = jnp.where(pos[..., None], targets, 0.0)  # (B, N, 4); finite where unused
-        n_rpn = (pos | neg).sum()
+        n_rpn = jnp.maximum((pos | neg).sum(), 1)  # 0 only when every image is left out
         box_rpn = jnp.where(pos, box_ops.smooth_l1(deltas - targets, SMOOTH_L1_BETA).sum(-1), 0.0)
         bce = optax.sigmoid_binary_cross_entropy(logits, pos.astype(logits.dtype))
         out.update({"rpn.matches": matches, "rpn.positive": pos, "rpn.negative": neg})
@@ -329,6 +334,8 @@ class FasterRCNN(nnx.Module):
             )
         else:
             r_pos, r_neg = samples["roi.positive"], samples["roi.negative"]
+        if image_valid is not None:
+            r_pos, r_neg = r_pos & image_valid[:, None], r_neg & image_valid[:, None]
         sampled = r_pos | r_neg
         # the sampled candidates first, in index order (torchvision's `where`): a fixed count
         idx = jnp.argsort(~sampled, axis=1, stable=True)[:, : min(per_image, cand.shape[1])]
@@ -346,7 +353,7 @@ class FasterRCNN(nnx.Module):
         )[:, :, 0]  # (B, R, 4): each RoI's deltas for its own class
         roi_targets = box_ops.encode(roi_gt, rois, box_ops.BOX_HEAD_WEIGHTS)
         roi_targets = jnp.where(fg[..., None], roi_targets, 0.0)
-        n_roi = ok.sum()
+        n_roi = jnp.maximum(ok.sum(), 1)
         ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, roi_labels)
         box_roi = jnp.where(fg, box_ops.smooth_l1(reg - roi_targets, SMOOTH_L1_BETA).sum(-1), 0.0)
         out.update({"roi.candidates": cand, "roi.candidate_labels": cand_labels,

@@ -121,7 +121,8 @@ def save_weights(directory: Path, step: int, model: nnx.Module, meta: dict) -> N
 
 def load_flax_model(path: Path, meta: dict):
     """The Flax model in checkpoint folder `path` (DIR/<step>), in eval mode."""
-    model = build_model(config_from_dict(meta["arch"], meta["model_config"]), rngs=nnx.Rngs(0))
+    model = build_model(config_from_dict(meta["arch"], meta["model_config"]), rngs=nnx.Rngs(0),
+                        pretrained=meta["config"].get("pretrained", False))  # fmt: skip
     target = to_nested(nnx.state(model))
     manager = JaxCheckpoints.open(path.parent, read_only=True)
     restored, _ = manager.restore_state(int(path.name), _abstract(target))

@@ -57,17 +57,30 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree.map_with_path(is_kernel, params)
 
 
-def _in_head(path) -> bool:
-    return any(getattr(k, "key", None) == "classifier" for k in path)
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", k) for k in path)
 
 
-def head_labels(params: nnx.State) -> nnx.State:
-    """'head' for the classifier's parameters, 'features' for the rest."""
-    return jax.tree.map_with_path(lambda p, _: "head" if _in_head(p) else "features", params)
+def feature_labels(detector: bool):
+    """params -> 'features' for the pretrained feature extractor's parameters (a classifier's
+    all but `classifier`, a detector's backbone body), 'head' for the rest: `--unfreeze`
+    trains the features at `--feature-lr`."""
+
+    def label(path, _):
+        keys = _keys(path)
+        features = keys[:2] == ("backbone", "body") if detector else "classifier" not in keys
+        return "features" if features else "head"
+
+    return lambda params: jax.tree.map_with_path(label, params)
 
 
-def trainable_filter(config: TrainConfig):
-    """What gets gradients: everything, or (fine-tuning with frozen features) the classifier."""
+def trainable_filter(config: TrainConfig, model: nnx.Module | None = None):
+    """What gets gradients: everything; or, fine-tuning with frozen features, the classifier;
+    or, for a pretrained detector, all but the backbone layers torchvision freezes
+    (`model.frozen_paths`)."""
+    frozen = getattr(model, "frozen_paths", None)
+    if frozen:
+        return lambda path, x: isinstance(x, nnx.Param) and tuple(path) not in frozen
     if config.arch_spec.imagenet and not config.unfreeze:
         return nnx.All(nnx.Param, nnx.PathContains("classifier"))
     return nnx.Param
@@ -84,12 +97,14 @@ def _base_optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     lr = learning_rate(config, steps_per_epoch)
     opt = _base_optimizer(config, lr)
-    if config.arch_spec.imagenet and config.unfreeze:  # features at their own, lower lr
+    spec = config.arch_spec
+    if (spec.imagenet or spec.detector) and config.unfreeze:  # features at their own, lower lr
         feature_lr = learning_rate(
             dataclasses.replace(config, lr=config.feature_lr), steps_per_epoch
         )
         opt = optax.multi_transform(
-            {"head": opt, "features": _base_optimizer(config, feature_lr)}, head_labels
+            {"head": opt, "features": _base_optimizer(config, feature_lr)},
+            feature_labels(spec.detector),
         )
     if config.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
@@ -129,12 +144,12 @@ class Trainer:
     def __init__(self, model: nnx.Module, config: TrainConfig, data: Dataset, mesh=None):
         self.config = config
         self.data = data
-        self.steps = config.steps_per_epoch(data.n_train)
+        self.steps = config.steps_per_epoch(self.train_size())
         self.mesh = mesh if mesh is not None else parallel.make_data_mesh(config.devices)
         parallel.check_divisible(config.batch_size, self.mesh)
         self.tx = make_optimizer(config, self.steps)
         # Frozen parameters are split off: no gradient is computed or stored for them.
-        trainable = trainable_filter(config)
+        trainable = trainable_filter(config, model)
         self.train_graphdef, params, frozen, rest = nnx.split(
             with_mode(model, train=True), trainable, nnx.Param, ...
         )
@@ -197,7 +212,9 @@ class Trainer:
         x = self.norm(x)
 
         def loss_fn(p):
-            model = nnx.merge(self.train_graphdef, *self._cast(p, state.frozen), state.rest)
+            model = nnx.merge(
+                self.train_graphdef, *self._cast(p, state.frozen), state.rest, copy=True
+            )  # batch statistics mutate under jax.grad (flax#5050)
             logits = model(x.astype(self.compute_dtype), rngs=dropout_key).astype(jnp.float32)
             loss = cross_entropy(logits, y, self.config.label_smoothing)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
@@ -246,9 +263,17 @@ class Trainer:
 
     # --- the host side ---------------------------------------------------------------------------
 
+    def train_size(self) -> int:
+        """How many training images an epoch draws from."""
+        return self.data.n_train
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The training images' indices in `epoch`'s order (the torch backend's too)."""
+        return epoch_permutation(self.data.n_train, self.config.seed, epoch)
+
     def _example_args(self) -> tuple:
         """A training step's arguments, for ahead-of-time compilation (the values don't matter)."""
-        perm = parallel.replicate(np.zeros(self.data.n_train, np.int32), self.mesh)
+        perm = parallel.replicate(np.zeros(self.train_size(), np.int32), self.mesh)
         return (self.state, self.x_train, self.y_train, perm, 0, 0)
 
     def compile(self) -> float:
@@ -274,9 +299,7 @@ class Trainer:
         """One epoch, or its rest from `start`; returns (mean training loss, seconds)."""
         cfg, steps = self.config, self.steps
         start = start or Position(epoch)
-        perm = parallel.replicate(
-            epoch_permutation(self.data.n_train, cfg.seed, epoch).astype(np.int32), self.mesh
-        )
+        perm = parallel.replicate(self.epoch_order(epoch).astype(np.int32), self.mesh)
         jax.block_until_ready(perm)
         tracker = LossTracker(cfg, epoch, steps, jax.device_get, bar, start)
         step = start.step
@@ -341,7 +364,13 @@ def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
 
 def train_and_evaluate(config: TrainConfig, data: Dataset, model: nnx.Module) -> RunResult:
     """Trains `model` (built for `config.model_config(data)`) and evaluates it after every epoch."""
-    trainer = Trainer(model, config, data)
+    return run(Trainer(model, config, data), model)
+
+
+def run(trainer: Trainer, model: nnx.Module) -> RunResult:
+    """Compiles `trainer`'s step, runs its epochs (checkpointing where configured), and returns
+    the run's result."""
+    config, data = trainer.config, trainer.data
     checkpoints = None
     if config.checkpoint_dir:
         checkpoints = JaxCheckpoints(config, data, model.config, trainer)
