@@ -291,6 +291,8 @@ class FasterRCNN(nnx.Module):
             if key is None:
                 raise ValueError("FasterRCNN.losses needs a PRNG key (or injected samples)")
             k_rpn, k_roi = jax.random.split(key)
+        else:
+            k_rpn = k_roi = None
         gather = jax.vmap(lambda a, i: a[i])  # per image: (G, ...)[(M,)] -> (M, ...)
 
         # RPN: anchors matched at 0.7 / 0.3 (with low-quality matches), 256 sampled per image
@@ -300,14 +302,7 @@ class FasterRCNN(nnx.Module):
             quality, gt_valid, RPN_FG_IOU, RPN_BG_IOU, True
         )  # (B, N)
         rpn_labels = jnp.where(matches >= 0, 1, jnp.where(matches == box_ops.BELOW_LOW, 0, -1))
-        if samples is None:
-            pos, neg = jax.vmap(box_ops.sample, (0, 0, None, None))(
-                jax.random.split(k_rpn, b), rpn_labels, RPN_BATCH, RPN_POSITIVE
-            )
-        else:
-            pos, neg = samples["rpn.positive"], samples["rpn.negative"]
-        if image_valid is not None:
-            pos, neg = pos & image_valid[:, None], neg & image_valid[:, None]
+        pos, neg = _draw(samples, "rpn", k_rpn, rpn_labels, RPN_BATCH, RPN_POSITIVE, image_valid)
         targets = box_ops.encode(gather(gt, jnp.maximum(matches, 0)), anchors, box_ops.RPN_WEIGHTS)
         targets = jnp.where(pos[..., None], targets, 0.0)  # (B, N, 4); finite where unused
         n_rpn = jnp.maximum((pos | neg).sum(), 1)  # 0 only when every image is left out
@@ -328,14 +323,8 @@ class FasterRCNN(nnx.Module):
         )
         roi_labels = cand_labels = jnp.where(cand_valid, roi_labels, -1)
         per_image = self.config.box_batch_size_per_image
-        if samples is None:
-            r_pos, r_neg = jax.vmap(box_ops.sample, (0, 0, None, None))(
-                jax.random.split(k_roi, b), roi_labels, per_image, BOX_POSITIVE
-            )
-        else:
-            r_pos, r_neg = samples["roi.positive"], samples["roi.negative"]
-        if image_valid is not None:
-            r_pos, r_neg = r_pos & image_valid[:, None], r_neg & image_valid[:, None]
+        r_pos, r_neg = _draw(samples, "roi", k_roi, roi_labels, per_image, BOX_POSITIVE,
+                             image_valid)  # fmt: skip
         sampled = r_pos | r_neg
         # the sampled candidates first, in index order (torchvision's `where`): a fixed count
         idx = jnp.argsort(~sampled, axis=1, stable=True)[:, : min(per_image, cand.shape[1])]
@@ -375,3 +364,16 @@ class FasterRCNN(nnx.Module):
 def _padded(size: int) -> int:
     """The batch's side after the transform pads to a multiple of 32."""
     return -(-size // 32) * 32
+
+
+def _draw(samples, stage, key, labels, batch, fraction, image_valid):
+    """A stage's (positive, negative) masks (B, M): injected, or drawn per image from `key`;
+    images outside `image_valid` sample nothing."""
+    if samples is None:
+        keys = jax.random.split(key, labels.shape[0])
+        pos, neg = jax.vmap(box_ops.sample, (0, 0, None, None))(keys, labels, batch, fraction)
+    else:
+        pos, neg = samples[f"{stage}.positive"], samples[f"{stage}.negative"]
+    if image_valid is not None:
+        pos, neg = pos & image_valid[:, None], neg & image_valid[:, None]
+    return pos, neg
