@@ -305,7 +305,7 @@ def torch_gradients(model, images, boxes, labels, rpn_sampler, roi_sampler):
     losses = model(list(torch.from_numpy(images).permute(0, 3, 1, 2).to(dtype)), targets)
     sum(losses.values()).backward()
     grads = {n: p.grad.double().numpy() for n, p in model.named_parameters()}
-    return {k: float(v) for k, v in losses.items()}, grads
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
 
 
 def max_diff(a: dict, b: dict) -> dict[str, float]:
