@@ -24,7 +24,8 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from jaxvision.core import detection
 from jaxvision.core.model_configs import FasterRCNNConfig
 from jaxvision.interop import convert
-from jaxvision.models import box_ops
+from jaxvision.models import backbones, box_ops
+from jaxvision.models import detector as detector_module
 from jaxvision.models.backbones import FrozenBatchNorm2d
 from jaxvision.models.detector import FasterRCNN
 from torch_reference.detection import as_rgb, detect
@@ -248,6 +249,63 @@ def test_multiscale_roi_align_maps_boxes_to_torchvisions_levels():
     maps = {str(i): torch.from_numpy(f).permute(0, 3, 1, 2) for i, f in enumerate(feats)}
     want = pool(maps, [torch.from_numpy(b) for b in boxes], [(256, 256)] * 2)  # (B*R, C, 7, 7)
     close("multiscale_roi_align", np.asarray(got).reshape(-1, 7, 7, 3), nhwc(want), 1e-5)
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_depthwise_conv_is_the_grouped_convolution_forward_and_backward(k, stride):
+    """`DepthwiseConv` (shifted slices, for XLA:CPU's speed) computes what the grouped
+    convolution it replaces does, and so do its gradients, on odd and even sides."""
+    layer = backbones.conv(6, 6, k, nnx.Rngs(0), stride=stride, groups=6, bias=True)
+    assert isinstance(layer, backbones.DepthwiseConv)
+    p = (k - 1) // 2
+
+    def grouped(kernel, x):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), ((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+            precision="highest",
+        )  # fmt: skip
+
+    def taps(kernel, x):
+        return backbones.depthwise_conv(x, kernel, stride, p)
+
+    kernel = layer.kernel[...]
+    for side in (7, 8):
+        x = jax.random.normal(jax.random.key(side), (2, side, side, 6))
+        want = grouped(kernel, x)
+        close(f"DepthwiseConv {side}px", layer(x), want + layer.bias[...], 1e-5)
+        close(f"depthwise_conv {side}px", taps(kernel, x), want, 1e-5)
+        loss = lambda f: lambda *a: (f(*a) ** 2).sum()  # noqa: E731
+        got = jax.grad(loss(taps), (0, 1))(kernel, x)
+        want = jax.grad(loss(grouped), (0, 1))(kernel, x)
+        for name, g, w in zip(("kernel", "input"), got, want, strict=True):
+            close(f"depthwise {side}px d{name}", g, w, 1e-5 * float(jnp.abs(w).max()))
+
+
+def test_box_outputs_on_the_valid_boxes_are_box_features_and_the_predictor(monkeypatch):
+    """`detect`'s packed, chunked box head gives each valid box what `box_features` and the
+    predictor give it, and zero elsewhere, with chunks that span images, an image with no
+    valid box, and a last chunk only partly valid."""
+    monkeypatch.setattr(detector_module, "ROI_CHUNK_BYTES", 1)  # the smallest chunk: 16 RoIs
+    model = nnx.view(FasterRCNN(FasterRCNNConfig(), rngs=nnx.Rngs(0)), use_running_average=True)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (3, 28, 28, 3)).astype(np.float32)
+    corner = rng.uniform(0, 40, (3, 40, 2)).astype(np.float32)
+    boxes = np.concatenate([corner, corner + rng.uniform(2, 24, (3, 40, 2))], -1)
+    valid = np.arange(40)[None] < np.array([[23], [0], [17]])  # 40 valid: chunks of 16 x 3
+
+    def both(m, x, boxes, valid):
+        features = m.backbone(m.transform(x))
+        packed = m.box_outputs(features, boxes, valid, 64)
+        feats = m.box_features(features, boxes, 64)
+        return packed, (feats, *m.roi_heads.box_predictor(feats))
+
+    packed, dense = nnx.jit(both)(model, x, boxes, valid)
+    for name, got, want in zip(("features", "class_logits", "box_regression"), packed, dense,
+                               strict=True):  # fmt: skip
+        got, want = np.asarray(got), np.asarray(want)
+        close(f"box_outputs {name}", got[valid], want[valid], 1e-5)
+        assert not got[~valid].any(), f"box_outputs {name}: nonzero where not valid"
 
 
 def test_detect_refuses_training_mode_batch_norm():

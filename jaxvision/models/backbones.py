@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxvision.models.box_ops import nearest_indices
@@ -87,12 +88,42 @@ class Hardswish(nnx.Module):
         return jax.nn.hard_swish(x)  # x * relu6(x + 3) / 6, as torch
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """The depthwise convolution (groups = channels) of x (B, H, W, C) with kernel (k, k, 1, C)
+    and symmetric zero padding, as k * k shifted, strided slices of the padded input, each
+    scaled by its tap's per-channel weight, and summed.
+
+    XLA:CPU lowers a grouped convolution to a slow generic loop (jax#23713); on MobileNetV3's
+    shapes the slices are 10-30x faster, forward and backward, and their gradient is slices
+    and pads, not a scatter (`docs/performance.md`)."""
+    k = kernel.shape[0]
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    y = 0.0
+    for i in range(k):
+        for j in range(k):
+            end = (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c)
+            y = y + jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1)) * kernel[i, j, 0]
+    return y
+
+
+class DepthwiseConv(nnx.Conv):
+    """A depthwise nnx.Conv (the same `kernel`, so the same conversion) computed by
+    `depthwise_conv`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        (pad, _), _ = self.padding  # as `conv` builds it: ((p, p), (p, p)), an int stride
+        y = depthwise_conv(x, self.kernel[...], self.strides, pad)
+        return y + self.bias[...] if self.bias is not None else y
+
+
 def conv(
     cin: int, cout: int, k: int, rngs: nnx.Rngs, *, stride: int = 1, groups: int = 1,
     bias: bool = False, init: str = "kaiming_out",
 ) -> nnx.Conv:  # fmt: skip
     """torch's Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, groups) on NHWC, with the
-    initialisation torchvision gives that layer."""
+    initialisation torchvision gives that layer (a `DepthwiseConv` when groups = cin = cout)."""
     kernel_init = {
         "kaiming_out": nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
         "kaiming_uniform_a1": nnx.initializers.variance_scaling(1.0, "fan_in", "uniform"),
@@ -105,7 +136,8 @@ def conv(
         else nnx.initializers.zeros
     )
     p = (k - 1) // 2
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)),
+    cls = DepthwiseConv if groups > 1 and groups == cin == cout else nnx.Conv
+    return cls(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)),
                     feature_group_count=groups, use_bias=bias, kernel_init=kernel_init,
                     bias_init=bias_init, rngs=rngs)  # fmt: skip
 
@@ -253,6 +285,20 @@ class ResNet50Body(nnx.Module):
         return outs
 
 
+def upsample_nearest(x: jax.Array, h: int, w: int) -> jax.Array:
+    """F.interpolate(mode="nearest") of x (B, H, W, C) to (B, h, w, C). Each axis is kept, or
+    repeated where the source indices are an integer repeat (the FPN's usual x2), or gathered:
+    the first two have no scatter in their gradient, which XLA:CPU runs slowly."""
+    for axis, out in ((1, h), (2, w)):
+        size = x.shape[axis]
+        idx = nearest_indices(size, out)
+        if out % size == 0 and np.array_equal(idx, np.arange(out) // (out // size)):
+            x = jnp.repeat(x, out // size, axis) if out != size else x
+        else:
+            x = jnp.take(x, idx, axis)
+    return x
+
+
 # --- the feature pyramid ---------------------------------------------------------------------
 class FeaturePyramidNetwork(nnx.Module):
     """torchvision's FPN: 1x1 lateral convs (`inner_blocks`), top-down nearest upsampling, 3x3
@@ -270,10 +316,7 @@ class FeaturePyramidNetwork(nnx.Module):
         results = [self.layer_blocks[-1](last)]
         for i in range(len(xs) - 2, -1, -1):
             lateral = self.inner_blocks[i](xs[i])
-            h, w = lateral.shape[1:3]
-            rows = nearest_indices(last.shape[1], h)
-            cols = nearest_indices(last.shape[2], w)
-            last = lateral + last[:, rows][:, :, cols]  # (B, h, w, C): nearest, as F.interpolate
+            last = lateral + upsample_nearest(last, *lateral.shape[1:3])  # (B, h, w, C)
             results.insert(0, self.layer_blocks[i](last))
         results.append(
             results[-1][:, ::2, ::2]

@@ -38,6 +38,7 @@ ASPECT_RATIOS = (0.5, 1.0, 2.0)
 RPN_NMS_THRESH, RPN_MIN_SIZE = 0.7, 1e-3
 BOX_SCORE_THRESH, BOX_NMS_THRESH, BOX_MIN_SIZE, DETECTIONS_PER_IMG = 0.05, 0.5, 1e-2, 100
 ROI_SIZE, ROI_SAMPLING = 7, 2
+ROI_CHUNK_BYTES = 64 * 2**20  # the features gathered for one chunk of RoIs in `box_outputs`
 # Training (torchvision's defaults): the matchers' IoU thresholds, the samplers, smooth-L1's beta.
 RPN_FG_IOU, RPN_BG_IOU, RPN_BATCH, RPN_POSITIVE = 0.7, 0.3, 256, 0.5
 BOX_FG_IOU, BOX_BG_IOU, BOX_POSITIVE = 0.5, 0.5, 0.25
@@ -197,6 +198,50 @@ class FasterRCNN(nnx.Module):
                                               ROI_SIZE, ROI_SAMPLING)  # fmt: skip
         return self.roi_heads.box_head(pooled.reshape(b * r, *pooled.shape[2:])).reshape(b, r, -1)
 
+    def box_outputs(
+        self, features: list[jax.Array], boxes: jax.Array, valid: jax.Array, size: int
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`box_features` and the predictor on the valid boxes only, as torchvision runs them on
+        its variable-length proposal lists: boxes (B, P, 4), valid (B, P) -> box-head features
+        (B, P, 1024), class logits (B, P, K), box regression (B, P, K * 4), zero where not valid.
+
+        The batch's valid boxes are packed first (image by image, in rank order) and pooled and
+        run through the head in chunks, under a loop that stops after the chunk holding the
+        last of them: the cost follows how many proposals survive NMS, not the padded P. Each
+        row is the computation `box_features` does. For detection only (not differentiable)."""
+        b, p, _ = boxes.shape
+        levels = features[:-1]
+        per_roi = sum(int(np.prod(f.shape[1:])) for f in levels) * 4  # bytes gathered per RoI
+        chunk = min(int(np.clip(ROI_CHUNK_BYTES // per_roi, 16, 512)), b * p)
+        n_chunks = -(-b * p // chunk)
+        order = jnp.argsort(~valid.reshape(-1), stable=True)  # (B*P,): the valid ones first
+        order_padded = jnp.pad(order, (0, n_chunks * chunk - b * p))
+        heads = self.roi_heads
+        k = heads.box_predictor.cls_score.out_features
+
+        def run_chunk(i, acc):
+            rows = jax.lax.dynamic_slice_in_dim(order_padded, i * chunk, chunk)
+            img = rows // p
+            pooled = box_ops.multiscale_roi_align(
+                [f[img] for f in levels], boxes.reshape(-1, 4)[rows][:, None], size,
+                ROI_SIZE, ROI_SAMPLING,
+            )[:, 0]  # fmt: skip  # (chunk, 7, 7, C)
+            feats = heads.box_head(pooled)
+            new = (feats, *heads.box_predictor(feats))
+            return tuple(jax.lax.dynamic_update_slice_in_dim(a, v, i * chunk, 0)
+                         for a, v in zip(acc, new, strict=True))  # fmt: skip
+
+        hidden = heads.box_head.fc7.out_features
+        acc = tuple(jnp.zeros((n_chunks * chunk, d)) for d in (hidden, k, k * 4))
+        n_valid = valid.sum()
+        acc = jax.lax.fori_loop(0, (n_valid + chunk - 1) // chunk, run_chunk, acc)
+        inverse = jnp.argsort(order)  # packed row of each (image, rank)
+        ok = valid.reshape(-1, 1)
+        feats, class_logits, box_regression = (
+            jnp.where(ok, a[inverse], 0.0).reshape(b, p, -1) for a in acc
+        )
+        return feats, class_logits, box_regression
+
     def postprocess(
         self, class_logits: jax.Array, box_regression: jax.Array, proposals: jax.Array,
         valid: jax.Array, size: int,
@@ -246,8 +291,8 @@ class FasterRCNN(nnx.Module):
             out[f"features.{name}"] = f
         size = self.resized(images.shape[1])
         _, _, props, _, valid = self.proposals(features, size, "test", out)
-        out["box_head"] = feats = self.box_features(features, props, size)  # (B, P, 1024)
-        class_logits, box_regression = self.roi_heads.box_predictor(feats)
+        feats, class_logits, box_regression = self.box_outputs(features, props, valid, size)
+        out["box_head"] = feats  # (B, P, 1024)
         out["class_logits"], out["box_regression"] = class_logits, box_regression
         det = self.postprocess(class_logits, box_regression, props, valid, size)
         ratio = np.float32(images.shape[1]) / np.float32(size)
@@ -267,6 +312,7 @@ class FasterRCNN(nnx.Module):
         *,
         samples: dict[str, jax.Array] | None = None,
         image_valid: jax.Array | None = None,
+        features: list[jax.Array] | None = None,
         out: dict | None = None,
     ) -> dict[str, jax.Array]:
         """torchvision's training-mode `model(images, targets)`: the four losses (`LOSSES`).
@@ -278,13 +324,15 @@ class FasterRCNN(nnx.Module):
         over the anchors (B, N) and `roi.positive`, `roi.negative` over the box head's
         candidates (B, P + G): the proposals, then the ground truth), which is how the parity
         tests give both frameworks the same draw. `image_valid` (B,) leaves images out
-        (padding; blank images, which torchvision cannot take). `out` receives the named
-        intermediates.
+        (padding; blank images, which torchvision cannot take). `features`: the backbone's
+        levels for `images` where they are at hand (evaluation: `detect`'s, with the same
+        running statistics), saving the second pass. `out` receives the named intermediates.
         """
         b, s = images.shape[:2]
         size = self.resized(s)
         out = {} if out is None else out
-        features = self.backbone(self.transform(images))
+        if features is None:
+            features = self.backbone(self.transform(images))
         logits, deltas, props, _, valid = self.proposals(features, size, "train", out)
         gt = boxes * (np.float32(size) / np.float32(s))  # the transform's resize_boxes
         if samples is None:

@@ -81,7 +81,8 @@ class DetectorTrainer(Trainer):
 
     def _eval(self, state: TrainState, x_pad, y_pad):
         """Detections and class scores of every test image, and each batch's loss (eval-mode
-        BatchNorm, samples from a fixed key) over its inked images, weighted by their count."""
+        BatchNorm, samples from a fixed key, on the detection's backbone features) over its
+        inked images, weighted by their count."""
         model = nnx.merge(self.eval_graphdef, state.params, state.frozen, state.rest)
         labels_all, boxes_all, ink_all = y_pad
         e = self.eval_batch
@@ -92,9 +93,12 @@ class DetectorTrainer(Trainer):
                 parallel.shard_batch(jax.lax.dynamic_slice_in_dim(a, i * e, e))
                 for a in (labels_all, boxes_all, ink_all)
             )
-            det, _ = model.detect(x)
-            losses = model.losses(x, boxes[:, None], labels[:, None] + 1, ink[:, None],
-                                  jax.random.key(0), image_valid=ink)  # fmt: skip
+            det, out = model.detect(x)
+            features = [out[f"features.{name}"] for name in model.level_names()]
+            losses = model.losses(
+                x, boxes[:, None], labels[:, None] + 1, ink[:, None], jax.random.key(0),
+                image_valid=ink, features=features,
+            )  # fmt: skip
             det = {k: parallel.gather(det[k]) for k in ("boxes", "scores", "labels", "valid",
                                                          "class_scores")}  # fmt: skip
             return det, sum(losses.values()) * ink.sum()
