@@ -22,12 +22,14 @@ from flax import nnx
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from jaxvision.core import detection
+from jaxvision.core.config import TrainConfig
 from jaxvision.core.model_configs import FasterRCNNConfig
-from jaxvision.interop import convert
+from jaxvision.interop import convert, pretrained
 from jaxvision.models import backbones, box_ops
 from jaxvision.models import detector as detector_module
 from jaxvision.models.backbones import FrozenBatchNorm2d
 from jaxvision.models.detector import FasterRCNN
+from jaxvision.training.trainer import trainable_filter
 from torch_reference.detection import as_rgb, detect
 from torch_reference.models.detector import COCO_CLASSES, build_detector
 
@@ -173,6 +175,50 @@ def test_conversion_consumes_every_key_and_round_trips_exactly(detector, frozen)
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+def test_pretrained_coco_weights_load_into_flax_frozen_as_torchvision_freezes(
+    tmp_path, monkeypatch, detector="mobilenet_v3_320"
+):
+    """`--pretrained --backend jax`: a COCO state_dict (a stand-in saved by torchvision's own
+    builder, as the torch side's test does) goes into the Flax detector with FrozenBatchNorm2d,
+    a fresh 11-way predictor, and exactly the backbone parameters torchvision freezes left out
+    of training; the conversion is cached and the cache gives the same weights back."""
+    monkeypatch.setenv("JAXVISION_CACHE", str(tmp_path / "cache"))
+    config = FasterRCNNConfig(detector=detector)
+    torch.manual_seed(0)
+    coco = build_detector(config, pretrained=True)
+    path = tmp_path / "coco.pth"
+    torch.save(coco.state_dict(), path)
+    train_config = TrainConfig(arch="faster_rcnn", backend="jax", preset=detector,
+                               pretrained=True, weights=str(path), optimizer="sgd")  # fmt: skip
+    models = [
+        pretrained.coco_detector(config, str(path), jax.random.key(1), verbose=False)
+        for _ in range(2)
+    ]  # fmt: skip  the second from the converted cache
+    assert len(list((tmp_path / "cache").glob("*-flax.npz"))) == 1
+    for model in models:
+        back = convert.to_torch_state_dict(model)
+        for k, v in coco.state_dict().items():
+            if "box_predictor" not in k:
+                np.testing.assert_array_equal(back[k].numpy(), v.numpy(), err_msg=k)
+        predictor = model.roi_heads.box_predictor
+        assert (predictor.cls_score.out_features, predictor.bbox_pred.out_features) == (11, 44)
+        assert any(isinstance(m, FrozenBatchNorm2d) for _, m in nnx.iter_graph(model))
+        _, params, _ = nnx.split(model, trainable_filter(train_config, model), ...)
+        trainable = {r.torch_key for r in convert.rules_for(model)
+                     if r.flax_path in dict(nnx.to_flat_state(params))}  # fmt: skip
+        want = {n for n, p in coco.named_parameters() if p.requires_grad}
+        want = {k for k in want if "box_predictor" not in k} | {
+            k for k in back if "box_predictor" in k
+        }  # fmt: skip
+        assert trainable == want
+        assert any(k.startswith("backbone.body") for k in trainable)  # the last layers train
+        assert any(k.startswith("backbone.body") for k in set(back) - trainable)
+    np.testing.assert_array_equal(
+        np.asarray(models[0].roi_heads.box_predictor.cls_score.kernel[...]),
+        np.asarray(models[1].roi_heads.box_predictor.cls_score.kernel[...]),
+    )  # the same key, the same fresh predictor
+
+
 def test_conversion_names_a_key_from_the_wrong_detector():
     fm = FasterRCNN(FasterRCNNConfig(), rngs=nnx.Rngs(0))
     sd = build_detector(FasterRCNNConfig(detector="resnet50_fpn")).state_dict()
@@ -210,8 +256,10 @@ def test_nms_per_group_then_merged_by_score_is_torchvisions_batched_nms():
         assert {200, 201} <= set(want.tolist())
 
 
-def test_roi_align_matches_torchvision_inside_and_beyond_the_map():
-    """Boxes inside, straddling and beyond the map's edges, tiny and large, at two scales."""
+@pytest.mark.parametrize("method", ["einsum", "gather"])
+def test_roi_align_matches_torchvision_inside_and_beyond_the_map(method):
+    """Boxes inside, straddling and beyond the map's edges, tiny and large, at two scales, by
+    either formulation."""
     rng = np.random.default_rng(1)
     feature = rng.normal(size=(2, 9, 11, 5)).astype(np.float32)
     boxes = np.stack(
@@ -227,13 +275,45 @@ def test_roi_align_matches_torchvision_inside_and_beyond_the_map():
         ]
     ).astype(np.float32)  # fmt: skip  (B, R, 4) at scale 1/4
     for scale in (0.25, 0.5):
-        got = box_ops.roi_align(feature, boxes, scale, 7, 2)  # (B, R, 7, 7, C)
+        got = box_ops.roi_align(feature, boxes, scale, 7, 2, method)  # (B, R, 7, 7, C)
         rois = torch.cat([torch.cat([torch.full((5, 1), float(b)), torch.from_numpy(boxes[b])], 1)
                           for b in range(2)])  # fmt: skip
         want = torchvision.ops.roi_align(
             torch.from_numpy(feature).permute(0, 3, 1, 2), rois, 7, scale, 2, aligned=False
         )  # (B*R, C, 7, 7)
-        close(f"roi_align@{scale}", np.asarray(got).reshape(10, 7, 7, 5), nhwc(want), 1e-5)
+        close(f"roi_align {method}@{scale}", np.asarray(got).reshape(10, 7, 7, 5), nhwc(want),
+              1e-5)  # fmt: skip
+
+
+def test_roi_align_gather_and_einsum_have_the_same_gradients():
+    """The two RoIAlign formulations agree in their gradients too, with respect to the feature
+    map (where the gather's is a scatter-add) and to the boxes, through every level."""
+    rng = np.random.default_rng(4)
+    feats = [
+        jnp.asarray(rng.normal(size=(2, 256 // s, 256 // s, 3)), jnp.float32)
+        for s in (4, 8, 16, 32)
+    ]  # fmt: skip  ResNet-50 FPN's levels over 256 px
+    sides = np.tile(np.array([6, 50, 130, 250, 470, 30], np.float32), 2)  # every level
+    corner = rng.uniform(-10, 200, (2, 12, 2)).astype(np.float32)
+    boxes = jnp.asarray(np.concatenate([corner, corner + sides[None, :, None]], -1))
+    weight = jnp.asarray(rng.normal(size=(2, 12, 7, 7, 3)), jnp.float32)
+
+    def loss(method):
+        def f(feats, boxes):
+            pooled = box_ops.multiscale_roi_align(feats, boxes, 256, 7, 2, method)
+            return (pooled * weight).sum()
+
+        return jax.jit(jax.grad(f, (0, 1)))
+
+    (g_feats, g_boxes), (w_feats, w_boxes) = (
+        loss("gather")(feats, boxes),
+        loss("einsum")(feats, boxes),
+    )
+    for level, (g, w) in enumerate(zip(g_feats, w_feats, strict=True)):
+        close(f"roi_align d(level {level})", g, w, 1e-5)
+    close("roi_align d(boxes)", g_boxes, w_boxes, 1e-4)
+    with pytest.raises(ValueError, match="unknown method 'bilinear'"):
+        box_ops.roi_align(feats[0], boxes, 0.25, method="bilinear")
 
 
 def test_multiscale_roi_align_maps_boxes_to_torchvisions_levels():

@@ -11,8 +11,10 @@ Two deliberate differences, neither visible in the numbers:
   or loops over the groups; here each group (a feature level, a class) is its own padded `nms`,
   and `top_survivors` merges them by score. Both keep the same boxes unless an IoU lies within
   float32 rounding of the threshold; this way the overlap matrices are per group, not K x K.
-- `roi_align` is an einsum of per-axis bilinear weights (as google-research's fvlm does), not a
-  gather: its gradient has no scatter, which XLA:CPU runs as a slow serial loop.
+- `roi_align` is by default an einsum of per-axis bilinear weights (as google-research's fvlm
+  does), not a gather: its gradient has no scatter, which XLA:CPU runs as a slow serial loop.
+  The gather form is kept (`method="gather"`), tested equal, and measured slower in the
+  detector's training step (`docs/performance.md`).
 """
 
 from __future__ import annotations
@@ -186,10 +188,13 @@ def roi_levels(boxes: jax.Array, scales: tuple[float, ...]) -> jax.Array:
     return (jnp.clip(level, k_min, k_max) - k_min).astype(jnp.int32)
 
 
-def _axis_weights(start: jax.Array, end: jax.Array, size: int, out: int, ratio: int) -> jax.Array:
-    """(..., out, size) RoIAlign weights along one axis (aligned=False): each of the `out` bins
-    averages `ratio` bilinear samples; a sample beyond [-1, size] counts as 0, one in [-1, 0]
-    reads row 0, one past size - 1 reads the last row."""
+def _axis_samples(
+    start: jax.Array, end: jax.Array, size: int, out: int, ratio: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """RoIAlign's bilinear samples along one axis (aligned=False), each (..., out, ratio): the
+    two rows each of a bin's `ratio` samples reads, its fraction towards the second, and whether
+    it counts. A sample beyond [-1, size] counts as 0, one in [-1, 0] reads row 0, one past
+    size - 1 reads the last row (torchvision's `bilinear_interpolate`)."""
     length = jnp.maximum(end - start, 1.0)
     bin_size = (length / out)[..., None, None]  # (..., 1, 1)
     p = jnp.arange(out, dtype=jnp.float32)[:, None]  # (out, 1)
@@ -202,7 +207,13 @@ def _axis_weights(start: jax.Array, end: jax.Array, size: int, out: int, ratio: 
     low = jnp.where(edge, size - 1, low)
     high = jnp.where(edge, size - 1, low + 1)
     y = jnp.where(edge, low.astype(y.dtype), y)
-    frac = y - low
+    return low, high, y - low, inside
+
+
+def _axis_weights(start: jax.Array, end: jax.Array, size: int, out: int, ratio: int) -> jax.Array:
+    """(..., out, size) RoIAlign weights along one axis: each of the `out` bins averages its
+    `ratio` samples (`_axis_samples`), as rows of one-hot bilinear weights."""
+    low, high, frac, inside = _axis_samples(start, end, size, out, ratio)
     rows = jnp.arange(size)
     w = (1.0 - frac)[..., None] * (low[..., None] == rows) + frac[..., None] * (
         high[..., None] == rows
@@ -212,13 +223,21 @@ def _axis_weights(start: jax.Array, end: jax.Array, size: int, out: int, ratio: 
 
 
 def roi_align(
-    feature: jax.Array, boxes: jax.Array, scale: float, out: int = 7, ratio: int = 2
-) -> jax.Array:
+    feature: jax.Array, boxes: jax.Array, scale: float, out: int = 7, ratio: int = 2,
+    method: str = "einsum",
+) -> jax.Array:  # fmt: skip
     """torchvision's `roi_align(aligned=False, sampling_ratio=ratio)` of one level.
 
-    feature (B, H, W, C), boxes (B, R, 4) in image pixels -> (B, R, out, out, C). Bilinear
-    sampling is separable, so each box is two small weight matrices and two einsums.
+    feature (B, H, W, C), boxes (B, R, 4) in image pixels -> (B, R, out, out, C). `method`:
+    - "einsum" (the default): bilinear sampling is separable, so each box is two small weight
+      matrices and two einsums; no gather, so the gradient has no scatter;
+    - "gather": torchvision's kernel as written, four corner reads per sample point; its
+      gradient is a scatter-add. `docs/performance.md` measures the two in the training step.
     """
+    if method == "gather":
+        return _roi_align_gather(feature, boxes, scale, out, ratio)
+    if method != "einsum":
+        raise ValueError(f"roi_align: unknown method {method!r}; use 'einsum' or 'gather'")
     _, h, w, _ = feature.shape
     x1, y1, x2, y2 = (boxes[..., i] * scale for i in range(4))
     wy = _axis_weights(y1, y2, h, out, ratio)  # (B, R, out, H)
@@ -227,18 +246,44 @@ def roi_align(
     return jnp.einsum("brqw,brpwc->brpqc", wx, rows)  # (B, R, out, out, C)
 
 
-def multiscale_roi_align(
-    features: list[jax.Array], boxes: jax.Array, image: int, out: int = 7, ratio: int = 2
+def _roi_align_gather(
+    feature: jax.Array, boxes: jax.Array, scale: float, out: int, ratio: int
 ) -> jax.Array:
+    """`roi_align` by gathering each sample's four neighbours, weighted and averaged per bin."""
+    b, h, w, c = feature.shape
+    r, n = boxes.shape[1], out * ratio
+
+    def axis(lo, hi, size):  # rows (B, R, n, 2) and their weights (B, R, n, 2)
+        low, high, frac, inside = (a.reshape(b, r, n) for a in _axis_samples(lo, hi, size, out,
+                                                                              ratio))  # fmt: skip
+        weight = jnp.stack([1.0 - frac, frac], -1) * inside[..., None]
+        return jnp.stack([low, high], -1), weight
+
+    x1, y1, x2, y2 = (boxes[..., i] * scale for i in range(4))
+    ry, wy = axis(y1, y2, h)
+    rx, wx = axis(x1, x2, w)
+    index = ry[:, :, :, None, :, None] * w + rx[:, :, None, :, None, :]  # (B, R, n, n, 2, 2)
+    weight = wy[:, :, :, None, :, None] * wx[:, :, None, :, None, :]
+    flat = feature.reshape(b, h * w, c)
+    corners = jax.vmap(lambda f, i: f[i])(flat, index.reshape(b, -1))
+    values = (corners.reshape(*index.shape, c) * weight[..., None]).sum((4, 5))  # (B, R, n, n, C)
+    return values.reshape(b, r, out, ratio, out, ratio, c).mean((3, 5))
+
+
+def multiscale_roi_align(
+    features: list[jax.Array], boxes: jax.Array, image: int, out: int = 7, ratio: int = 2,
+    method: str = "einsum",
+) -> jax.Array:  # fmt: skip
     """`MultiScaleRoIAlign`: each box pooled from the level its size maps it to.
     features: the levels' (B, H_l, W_l, C); boxes (B, R, 4) -> (B, R, out, out, C)."""
     scales = tuple(roi_scale(f.shape[1], image) for f in features)
     if len(features) == 1 or len(set(scales)) == 1:  # one scale: every box maps to level 0
-        return roi_align(features[0], boxes, scales[0], out, ratio)
+        return roi_align(features[0], boxes, scales[0], out, ratio, method)
     level = roi_levels(boxes, scales)  # (B, R)
     pooled = 0.0
     for i, (f, s) in enumerate(zip(features, scales, strict=True)):
-        pooled = pooled + roi_align(f, boxes, s, out, ratio) * (level == i)[..., None, None, None]
+        mine = (level == i)[..., None, None, None]
+        pooled = pooled + roi_align(f, boxes, s, out, ratio, method) * mine
     return pooled
 
 
