@@ -5,6 +5,7 @@ No timing is asserted: the benchmark's figures are checked for shape and consist
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -66,6 +67,10 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
         ):
             assert isinstance(x[key], float) and x[key] > 0, key
         assert x["compile_s"] >= 0 and len(x["train_times_s"]) == 2
+        # each worker holds its own framework only, and says what it ran under
+        assert x["frameworks_loaded"] == [x["backend"]], x["frameworks_loaded"]
+        assert x["xla_flags"] == os.environ.get("XLA_FLAGS")
+        assert isinstance(x["threads"], int) and x["threads"] >= 1
         assert 0 < x["fraction_of_peak"] < 1
         assert x["fraction_of_peak"] == pytest.approx(
             x["flops_per_image"] * x["train_images_per_s"] / x["peak_flops_per_s"]

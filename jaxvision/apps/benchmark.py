@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ RECORD_KEYS = (
     "params",
     "flops_per_image",
     "fraction_of_peak",
+    "frameworks_loaded",
+    "xla_flags",
+    "threads",
 )
 
 
@@ -103,6 +107,17 @@ def model_flops(spec: Spec) -> float:
     return torch_backend.model_flops(config, bench_dataset(spec.batch_size))
 
 
+FRAMEWORKS = ("jax", "torch", "tensorflow")
+
+
+def setting(bench) -> dict:
+    """What a worker ran under: the frameworks its process loaded (a torch worker holds no JAX,
+    so its memory is its own), the XLA flags in force, and its framework's thread count."""
+    loaded = sorted({m.partition(".")[0] for m in sys.modules} & set(FRAMEWORKS))
+    return {"frameworks_loaded": loaded, "xla_flags": os.environ.get("XLA_FLAGS"),
+            "threads": bench.threads()}  # fmt: skip
+
+
 def _worker(spec: Spec, conn) -> None:
     """One (arch, backend): set up, then answer "run" with (train s, infer s) until "stop"."""
     try:
@@ -112,6 +127,7 @@ def _worker(spec: Spec, conn) -> None:
         while conn.recv() == "run":
             conn.send(("times", (bench.train(), bench.infer())))
         conn.send(("memory", (peak_host_mb(), bench.peak_device_mb())))
+        conn.send(("setting", setting(bench)))
     except Exception as e:  # reported in the table; the other workers go on
         message = str(e).splitlines()[0] if str(e) else ""
         conn.send(("error", f"{type(e).__name__}: {message}"[:200]))
@@ -159,11 +175,15 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
     flops = {}
     records = []
     for spec, proc, conn, kind, payload, times in workers:
-        memory = (None, None)
+        memory, worker_setting = (None, None), {}
         if kind == "ready":
             answer, memory = _ask(proc, conn, "stop")
             if answer != "memory":
                 kind, payload, memory = answer, memory, (None, None)
+            else:
+                answer, worker_setting = _ask(proc, conn)
+                if answer != "setting":
+                    kind, payload = answer, worker_setting
         proc.join(timeout=30)
         n = spec.batch_size * spec.steps
         record = {
@@ -192,6 +212,7 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
             flops_per_image=flops[spec.arch],
             matmul_flops_per_s=payload["matmul_flops_per_s"],
             train_times_s=[t for t, _ in times],
+            **worker_setting,
         )
         if "xla_flops_per_image" in payload:
             record["xla_flops_per_image"] = payload["xla_flops_per_image"]
@@ -240,6 +261,10 @@ def markdown(records: list[dict]) -> str:
             f"Peak: {peak / 1e9:,.0f} GFLOP/s (the fastest float32 matmul of either "
             "framework, measured in this run).",
         ]
+    ran = [r for r in records if "threads" in r]
+    if ran:
+        threads = ", ".join(f"{r['arch']}/{r['backend']} {r['threads']}" for r in ran)
+        lines.append(f"Threads: {threads}. XLA_FLAGS: {ran[0]['xla_flags'] or 'unset'}.")
     return "\n".join(lines)
 
 

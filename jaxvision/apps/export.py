@@ -22,9 +22,10 @@ from torch_reference.checkpoint import save_state_dict
 
 def export(src: str | Path, dst: str | Path) -> Path:
     source, path, meta = backends.for_checkpoint(src)
-    if get_arch(meta["arch"]).flax_model is None:
-        raise UserError(f"{path} holds a {meta['arch']} detector, which has no JAX model; "
-                        "only cnn, vit, vgg16 and alexnet convert")  # fmt: skip
+    arch = get_arch(meta["arch"])
+    if arch.flax_model is None or arch.torch_model is None:  # the registry allows a lone backend
+        raise UserError(f"{path} holds a {arch.name} model, which exists in one framework only; "
+                        "there is nothing to convert it to")  # fmt: skip
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise UserError(f"{dst} already exists; give a new path")

@@ -136,6 +136,9 @@ class TorchBench(BenchWorker):
     def sync(self) -> None:
         self.trainer.sync()
 
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
     def matmul_peak(self) -> float:
         n = 2048 if self.device.type == "cpu" else 8192
         a = torch.randn(n, n, device=self.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -36,6 +37,11 @@ class BenchWorker:
 
     trainer = None
     epoch = 0
+
+    def threads(self) -> int:
+        """The threads its framework computes with: XLA:CPU's intra-op pool takes one per core
+        this process may run on (torch overrides this with its own setting)."""
+        return len(os.sched_getaffinity(0))
 
     def warm_up(self) -> float:
         """An epoch, an evaluation, another epoch; returns how much longer the first took (the
