@@ -11,7 +11,9 @@ import pytest
 import torch
 from flax import nnx
 
+from jaxvision.apps import backends
 from jaxvision.core import data
+from jaxvision.training.checkpoint import load_flax_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -89,3 +91,36 @@ def small_data_dir(sample, tmp_path_factory):
                               sample.x_test[::8], sample.y_test[::8], 10)  # fmt: skip
     return write_split(tmp_path_factory.mktemp("idx"), small, n_train=small.n_train,
                        n_test=small.n_test)  # fmt: skip
+
+
+# ---- checkpoints: what two runs must share ------------------------------------------------------
+
+
+def read_meta(directory):
+    """The latest checkpoint's folder and meta, whichever backend wrote it."""
+    return backends.for_checkpoint(directory)[1:]
+
+
+def figures(record):
+    """metrics.json without the figures that are times (or the command that made it)."""
+    drop = {"train_time_s", "eval_time_s", "compile_time_s", "finished_at", "command", "config"}
+    history = [{k: v for k, v in h.items() if not k.endswith("time_s")} for h in record["history"]]
+    return {**{k: v for k, v in record.items() if k not in drop}, "history": history}
+
+
+def latest_params(directory):
+    """The latest checkpoint's model variables, by path."""
+    path, meta = read_meta(directory)
+    if meta["backend"] == "torch":
+        from torch_reference.checkpoint import load_state
+
+        return {k: v.numpy() for k, v in load_state(path)["model"].items()}
+    model = load_flax_model(path, meta)
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree.flatten_with_path(nnx.state(model))[0]}  # fmt: skip
+
+
+def assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

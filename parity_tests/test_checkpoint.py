@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_identical, figures, latest_params, read_meta
 
 from jaxvision.apps import backends
 from jaxvision.apps import train as cli
@@ -24,12 +23,6 @@ from jaxvision.core import checkpoint
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import make_dataset
 from jaxvision.training.checkpoint import load_flax_model
-
-
-def read_meta(directory):
-    """The latest checkpoint's folder and meta, whichever backend wrote it."""
-    return backends.for_checkpoint(directory)[1:]
-
 
 # The lab's recipe (a constant lr: a run's schedule does not depend on --epochs) on the 4,000 /
 # 1,000 split, whose step counts (31 per epoch at batch 128) the tests name.
@@ -44,33 +37,6 @@ def train(tmp, name, *args, ckpt=None):
     code = cli.main(argv)
     path = out / "metrics.json"
     return code, (json.loads(path.read_text()) if path.exists() else None)
-
-
-def figures(record):
-    """metrics.json without the figures that are times (or the command that made it)."""
-    drop = {"train_time_s", "eval_time_s", "compile_time_s", "finished_at", "command", "config"}
-    history = [{k: v for k, v in h.items() if not k.endswith("time_s")} for h in record["history"]]
-    return {**{k: v for k, v in record.items() if k not in drop}, "history": history}
-
-
-def latest_params(directory):
-    """The latest checkpoint's model variables, by path."""
-    path, meta = read_meta(directory)
-    if meta["backend"] == "torch":
-        from torch_reference.checkpoint import load_state
-
-        return {k: v.numpy() for k, v in load_state(path)["model"].items()}
-    model = load_flax_model(path, meta)
-    from flax import nnx
-
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree.flatten_with_path(nnx.state(model))[0]}  # fmt: skip
-
-
-def assert_identical(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.fixture(scope="module")

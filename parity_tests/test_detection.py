@@ -5,15 +5,23 @@ a random 91-class state_dict saved to a file, which exercises the same loading p
 """
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import REPO, assert_identical, figures, latest_params, read_meta
+from flax import nnx
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from jaxvision.core import detection
+from jaxvision.apps import backends
+from jaxvision.core import checkpoint, detection
 from jaxvision.core.config import TrainConfig
+from jaxvision.core.data import write_idx
 from jaxvision.core.errors import UserError
 from jaxvision.core.model_configs import FasterRCNNConfig
 from torch_reference import pretrained
@@ -293,42 +301,32 @@ def test_a_few_train_steps_on_a_tiny_batch_reduce_the_loss(sample):
 # ---- the command line ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_cli_trains_the_detector_and_reports_detection_figures(
-    tmp_path, sample, train_cli, backend
-):
-    """Both backends, from the command line: the same skipped image, the same figures, the
-    same parameter count."""
-    data = tmp_path / "data"
-    data.mkdir()
-    from jaxvision.core.data import write_idx
-
-    train, test = slice(0, 4000, 40), slice(0, 1000, 25)  # every class, 100 and 40 images
+@pytest.fixture(scope="module")
+def detector_data(tmp_path_factory, sample):
+    """Every class, 100 training and 40 test digits as IDX files; training image 5 is blank."""
+    data = tmp_path_factory.mktemp("detector-data")
+    train, test = slice(0, 4000, 40), slice(0, 1000, 25)
     x_train = sample.x_train[train, ..., 0].copy()
     x_train[5] = 0  # a blank image: skipped, counted, never handed to torchvision
     write_idx(data / "train-images-idx3-ubyte", x_train)
     write_idx(data / "train-labels-idx1-ubyte", sample.y_train[train].astype(np.uint8))
     write_idx(data / "t10k-images-idx3-ubyte", sample.x_test[test, ..., 0])
     write_idx(data / "t10k-labels-idx1-ubyte", sample.y_test[test].astype(np.uint8))
-    r = train_cli(
-        "--arch",
-        "faster_rcnn",
-        "--backend",
-        backend,
-        "--no-pretrained",
-        "--data-dir",
-        str(data),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--out",
-        str(tmp_path / "run"),
-    )
+    return data
+
+
+def train_detector(train_cli, data, out, backend, *args, env=None):
+    r = train_cli("--arch", "faster_rcnn", "--backend", backend, "--no-pretrained", "--data-dir",
+                  str(data), "--batch-size", "8", "--out", str(out), *args, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    return r, json.loads((out / "metrics.json").read_text())
+
+
+def check_detector_run(r, record, backend):
+    """What either backend's run must print and write: the same skipped image, the same
+    figures, the same parameter count."""
     assert "skipped 1 blank training images" in r.stdout
     assert "mAP@0.5" in r.stdout and "step/s" in r.stderr
-    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     det = record["detection"]
     assert det["blank_train_skipped"] == 1 and det["blank_test_excluded"] == 0
     assert 0 <= det["map50"] <= 1 and 0 <= det["mean_iou"] <= 1 and 0 <= det["fallbacks"] <= 40
@@ -336,6 +334,58 @@ def test_cli_trains_the_detector_and_reports_detection_figures(
     assert record["config"]["image_size"] == 64 and record["n_train"] == 100
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
     assert f"| faster_rcnn | {backend} |" in r.stdout
+
+
+def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, detector_data, train_cli):
+    """The torch detector from the command line (the JAX one: the test below)."""
+    r, record = train_detector(train_cli, detector_data, tmp_path / "run", "torch", "--epochs", "1")
+    check_detector_run(r, record, "torch")
+
+
+def test_jax_detector_trains_resumes_exactly_and_exports_to_torch(
+    tmp_path, detector_data, train_cli, sample
+):
+    """`--backend jax` from the command line: the figures torch's run reports; resumed from its
+    epoch-1 checkpoint (the epoch-2 one removed), it gives epoch 2's parameters and figures bit
+    for bit; its checkpoint, exported by convert_checkpoint.py, is a torchvision detector that
+    detects what the JAX one does. A constant lr and a compilation cache let the second run
+    reuse the first one's compiled programs."""
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    args = ("--schedule", "constant", "--eval-every", "1", "--epochs", "2")
+    r, straight = train_detector(train_cli, detector_data, tmp_path / "straight", "jax", *args,
+                                 "--checkpoint-dir", str(ckpt), env=env)  # fmt: skip
+    check_detector_run(r, straight, "jax")
+    steps = checkpoint.step_folders(ckpt)
+    assert steps == [12, 24]  # 99 inked images at batch 8: 12 steps an epoch
+    shutil.copytree(ckpt, tmp_path / "after-one")
+    shutil.rmtree(tmp_path / "after-one" / "24")
+    resumed = train_detector(train_cli, detector_data, tmp_path / "resumed", "jax", *args,
+                             "--checkpoint-dir", str(tmp_path / "after-one"), "--resume",
+                             env=env)[1]  # fmt: skip
+    assert len(resumed["history"]) == 2
+    assert figures(resumed) == figures(straight)
+    assert_identical(latest_params(ckpt), latest_params(tmp_path / "after-one"))
+
+    exported = tmp_path / "detector.pth"  # from a relative path, as a user types it
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"),
+                        os.path.relpath(ckpt, REPO), str(exported)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tm = build_detector(FasterRCNNConfig())
+    tm.load_state_dict(torch.load(exported, weights_only=True))
+    tm.eval()
+    images = sample.x_test[:8]
+    want, want_scores = detect(tm, as_rgb(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    path, meta = read_meta(ckpt)
+    fm = backends.get("jax").load_model(path, meta)
+    det, _ = nnx.jit(lambda m, x: m.detect(x))(fm, np.repeat(images / np.float32(255), 3, -1))
+    np.testing.assert_allclose(np.asarray(det["class_scores"]), want_scores.numpy(), atol=1e-5)
+    for i, w in enumerate(want):
+        n = len(w["scores"])
+        assert int(det["valid"][i].sum()) == n, f"image {i}: detection count"
+        np.testing.assert_allclose(np.asarray(det["scores"][i, :n]), w["scores"], atol=1e-5)
 
 
 @pytest.mark.parametrize(

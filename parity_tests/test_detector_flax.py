@@ -53,7 +53,8 @@ def converted_pair(config: FasterRCNNConfig, seed: int = 0):
             m.weight.data.uniform_(0.5, 1.5, generator=g)
             m.bias.data.normal_(0.0, 0.1, generator=g)
     tm.eval()
-    fm = convert.load_torch_state_dict(FasterRCNN(config, rngs=nnx.Rngs(seed)), tm.state_dict())
+    shell = nnx.eval_shape(lambda: FasterRCNN(config, rngs=nnx.Rngs(seed)))  # filled whole below
+    fm = convert.load_torch_state_dict(shell, tm.state_dict())
     return tm, nnx.view(fm, use_running_average=True)
 
 
@@ -230,7 +231,8 @@ def test_conversion_consumes_every_key_and_round_trips_exactly(detector, frozen)
         eps = {m.eps for m in tm.modules() if isinstance(m, torchvision.ops.FrozenBatchNorm2d)}
         assert eps == {m.eps for _, m in nnx.iter_graph(fm) if isinstance(m, FrozenBatchNorm2d)}
         assert eps == {config.frozen_bn_eps}
-    again = FasterRCNN(config, frozen=frozen, num_classes=classes, rngs=nnx.Rngs(1))
+    again = nnx.eval_shape(lambda: FasterRCNN(config, frozen=frozen, num_classes=classes,
+                                              rngs=nnx.Rngs(1)))  # fmt: skip
     convert.load_torch_state_dict(again, back)
     a = jax.tree.leaves(nnx.state(fm))
     b = jax.tree.leaves(nnx.state(again))

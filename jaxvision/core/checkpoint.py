@@ -271,8 +271,9 @@ def step_folders(directory: Path) -> list[int]:
 
 def latest_step(directory: str | Path) -> tuple[Path, str]:
     """(the latest checkpoint's folder, 'jax' or 'torch'), after verifying its manifest; or a
-    UserError saying what is wrong (damage, naming the newest intact checkpoint to use instead)."""
-    directory = Path(directory)
+    UserError saying what is wrong (damage, naming the newest intact checkpoint to use instead).
+    The folder comes back absolute: orbax reads only absolute paths."""
+    directory = Path(directory).absolute()
     if not directory.is_dir():
         raise UserError(f"checkpoint folder {directory} does not exist; pass a --checkpoint-dir "
                         "that train.py wrote")  # fmt: skip

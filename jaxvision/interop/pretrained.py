@@ -59,7 +59,11 @@ def coco_detector(model_cfg, weights, key, verbose: bool = True):
     replaced by a new `detector_classes`-way one, and the same backbone layers frozen
     (`trainable_backbone_layers`), read off torchvision's own builder. The frozen variables'
     paths are kept as `model.frozen_paths` for the trainer."""
-    model = FasterRCNN(model_cfg, frozen=True, num_classes=COCO_CLASSES, rngs=nnx.Rngs(0))
+    # Built abstractly: the COCO weights fill every variable, so no initialiser need run (the
+    # detector's eager initialisation costs 20 s on a 2-core CPU).
+    model = nnx.eval_shape(
+        lambda: FasterRCNN(model_cfg, frozen=True, num_classes=COCO_CLASSES, rngs=nnx.Rngs(0))
+    )
     load_into_flax(model, weights_name("faster_rcnn", model_cfg.detector), weights,
                    verbose=verbose)  # fmt: skip
     hidden = model.roi_heads.box_predictor.cls_score.in_features
