@@ -1,6 +1,6 @@
 """The lab, reproduced: every arch in both backends, CPU-sized, then the comparison report.
 
-    python scripts/run_lab.py                  # 63 min on 2 cores before the JAX detector joined
+    python scripts/run_lab.py                  # about 70 min on 2 cores (the JAX detector: 7 min)
     python scripts/run_lab.py --dry-run        # print the training commands only
 
 Each run is `scripts/train.py --recipe lab-cpu` (or `lab-pretrained`: the arch's recipes in
