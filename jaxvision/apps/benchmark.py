@@ -126,8 +126,7 @@ def _worker(spec: Spec, conn) -> None:
         conn.send(("ready", bench.info))
         while conn.recv() == "run":
             conn.send(("times", (bench.train(), bench.infer())))
-        conn.send(("memory", (peak_host_mb(), bench.peak_device_mb())))
-        conn.send(("setting", setting(bench)))
+        conn.send(("memory", (peak_host_mb(), bench.peak_device_mb(), setting(bench))))
     except Exception as e:  # reported in the table; the other workers go on
         message = str(e).splitlines()[0] if str(e) else ""
         conn.send(("error", f"{type(e).__name__}: {message}"[:200]))
@@ -177,13 +176,11 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
     for spec, proc, conn, kind, payload, times in workers:
         memory, worker_setting = (None, None), {}
         if kind == "ready":
-            answer, memory = _ask(proc, conn, "stop")
-            if answer != "memory":
-                kind, payload, memory = answer, memory, (None, None)
+            answer, reply = _ask(proc, conn, "stop")
+            if answer == "memory":
+                *memory, worker_setting = reply
             else:
-                answer, worker_setting = _ask(proc, conn)
-                if answer != "setting":
-                    kind, payload = answer, worker_setting
+                kind, payload = answer, reply
         proc.join(timeout=30)
         n = spec.batch_size * spec.steps
         record = {
