@@ -12,10 +12,14 @@ import torch
 from flax import nnx
 
 from jaxvision.apps import backends
+from jaxvision.apps.jax_backend import use_default_xla_flags
 from jaxvision.core import data
 from jaxvision.training.checkpoint import load_flax_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The tests compile what a JAX run compiles: XLA_FLAGS as `jaxvision.apps.jax_backend` sets it
+# (the YNNPACK matmul fusions) unless the caller set it. JAX has touched no device yet.
+use_default_xla_flags()
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -122,6 +122,55 @@ def test_layer_norm_epsilon_and_gelu_form_are_pinned_alike():
     assert np.abs(np.asarray(jax.nn.gelu(jnp.asarray(z))) - exact).max() > 1e-4
 
 
+def _gelu_erfc(x):
+    """The GELU as jax.nn.gelu(approximate=False) writes it (x/2 * erfc(-x/sqrt 2)): the form
+    the model used before the erf form (docs/performance.md)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def test_gelu_erf_form_is_the_erfc_form_value_and_gradient():
+    z = np.concatenate([np.linspace(-12, 12, 24001), np.random.default_rng(0).normal(0, 3, 4000)])
+    # The same function: in float64 the two forms and torch's agree to 1e-12, value and slope.
+    with jax.enable_x64(True):
+        z64 = jnp.asarray(z, jnp.float64)
+        t = torch.from_numpy(z).requires_grad_()
+        exact = torch.nn.functional.gelu(t)
+        exact.sum().backward()
+        value = exact.detach().numpy()
+        for f in (fvit.gelu, _gelu_erfc):
+            np.testing.assert_allclose(np.asarray(f(z64)), value, atol=1e-12, rtol=0)
+            slope = jax.grad(lambda v, f=f: f(v).sum())(z64)
+            np.testing.assert_allclose(np.asarray(slope), t.grad.numpy(), atol=1e-12, rtol=0)
+    # In float32 each is within float32 rounding of the exact value (|gelu| <= 12 here).
+    z32 = jnp.asarray(z, jnp.float32)
+    for f in (fvit.gelu, _gelu_erfc):
+        np.testing.assert_allclose(np.asarray(f(z32)), exact.detach().numpy(), atol=2e-6, rtol=0)
+        slope = jax.grad(lambda v, f=f: f(v).sum())(z32)
+        np.testing.assert_allclose(np.asarray(slope), t.grad.numpy(), atol=1e-6, rtol=0)
+
+
+def test_vit_loss_and_gradient_are_todays_with_the_erfc_gelu(digits, monkeypatch):
+    """The whole `tiny` ViT, logits and every parameter's gradient, with the erf GELU against
+    the erfc GELU it replaced: equal to float32 rounding."""
+    x, y = jnp.asarray(digits[0][:32]), jnp.asarray(digits[1][:32])
+    graphdef, params = nnx.split(flax_vit(VIT_PRESETS["tiny"]))
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(x)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean(), logits
+
+    grad = jax.jit(jax.grad(loss, has_aux=True))  # a fresh trace per call: gelu is looked up
+    (g_erf, logits_erf) = grad(params)
+    monkeypatch.setattr(fvit, "gelu", _gelu_erfc)
+    (g_erfc, logits_erfc) = jax.jit(jax.grad(loss, has_aux=True))(params)
+    np.testing.assert_allclose(np.asarray(logits_erf), np.asarray(logits_erfc), atol=1e-5, rtol=0)
+    flat_erf, flat_erfc = jax.tree.leaves(g_erf), jax.tree.leaves(g_erfc)
+    assert len(flat_erf) == len(flat_erfc) == len(jax.tree.leaves(params))
+    for a, b in zip(flat_erf, flat_erfc, strict=True):
+        scale = max(float(jnp.abs(b).max()), 1e-3)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale, rtol=0)
+
+
 def test_a_layer_norm_epsilon_mismatch_would_be_caught(digits):
     """torch's default eps (1e-5) on one side breaks the 1e-5 parity bar on real inputs."""
     c = VIT_PRESETS["micro"]

@@ -261,7 +261,9 @@ def markdown(records: list[dict]) -> str:
     ran = [r for r in records if "threads" in r]
     if ran:
         threads = ", ".join(f"{r['arch']}/{r['backend']} {r['threads']}" for r in ran)
-        lines.append(f"Threads: {threads}. XLA_FLAGS: {ran[0]['xla_flags'] or 'unset'}.")
+        flags = ran[0]["xla_flags"]
+        flags = "unset" if flags is None else (flags or "empty (XLA's own defaults)")
+        lines.append(f"Threads: {threads}. XLA_FLAGS: {flags}.")
     return "\n".join(lines)
 
 

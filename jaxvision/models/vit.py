@@ -15,6 +15,10 @@ taken from a library. Deviations from the paper, all configurable
   * the head is a single Linear after a final LayerNorm (the paper fine-tunes with one too).
 LayerNorm epsilon is pinned (1e-6) and its variance is computed in two passes, as torch does;
 GELU is the exact erf form, torch's default (jax.nn.gelu defaults to the tanh approximation).
+It is written as torch's CPU kernel writes it, `0.5 x (1 + erf(x / sqrt 2))`, not as
+`jax.nn.gelu(approximate=False)`'s `erfc`: XLA expands `erfc` into two polynomial branches and
+their selects, on the forward pass and again in the gradient, which made the four MLPs' GELUs a
+quarter of the `tiny` ViT's training step on CPU (docs/performance.md); `erf` is one polynomial.
 """
 
 import jax
@@ -35,7 +39,8 @@ def patchify(x: jax.Array, p: int) -> jax.Array:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=False)  # exact, like torch.nn.GELU()
+    """The exact GELU, x * Phi(x), like torch.nn.GELU(); see the module docstring for the form."""
+    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
 
 
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
