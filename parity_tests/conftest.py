@@ -12,14 +12,25 @@ import torch
 from flax import nnx
 
 from jaxvision.apps import backends
-from jaxvision.apps.jax_backend import use_default_xla_flags
+from jaxvision.apps.jax_backend import OURS, use_default_xla_flags
 from jaxvision.core import data
 from jaxvision.training.checkpoint import load_flax_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # The tests compile what a JAX run compiles: XLA_FLAGS as `jaxvision.apps.jax_backend` sets it
-# (the YNNPACK matmul fusions) unless the caller set it. JAX has touched no device yet.
+# (the YNNPACK matmul fusions) unless the caller set it. JAX has touched no device yet. This
+# process runs on one CPU device; a test's `scripts/train.py` subprocess of the CNN or the ViT
+# splits the host into a device per core, as a user's run does.
 use_default_xla_flags()
+jax.devices()  # this process's flags, fixed now: an in-process run of the CNN keeps one device
+
+
+def like_this_process() -> dict:
+    """The environment for a subprocess that must compute bit for bit what this process does:
+    its XLA_FLAGS made the user's, so that a CNN or ViT run does not split the host."""
+    return {k: v for k, v in os.environ.items() if k != OURS}
+
+
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

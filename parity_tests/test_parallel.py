@@ -102,9 +102,27 @@ def test_eight_devices_from_the_command_line(train_cli, tmp_path):
                   "--out", str(tmp_path), env=EIGHT)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "| cpu x8 |" in p.stdout
-    p = train_cli("--arch", "cnn", "--batch-size", "100", env=EIGHT)  # a one-line error
-    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    p = train_cli("--arch", "cnn", "--batch-size", "100", "--devices", "8", env=EIGHT)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr  # a one-line error
     assert "--batch-size 100 does not split evenly over 8 devices" in p.stderr
+
+
+def test_cpu_devices_left_to_the_default_take_the_most_that_divide_the_batch():
+    cpus = jax.devices()[:1] * 8  # the count is all that is read
+    assert parallel.auto_device_count(128, cpus) == 8
+    assert parallel.auto_device_count(100, cpus) == 5
+    assert parallel.auto_device_count(33, cpus) == 3
+    assert parallel.auto_device_count(7, cpus) == 7
+    assert parallel.auto_device_count(13, cpus) == 1
+    assert parallel.auto_device_count(None, cpus) == 8  # no batch: every device
+
+
+def test_a_batch_the_default_split_does_not_divide_trains_on_fewer_devices(train_cli, tmp_path):
+    p = train_cli("--arch", "cnn", "--preset", "tiny", "--epochs", "1", "--no-progress",
+                  "--batch-size", "100", "--out", str(tmp_path), env=EIGHT)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "note: --batch-size 100 splits over 5 of the 8 CPU devices" in p.stdout
+    assert "| cpu x5 |" in p.stdout
 
 
 def free_port() -> int:

@@ -149,9 +149,9 @@ def test_gelu_erf_form_is_the_erfc_form_value_and_gradient():
         np.testing.assert_allclose(np.asarray(slope), t.grad.numpy(), atol=1e-6, rtol=0)
 
 
-def test_vit_loss_and_gradient_are_todays_with_the_erfc_gelu(digits, monkeypatch):
-    """The whole `tiny` ViT, logits and every parameter's gradient, with the erf GELU against
-    the erfc GELU it replaced: equal to float32 rounding."""
+def tiny_vit_gradient(digits):
+    """A function of nothing: the `tiny` ViT's logits and every parameter's gradient on 32 real
+    digits, traced afresh per call, so that a module attribute patched between calls counts."""
     x, y = jnp.asarray(digits[0][:32]), jnp.asarray(digits[1][:32])
     graphdef, params = nnx.split(flax_vit(VIT_PRESETS["tiny"]))
 
@@ -159,16 +159,61 @@ def test_vit_loss_and_gradient_are_todays_with_the_erfc_gelu(digits, monkeypatch
         logits = nnx.merge(graphdef, p)(x)
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean(), logits
 
-    grad = jax.jit(jax.grad(loss, has_aux=True))  # a fresh trace per call: gelu is looked up
-    (g_erf, logits_erf) = grad(params)
-    monkeypatch.setattr(fvit, "gelu", _gelu_erfc)
-    (g_erfc, logits_erfc) = jax.jit(jax.grad(loss, has_aux=True))(params)
-    np.testing.assert_allclose(np.asarray(logits_erf), np.asarray(logits_erfc), atol=1e-5, rtol=0)
-    flat_erf, flat_erfc = jax.tree.leaves(g_erf), jax.tree.leaves(g_erfc)
-    assert len(flat_erf) == len(flat_erfc) == len(jax.tree.leaves(params))
-    for a, b in zip(flat_erf, flat_erfc, strict=True):
+    def run():
+        grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+        assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(params))
+        return logits, jax.tree.leaves(grads)
+
+    return run
+
+
+def assert_equal_to_float32_rounding(mine, theirs):
+    """(logits, gradients) against (logits, gradients): 1e-5, relative to each gradient's scale."""
+    np.testing.assert_allclose(np.asarray(mine[0]), np.asarray(theirs[0]), atol=1e-5, rtol=0)
+    for a, b in zip(mine[1], theirs[1], strict=True):
         scale = max(float(jnp.abs(b).max()), 1e-3)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale, rtol=0)
+
+
+def test_vit_loss_and_gradient_are_todays_with_the_erfc_gelu(digits, monkeypatch):
+    """The whole `tiny` ViT, logits and every parameter's gradient, with the erf GELU against
+    the erfc GELU it replaced: equal to float32 rounding."""
+    run = tiny_vit_gradient(digits)
+    erf = run()
+    monkeypatch.setattr(fvit, "gelu", _gelu_erfc)
+    assert_equal_to_float32_rounding(erf, run())
+
+
+def test_linear_gradient_written_out_is_autodiffs():
+    """`fvit.linear`'s hand-written backward against JAX's own gradient of x @ w + b: equal to
+    1e-12 in float64, and to float32 rounding in float32, for a 3-D input as the ViT feeds it."""
+    rng = np.random.default_rng(0)
+    x, w, b, ct = (rng.normal(size=s) for s in ((4, 17, 24), (24, 40), (40,), (4, 17, 40)))
+
+    def plain(x, w, b):
+        return x @ w + b
+
+    for dtype, atol in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
+        with jax.enable_x64(dtype == jnp.float64):
+            args = [jnp.asarray(a, dtype) for a in (x, w, b)]
+            for f in (fvit.linear, plain):
+                assert f(*args).dtype == dtype
+            np.testing.assert_allclose(fvit.linear(*args), plain(*args), atol=atol, rtol=0)
+            mine = jax.vjp(fvit.linear, *args)[1](jnp.asarray(ct, dtype))
+            theirs = jax.vjp(plain, *args)[1](jnp.asarray(ct, dtype))
+            for a, t in zip(mine, theirs, strict=True):
+                assert a.shape == t.shape and a.dtype == t.dtype
+                scale = float(jnp.abs(t).max())
+                np.testing.assert_allclose(a, t, atol=atol * scale, rtol=0)
+
+
+def test_vit_loss_and_gradient_are_nnx_linears(digits, monkeypatch):
+    """The whole `tiny` ViT, logits and every parameter's gradient, with `fvit.Linear` against
+    nnx.Linear's own call (the model before the hand-written gradient): float32 rounding."""
+    run = tiny_vit_gradient(digits)
+    mine = run()
+    monkeypatch.setattr(fvit.Linear, "__call__", nnx.Linear.__call__)
+    assert_equal_to_float32_rounding(mine, run())
 
 
 def test_a_layer_norm_epsilon_mismatch_would_be_caught(digits):

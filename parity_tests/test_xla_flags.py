@@ -1,8 +1,8 @@
 """`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot` (YNNPACK for XLA's CPU matmul fusions)
-trains the CNN about 1.6x faster on CPU (docs/performance.md), and JAX runs use it unless the
-user sets XLA_FLAGS. It must compute the same function as XLA's own compilation: every
-classifier's logits and every gradient, compared here (the detector's parity tests run under
-it, as the whole suite does: see conftest)."""
+trains the CNN about 1.6x faster on CPU (docs/performance.md), and JAX runs use it, with the host
+split into a CPU device per core, unless the user sets XLA_FLAGS. It must compute the same
+function as XLA's own compilation: every classifier's logits and every gradient, compared here
+(the detector's parity tests run under it, as the whole suite does: see conftest)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from jaxvision.apps.jax_backend import DEFAULT_XLA_FLAGS
+from jaxvision.apps.jax_backend import OURS, default_xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type=dot"
 
@@ -62,26 +62,48 @@ def test_ynn_compiled_models_equal_xlas_default_forward_and_gradient(tmp_path):
         assert np.abs(plain[f"{arch}/logits"]).max() > 1e-3, arch
 
 
-FLAGS_AFTER_GET = r"""
-import os
+FLAGS_AFTER_START = r"""
+import os, sys
 from jaxvision.apps import backends
-backends.get("jax")
+from jaxvision.core.config import TrainConfig
+backend = backends.get("jax")
 print(repr(os.environ.get("XLA_FLAGS")))
+if len(sys.argv) > 1:
+    backend.start(TrainConfig.for_arch(sys.argv[1]), None)
+    print(repr(os.environ.get("XLA_FLAGS")))
 """
 
 
-def test_jax_runs_default_to_the_ynn_flag_unless_the_user_sets_xla_flags():
-    def flags_after_get(env_flags):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        if env_flags is not None:
-            env["XLA_FLAGS"] = env_flags
-        r = subprocess.run([sys.executable, "-c", FLAGS_AFTER_GET], env=env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
+def flags_after_start(env_flags, arch=None, ours=None):
+    """XLA_FLAGS in a fresh process once the JAX backend is created, then (with `arch`) once a
+    run of that arch has started."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", OURS)}
+    env.update({k: v for k, v in (("XLA_FLAGS", env_flags), (OURS, ours)) if v is not None})
+    r = subprocess.run([sys.executable, "-c", FLAGS_AFTER_START, *([arch] if arch else [])],
+                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return [eval(line) for line in r.stdout.splitlines()]
 
-    assert DEFAULT_XLA_FLAGS == YNN
-    assert flags_after_get(None) == repr(YNN)
-    assert flags_after_get("") == repr("")  # set, though empty: the user's
+
+def test_jax_runs_default_to_the_ynn_flag_unless_the_user_sets_xla_flags():
+    assert default_xla_flags() == YNN
+    assert flags_after_start(None) == [YNN]
+    assert flags_after_start("") == [""]  # set, though empty: the user's
     mine = "--xla_force_host_platform_device_count=2"
-    assert flags_after_get(mine) == repr(mine)
+    assert flags_after_start(mine, "cnn") == [mine, mine]
+
+
+def test_the_small_archs_split_the_host_into_a_cpu_device_per_core():
+    split = default_xla_flags(split=True)
+    assert default_xla_flags(split=True, cores=1) == YNN  # one core: nothing to split
+    four = f"{YNN} --xla_force_host_platform_device_count=4"
+    assert default_xla_flags(split=True, cores=4) == four
+    assert flags_after_start(None, "cnn") == [YNN, split]
+    assert flags_after_start(None, "vit") == [YNN, split]
+    assert flags_after_start(None, "alexnet") == [YNN, YNN]
+    assert flags_after_start(None, "faster_rcnn") == [YNN, YNN]
+    # A child of a run (a test's or the lab's): the parent's defaults are replaced, a user's not.
+    assert flags_after_start(split, "alexnet", ours=split) == [split, YNN]
+    assert flags_after_start(split, "alexnet") == [split, split]
+    assert flags_after_start(YNN, "vit", ours=YNN) == [YNN, split]
+    assert flags_after_start(YNN, "vit") == [YNN, YNN]

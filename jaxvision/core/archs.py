@@ -53,6 +53,11 @@ class Arch:
     imagenet: bool = False  # inputs resized to --image-size, grey -> RGB, ImageNet statistics
     detector: bool = False  # trained as a detector, read out as a classifier
     attention: bool = False  # has attention maps to draw (--save-attention)
+    # JAX on a CPU host: train data-parallel over one CPU device per core rather than on one
+    # device with XLA's intra-op threads. Measured faster for the small models (CNN, ViT) and
+    # 5-10x slower for the large ones, whose split programs lose the threads of their big
+    # convolutions and matmuls (docs/performance.md; `jaxvision.apps.jax_backend`).
+    cpu_split: bool = False
     only_torch_because: str = ""  # why there is no Flax model, for the error message
     summary: str = ""
 
@@ -136,6 +141,7 @@ ARCHS: dict[str, Arch] = {
         conversion="jaxvision.interop.convert:cnn_rules",
         pretrained=None,
         summary="the lab's small CNN",
+        cpu_split=True,
     ),
     "vit": Arch(
         "vit",
@@ -152,6 +158,7 @@ ARCHS: dict[str, Arch] = {
         pretrained=None,
         attention=True,
         summary="a Vision Transformer from scratch",
+        cpu_split=True,
     ),
     "vgg16": Arch(
         "vgg16",

@@ -164,8 +164,9 @@ class TrainConfig:
     )
     devices: int = _field(
         0,
-        "data-parallel over the first N devices; 0: every visible device (the batch is split "
-        "across them: --batch-size must be a multiple of N)",
+        "data-parallel over the first N devices (--batch-size must be a multiple of N); 0: "
+        "every visible device, or on CPU the most of them that divide --batch-size (the CNN and "
+        "the ViT split the host into a CPU device per core unless XLA_FLAGS is set)",
         DEVICES,
     )
     checkpoint_dir: str | None = _field(

@@ -3,8 +3,11 @@
 The JAX trainer always runs on a mesh, even a one-device one, so that one code path serves a
 laptop, a GPU box and a multi-host cluster:
 
-  * `make_data_mesh(n)`: the first `n` visible devices (all of them when n is 0), every device a
-    slice of the batch;
+  * `make_data_mesh(n, batch_size)`: the first `n` visible devices, every device a slice of the
+    batch. With n = 0 (the default), all of them; on CPU, where the devices are a split of one
+    host (`jaxvision.apps.jax_backend` splits it into one device per core unless XLA_FLAGS is
+    set), the most of them that divide the batch (`auto_device_count`), so that any batch size
+    runs on any core count;
   * the dataset, parameters and optimiser state are replicated (`replicate`); inside the jitted
     step the batch's indices are resharded along 'data' (`shard_batch`), so each device gathers,
     augments and differentiates its own slice, and XLA all-reduces the gradient of the global
@@ -53,10 +56,22 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def make_data_mesh(devices: int = 0) -> jax.sharding.Mesh:
-    """A 1-D ('data',) mesh over the first `devices` devices (0: all visible devices)."""
+def auto_device_count(batch_size: int | None, available: list) -> int:
+    """How many of the visible devices `--devices 0` uses: all of them, except on a single CPU
+    host, where it is the largest count that divides `batch_size`. A CPU device is a share of
+    one host's cores, so using fewer of them loses only the split's speed-up (intra-op
+    threading still runs on every core); a GPU left idle is lost, so there a batch that does not
+    divide stays an error (`check_divisible`)."""
+    n = len(available)
+    if batch_size is None or available[0].platform != "cpu" or jax.process_count() > 1:
+        return n
+    return max(k for k in range(1, n + 1) if batch_size % k == 0)
+
+
+def make_data_mesh(devices: int = 0, batch_size: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D ('data',) mesh over the first `devices` devices (0: `auto_device_count`)."""
     available = jax.devices()
-    n = devices or len(available)
+    n = devices or auto_device_count(batch_size, available)
     if n > len(available):
         raise UserError(
             f"--devices {n}, but only {len(available)} {available[0].platform} device(s) are "

@@ -145,7 +145,9 @@ class Trainer:
         self.config = config
         self.data = data
         self.steps = config.steps_per_epoch(self.train_size())
-        self.mesh = mesh if mesh is not None else parallel.make_data_mesh(config.devices)
+        self.mesh = (
+            mesh if mesh is not None else parallel.make_data_mesh(config.devices, config.batch_size)
+        )
         parallel.check_divisible(config.batch_size, self.mesh)
         self.tx = make_optimizer(config, self.steps)
         # Frozen parameters are split off: no gradient is computed or stored for them.
