@@ -16,7 +16,7 @@ from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import UserError
 from jaxvision.core.model_configs import AlexNetConfig, VGGConfig
 from jaxvision.interop import convert, pretrained
-from jaxvision.models import build_model
+from jaxvision.models import build_model, layers
 from jaxvision.models.layers import adaptive_pool_matrix
 from jaxvision.training.preprocess import imagenet_input
 from jaxvision.training.trainer import Trainer
@@ -46,8 +46,9 @@ def test_parameter_counts_equal_torchvisions(arch):
     assert n_flax == n_torch == TORCHVISION_PARAMS[arch]
 
 
-@pytest.mark.parametrize("arch, size", [("vgg16", 224), ("vgg16", 64), ("alexnet", 224),
-                                        ("alexnet", 100)])  # fmt: skip
+# VGG16 at 32 px: its last block's convolutions see a 2x2 map, where `layers.Conv` is a matmul.
+@pytest.mark.parametrize("arch, size", [("vgg16", 224), ("vgg16", 64), ("vgg16", 32),
+                                        ("alexnet", 224), ("alexnet", 100)])  # fmt: skip
 def test_converted_weights_give_torchvisions_logits(arch, size):
     tmodel, fmodel = pair(arch, size)
     x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
@@ -60,6 +61,43 @@ def test_converted_weights_give_torchvisions_logits(arch, size):
     )
     np.testing.assert_allclose(np.asarray(f_logits), t_logits.numpy(), atol=ATOL, rtol=0)
     assert t_features.abs().max() > 1e-2 and t_logits.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side, k, pad", [(1, 3, 1), (2, 3, 1), (2, 1, 0), (2, 3, 2), (5, 3, 1)])
+def test_patch_conv_is_the_convolution_value_and_gradient(side, k, pad):
+    """`layers.patch_conv` (one matmul over the windows) against `conv_general_dilated`, value
+    and the gradients of the input, kernel and bias: 1e-12 in float64."""
+    rng = np.random.default_rng(side)
+    out = side + 2 * pad - k + 1
+    padding = ((pad, pad), (pad, pad))
+
+    def conv(x, kernel, bias):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return (
+            jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=dims) + bias
+        )
+
+    with jax.enable_x64(True):
+        args = [jnp.asarray(rng.normal(size=s)) for s in ((3, side, side, 5), (k, k, 5, 7), (7,))]
+        ct = jnp.asarray(rng.normal(size=(3, out, out, 7)))
+        results = []
+        for f in (lambda *a: layers.patch_conv(*a, padding), conv):
+            y, vjp = jax.vjp(f, *args)
+            results.append([y, *vjp(ct)])
+        for a, b in zip(*results, strict=True):
+            assert a.shape == b.shape and a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4])
+def test_conv_takes_the_matmul_on_maps_of_two_pixels_or_fewer(side):
+    conv = layers.Conv(5, 7, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, side, side, 5)), jnp.float32)
+    patches = layers.patch_conv(x, conv.kernel[...], conv.bias[...], conv.padding)
+    expected = patches if side <= layers.SMALL_MAP else nnx.Conv.__call__(conv, x)
+    np.testing.assert_array_equal(conv(x), expected)
+    strided = layers.Conv(5, 7, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(strided(x), nnx.Conv.__call__(strided, x))  # stride 2: XLA's
 
 
 def test_adaptive_pool_bins_follow_torch():

@@ -110,9 +110,39 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
+# XLA:CPU's convolution falls off its fast path on maps of a pixel or two a side: VGG16's last
+# block at 32 px (3x3, 512 -> 512 channels on a 2x2 map, batch 64) took 1,100 ms forward and
+# backward, against 13 ms as one matmul over the patches (44 ms against 62 ms on a 4x4 map,
+# where the convolution stays; docs/performance.md).
+SMALL_MAP = 2
+
+
+class Conv(nnx.Conv):
+    """nnx.Conv (its parameters, initialisers and names); on a map of at most `SMALL_MAP`
+    pixels a side, with stride 1 and no dilation or groups, computed as one matmul of the
+    k*k shifted windows of the padded input against the kernel laid out (k*k*cin, cout)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        steps = (self.strides, self.input_dilation, self.kernel_dilation)
+        plain = all(v in (1, (1, 1)) for v in steps) and self.feature_group_count == 1
+        if max(x.shape[1:3]) > SMALL_MAP or not plain or isinstance(self.padding, str):
+            return super().__call__(x)
+        return patch_conv(x, self.kernel[...], self.bias[...], self.padding)
+
+
+def patch_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding) -> jax.Array:
+    """A stride-1 convolution, NHWC by (kh, kw, cin, cout) with ((top, bottom), (left, right))
+    zero padding, as one matmul: the (B, H', W', kh*kw*cin) windows, in the kernel's order."""
+    kh, kw, cin, cout = kernel.shape
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    windows = [x[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(windows, axis=-1) @ kernel.reshape(kh * kw * cin, cout) + bias
+
+
 def torch_conv(
     cin: int, cout: int, k: int, stride: int, pad: int, rngs: nnx.Rngs, *, vgg: bool = False
-) -> nnx.Conv:
+) -> Conv:
     """A Conv laid out like torch's Conv2d(cin, cout, k, stride, pad), with torchvision's init:
     kaiming_normal(fan_out, relu) and zero bias for VGG, torch's default otherwise."""
     if vgg:
@@ -121,8 +151,8 @@ def torch_conv(
     else:
         inits = dict(kernel_init=torch_default_kernel_init(),
                      bias_init=torch_default_bias_init(cin * k * k))  # fmt: skip
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
-                    rngs=rngs, **inits)  # fmt: skip
+    return Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+                rngs=rngs, **inits)  # fmt: skip
 
 
 def torch_linear(din: int, dout: int, rngs: nnx.Rngs, *, vgg: bool = False) -> nnx.Linear:
