@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
+from jax._src import xla_bridge  # JAX's own; `jax_started` says why
 
 from jaxvision.core import archs
 from jaxvision.core.bench import BenchWorker, median_time
@@ -54,6 +54,13 @@ def default_xla_flags(split: bool = False, cores: int | None = None) -> str:
     return f"{YNN_DOT} {HOST_SPLIT}={cores}" if split and cores > 1 else YNN_DOT
 
 
+def jax_started() -> bool:
+    """Whether JAX has created its backends, so that XLA_FLAGS is read already. JAX has no public
+    call for it; where the private one is missing, say yes (the flags are then left alone)."""
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return True if started is None else bool(started())
+
+
 def use_default_xla_flags(arch: archs.Arch | None = None) -> None:
     """Sets XLA_FLAGS to `default_xla_flags` for `arch` unless the user set it. XLA reads it
     once, when JAX first touches a device: the backend sets it, if unset, when it is created
@@ -62,7 +69,7 @@ def use_default_xla_flags(arch: archs.Arch | None = None) -> None:
     current = os.environ.get("XLA_FLAGS")
     if current is not None and (current != os.environ.get(OURS) or arch is None):
         return  # the user's; or ours, already set for this run's arch (or its parent's)
-    if current is not None and xla_bridge.backends_are_initialized():
+    if current is not None and jax_started():
         return  # too late for this process; its children keep what it runs under
     os.environ["XLA_FLAGS"] = os.environ[OURS] = default_xla_flags(
         arch is not None and arch.cpu_split
