@@ -28,7 +28,7 @@ jax.devices()  # this process's flags, fixed now: an in-process run of the CNN k
 def like_this_process() -> dict:
     """The environment for a subprocess that must compute bit for bit what this process does:
     its XLA_FLAGS made the user's, so that a CNN or ViT run does not split the host."""
-    return {k: v for k, v in os.environ.items() if k != OURS}
+    return {**os.environ, OURS: ""}  # XLA_FLAGS no longer matches it: a user's, kept
 
 
 torch.backends.cuda.matmul.allow_tf32 = False

@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 
+from jaxvision.apps import jax_backend
 from jaxvision.apps.jax_backend import OURS, default_xla_flags
+from jaxvision.core.archs import get_arch
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type=dot"
 
@@ -93,17 +95,32 @@ def test_jax_runs_default_to_the_ynn_flag_unless_the_user_sets_xla_flags():
     assert flags_after_start(mine, "cnn") == [mine, mine]
 
 
-def test_the_small_archs_split_the_host_into_a_cpu_device_per_core():
+def test_the_small_archs_split_the_host_into_a_cpu_device_per_core(monkeypatch):
     split = default_xla_flags(split=True)
     assert default_xla_flags(split=True, cores=1) == YNN  # one core: nothing to split
     four = f"{YNN} --xla_force_host_platform_device_count=4"
     assert default_xla_flags(split=True, cores=4) == four
+    # End to end in a fresh process: the backend's default, then the CNN's run.
     assert flags_after_start(None, "cnn") == [YNN, split]
-    assert flags_after_start(None, "vit") == [YNN, split]
-    assert flags_after_start(None, "alexnet") == [YNN, YNN]
-    assert flags_after_start(None, "faster_rcnn") == [YNN, YNN]
+
+    # The rule itself, in this process, as before JAX starts:
+    monkeypatch.setattr(jax_backend, "jax_started", lambda: False)
+
+    def after(arch, xla_flags, ours):
+        for k, v in (("XLA_FLAGS", xla_flags), (OURS, ours)):
+            monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, v)
+        jax_backend.use_default_xla_flags(get_arch(arch))
+        return os.environ.get("XLA_FLAGS")
+
+    for arch, want in (("cnn", split), ("vit", split), ("vgg16", YNN), ("alexnet", YNN),
+                       ("faster_rcnn", YNN)):  # fmt: skip
+        assert after(arch, None, None) == want, arch
+        assert os.environ[OURS] == want
     # A child of a run (a test's or the lab's): the parent's defaults are replaced, a user's not.
-    assert flags_after_start(split, "alexnet", ours=split) == [split, YNN]
-    assert flags_after_start(split, "alexnet") == [split, split]
-    assert flags_after_start(YNN, "vit", ours=YNN) == [YNN, split]
-    assert flags_after_start(YNN, "vit") == [YNN, YNN]
+    assert after("alexnet", split, split) == YNN
+    assert after("vit", YNN, YNN) == split
+    assert after("vit", YNN, None) == YNN
+    assert after("alexnet", split, None) == split
+    # Once JAX has started, this process's flags are what they are.
+    monkeypatch.setattr(jax_backend, "jax_started", lambda: True)
+    assert after("vit", YNN, YNN) == YNN
