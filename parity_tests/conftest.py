@@ -31,6 +31,15 @@ def like_this_process() -> dict:
     return {**os.environ, OURS: ""}  # XLA_FLAGS no longer matches it: a user's, kept
 
 
+def split_device(batch_size: int) -> str:
+    """The `device` a CLI run of the CNN or the ViT reports at `batch_size` under the default
+    split (a CPU device per core, the most that divide the batch): 'cpu' or 'cpu xN'."""
+    from jaxvision.apps.jax_backend import host_cores
+
+    n = max(k for k in range(1, host_cores() + 1) if batch_size % k == 0)
+    return "cpu" if n == 1 else f"cpu x{n}"
+
+
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import split_device
 
 from jaxvision.apps import benchmark
 from jaxvision.apps.jax_backend import default_xla_flags
@@ -57,10 +58,8 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     ]
     for x in records:
         assert set(benchmark.RECORD_KEYS) <= x.keys(), x
-        # The JAX CNN and ViT split the host into a CPU device per core (most that divide 8).
-        n = max(k for k in range(1, len(os.sched_getaffinity(0)) + 1) if 8 % k == 0)
-        split = x["backend"] == "jax" and n > 1
-        assert x["device"] == (f"cpu x{n}" if split else "cpu"), x["device"]
+        # The JAX CNN and ViT split the host into a CPU device per core.
+        assert x["device"] == (split_device(8) if x["backend"] == "jax" else "cpu"), x["device"]
         assert x["batch_size"] == 8 and x["repeats"] == 2
         assert x["image_size"] == 28 and x["peak_device_mb"] is None  # no GPU here
         for key in (
