@@ -207,6 +207,27 @@ def test_sample_source_trains_on_all_5000_and_tests_on_the_official_10000():
     assert not any(x.tobytes() in test_images for x in ds.x_train)
 
 
+def test_synthetic_source_is_mnists_size_and_shape_fixed_and_learnable():
+    ds = data.load_dataset("mnist", source="synthetic", verbose=False)
+    assert (ds.data_source, ds.n_train, ds.n_test, ds.image_shape) == (
+        "synthetic",
+        60_000,
+        10_000,
+        (28, 28, 1),
+    )
+    assert ds.x_train.dtype == np.uint8 and "not mnist" in ds.source
+    assert ds.test_set != data.OFFICIAL_TEST_SET
+    assert np.bincount(ds.y_train).min() > 5_500  # every class, about evenly
+    again = data.load_dataset("mnist", source="synthetic", verbose=False)
+    np.testing.assert_array_equal(ds.x_train, again.x_train)
+    np.testing.assert_array_equal(ds.y_test, again.y_test)
+    # The label is in the image: each class's mean training image classifies the test split.
+    means = np.stack([ds.x_train[ds.y_train == c].mean(0) for c in range(10)]).reshape(10, -1)
+    x = ds.x_test.reshape(len(ds.x_test), -1).astype(np.float64)
+    nearest = ((means**2).sum(1) - 2 * x @ means.T).argmin(1)  # the squared distance, less |x|^2
+    assert (nearest == ds.y_test).mean() > 0.99
+
+
 def test_an_altered_official_test_file_is_refused(tmp_path):
     for name in data.OFFICIAL_TEST_MD5:
         shutil.copy(data.OFFICIAL_TEST_DIR / name, tmp_path / name)

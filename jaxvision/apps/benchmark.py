@@ -56,6 +56,7 @@ RECORD_KEYS = (
     "frameworks_loaded",
     "xla_flags",
     "threads",
+    "float32_matmuls",
 )
 
 
@@ -115,7 +116,7 @@ def setting(bench) -> dict:
     so its memory is its own), the XLA flags in force, and its framework's thread count."""
     loaded = sorted({m.partition(".")[0] for m in sys.modules} & set(FRAMEWORKS))
     return {"frameworks_loaded": loaded, "xla_flags": os.environ.get("XLA_FLAGS"),
-            "threads": bench.threads()}  # fmt: skip
+            "threads": bench.threads(), "float32_matmuls": bench.float32_matmuls()}  # fmt: skip
 
 
 def _worker(spec: Spec, conn) -> None:
@@ -149,6 +150,9 @@ def _ask(proc, conn, message: str | None = None) -> tuple[str, object]:
 def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
     """Measures every spec, interleaved; returns one record per spec (see RECORD_KEYS)."""
     ctx = multiprocessing.get_context("spawn")
+    # The workers share one GPU: JAX's must not each take 75% of its memory up front (the
+    # peak-memory figure is then what a worker used).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     workers = []
     for spec in specs:  # set up one at a time, so that compilation is not shared out
         here, there = ctx.Pipe()
@@ -263,7 +267,9 @@ def markdown(records: list[dict]) -> str:
         threads = ", ".join(f"{r['arch']}/{r['backend']} {r['threads']}" for r in ran)
         flags = ran[0]["xla_flags"]
         flags = "unset" if flags is None else (flags or "empty (XLA's own defaults)")
-        lines.append(f"Threads: {threads}. XLA_FLAGS: {flags}.")
+        matmuls = sorted({r["float32_matmuls"] for r in ran})
+        lines.append(f"Threads: {threads}. XLA_FLAGS: {flags}. Float32 matmuls in: "
+                     f"{', '.join(matmuls)}.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -298,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends", default="jax,torch", help=f"comma-separated, from {', '.join(BACKENDS)}"
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size, every arch")
     p.add_argument("--steps", type=int, default=20, help="training steps per measurement")
     p.add_argument("--repeats", type=int, default=5, help="interleaved measurements per backend")
     p.add_argument(

@@ -202,10 +202,19 @@ class JaxBench(BenchWorker):
 
     @staticmethod
     def matmul_peak() -> float:
-        n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+        """The FLOP/s of a large float32 matmul at the precision training uses: float32 on a
+        CPU, XLA's default (TF32) on a GPU."""
+        cpu = jax.devices()[0].platform == "cpu"
+        n = 2048 if cpu else 8192
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        f = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
+        f = jax.jit(lambda a: jnp.dot(a, a, precision="highest" if cpu else None))
         return 2 * n**3 / median_time(lambda: f(a).block_until_ready())
+
+    @staticmethod
+    def float32_matmuls() -> str:
+        """What a float32 matmul computes in, here: XLA's default is TF32 on an NVIDIA GPU."""
+        default = jax.config.jax_default_matmul_precision in (None, "default", "bfloat16_3x")
+        return "tf32" if jax.devices()[0].platform == "gpu" and default else "float32"
 
     def peak_device_mb(self) -> float | None:
         stats = jax.devices()[0].memory_stats() or {}

@@ -22,6 +22,22 @@ from torch_reference.preprocess import model_input
 from torch_reference.pretrained import find_weights, weights_name
 
 
+def float32_like_jax() -> None:
+    """On a GPU, lets float32 matmuls and convolutions run on TF32 tensor cores, as JAX's do by
+    default, so that the two backends train (and benchmark) the same arithmetic; torch's own
+    default is TF32 for cuDNN's convolutions but not for cuBLAS's matmuls. The parity tests pin
+    full float32 in both instead (parity_tests/conftest.py). Nothing changes on a CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def float32_matmuls(device: torch.device) -> str:
+    """What a float32 matmul computes in, here: 'tf32' or 'float32'."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "float32"
+
+
 class TorchBackend:
     name = "torch"
 
@@ -36,6 +52,7 @@ class TorchBackend:
         if distributed is not None:
             raise UserError("--distributed is for the JAX backend; the torch backend runs one "
                             "process")  # fmt: skip
+        float32_like_jax()
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
             torch.use_deterministic_algorithms(True)
@@ -82,6 +99,7 @@ class TorchBackend:
         return train.describe_device(train.default_device())
 
     def bench(self, config: TrainConfig, data: Dataset) -> TorchBench:
+        float32_like_jax()
         return TorchBench(self, config, data)
 
     @staticmethod
@@ -138,6 +156,9 @@ class TorchBench(BenchWorker):
 
     def threads(self) -> int:
         return torch.get_num_threads()
+
+    def float32_matmuls(self) -> str:
+        return float32_matmuls(self.device)
 
     def matmul_peak(self) -> float:
         n = 2048 if self.device.type == "cpu" else 8192

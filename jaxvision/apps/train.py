@@ -153,6 +153,8 @@ def train(config: TrainConfig) -> dict:
     path = results.write_metrics(record, out_dir)
     print(results.RESULTS_HEADER)
     print(results.results_row(record))
+    if line := results.target_line(record):
+        print(line)
     print(f"wrote {path}")
     for figure in write_figures(config, backend, dataset, result, out_dir):
         print(f"wrote {figure}")

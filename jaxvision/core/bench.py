@@ -43,6 +43,10 @@ class BenchWorker:
         this process may run on (torch overrides this with its own setting)."""
         return len(os.sched_getaffinity(0))
 
+    def float32_matmuls(self) -> str:
+        """What a float32 matmul computes in: 'float32', or 'tf32' on a GPU's tensor cores."""
+        return "float32"
+
     def warm_up(self) -> float:
         """An epoch, an evaluation, another epoch; returns how much longer the first took (the
         first-call costs: compilation, allocation)."""

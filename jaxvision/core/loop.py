@@ -30,6 +30,13 @@ def check_finite(loss: float, epoch: int, step: int, steps_per_epoch: int, lr: f
         )
 
 
+def reached(stats: EpochStats, target: float | None) -> bool:
+    """Whether this epoch's evaluation reached --target-accuracy."""
+    return (
+        target is not None and stats.test_accuracy is not None and (stats.test_accuracy >= target)
+    )
+
+
 @dataclasses.dataclass
 class Position:
     """Where a run stands: the epoch being trained (0-based) and the steps done in it.
@@ -156,6 +163,11 @@ def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoin
                                            position, history, tqdm)  # fmt: skip
             if _stop.is_set():  # Ctrl-C during evaluation or saving: the epoch is saved
                 raise _interrupted(checkpoints, Position(epoch + 1), steps, history)
+            if ev is not None and reached(history[-1], config.target_accuracy):
+                if config.progress:
+                    tqdm.write(f"reached --target-accuracy {config.target_accuracy:.2%}: "
+                               f"stopping after epoch {epoch + 1}")  # fmt: skip
+                break
     return history, np.asarray(ev["preds"])
 
 

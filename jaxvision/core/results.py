@@ -52,6 +52,20 @@ class RunResult:
         return sum(h.train_time_s for h in self.history)
 
 
+def time_to_target(history: list[EpochStats], target: float | None) -> tuple[int, float] | None:
+    """(epoch, seconds): the first evaluation whose test accuracy reaches `target`, and the
+    training and evaluation seconds up to and including it (compilation excluded); None when no
+    evaluation reached it (or no target)."""
+    if target is None:
+        return None
+    seconds = 0.0
+    for h in history:
+        seconds += h.train_time_s + h.eval_time_s
+        if h.test_accuracy is not None and h.test_accuracy >= target:
+            return h.epoch, seconds
+    return None
+
+
 def describe_host() -> str:
     """'<CPU model>, <n> cores' for the results table."""
     model = platform.processor() or platform.machine()
@@ -95,6 +109,7 @@ def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dic
         "train_time_s": result.train_time_s,
         "compile_time_s": result.compile_time_s,
         "eval_time_s": sum(h.eval_time_s for h in result.history),
+        **target_record(config.target_accuracy, result.history),
         "params": result.params,
         "device": result.device,
         "host": describe_host(),
@@ -108,6 +123,30 @@ def metrics_record(config: TrainConfig, data: Dataset, result: RunResult) -> dic
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def target_record(target: float | None, history: list[EpochStats]) -> dict:
+    """metrics.json's --target-accuracy fields: the target, and the epoch and seconds to it
+    (None where it was not reached); nothing without a target."""
+    if target is None:
+        return {}
+    epoch, seconds = time_to_target(history, target) or (None, None)
+    return {"target_accuracy": target, "target_epoch": epoch, "time_to_target_s": seconds}
+
+
+def target_line(record: dict) -> str | None:
+    """The run's --target-accuracy line: the time to it ('time to 99.00%: 12.3 s (epoch 7,
+    ...)'), or a note that it was not reached; None without a target."""
+    if record.get("target_accuracy") is None:
+        return None
+    target = f"{record['target_accuracy']:.2%}"
+    if record["time_to_target_s"] is None:
+        return (f"note: --target-accuracy {target} was not reached in {record['epochs']} epochs "
+                f"(last: {record['test_accuracy']:.2%})")  # fmt: skip
+    return (
+        f"time to {target}: {record['time_to_target_s']:.1f} s (epoch "
+        f"{record['target_epoch']}, training and evaluation, compilation excluded)"
+    )
 
 
 def write_metrics(record: dict, out_dir: Path) -> Path:
