@@ -148,6 +148,10 @@ def test_time_to_target_counts_training_and_evaluation_up_to_the_first_hit():
     assert time_to_target(history, 0.99) == (3, 2.0 + 3.0 + 2.5)
     assert time_to_target(history, 0.97) == (2, 5.0)
     assert time_to_target(history, 0.999) is None and time_to_target(history, None) is None
+    # 9,900 of 10,000 as the float32 mean both backends compute meets 99% exactly.
+    exact = float(np.float32(9900) * np.float32(1 / 10000))
+    assert exact < 0.99 and time_to_target([stats(1, exact, 1.0, 0.5)], 0.99) == (1, 1.5)
+    assert time_to_target([stats(1, 0.9899, 1.0, 0.5)], 0.99) is None  # one image short
     assert target_record(None, history) == {}
     record = {"target_accuracy": 0.99, "target_epoch": 3, "time_to_target_s": 7.5}
     assert target_line(record) == (

@@ -99,7 +99,7 @@ class TrainConfig:
     batch_size: int | None = _field(None, "training batch size", TRAINING)
     eval_batch_size: int = _field(
         100,
-        "evaluation batch size (on 2 CPU cores, 1,000 made an evaluation 1.3-2.6x slower: "
+        "evaluation batch size (on 2 CPU cores, 1,000 made an evaluation 1.2-2.6x slower: "
         "docs/performance.md)",
         TRAINING,
     )

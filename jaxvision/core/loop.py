@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import Interrupted, TrainingDiverged
-from jaxvision.core.results import EpochStats, epoch_line
+from jaxvision.core.results import EpochStats, epoch_line, reached
 
 
 def check_finite(loss: float, epoch: int, step: int, steps_per_epoch: int, lr: float) -> None:
@@ -28,13 +28,6 @@ def check_finite(loss: float, epoch: int, step: int, steps_per_epoch: int, lr: f
             f"training loss became {loss} at epoch {epoch}, step {step}/{steps_per_epoch}; "
             f"lower --lr (now {lr:g}) or check the input data"
         )
-
-
-def reached(stats: EpochStats, target: float | None) -> bool:
-    """Whether this epoch's evaluation reached --target-accuracy."""
-    return (
-        target is not None and stats.test_accuracy is not None and (stats.test_accuracy >= target)
-    )
 
 
 @dataclasses.dataclass
