@@ -8,6 +8,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from jaxvision.apps import backends
 from jaxvision.core.config import TrainConfig
+from jaxvision.core.loop import Position, run_epochs
 from jaxvision.core.results import EpochStats, target_line, target_record, time_to_target
 
 REQUIRED_KEYS = {
@@ -199,3 +200,30 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, backend, train_cli):
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: training loss became nan at epoch 1, step ")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_run_resumed_after_its_target_trains_no_more(capsys):
+    """run_epochs with a checkpoint whose history already met --target-accuracy: one evaluation
+    for the predictions, no epoch trained, the history as saved."""
+    saved = [
+        EpochStats(1, 1.0, 0.2, 0.97, 0.97, 2.0, 0.5),
+        EpochStats(2, 0.5, 0.1, 0.991, 0.99, 2.0, 0.5),
+    ]
+
+    class Saved:
+        def start(self):
+            return Position(2), list(saved)
+
+    def train_epoch(*args):
+        raise AssertionError("trained an epoch after the target")
+
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"preds": np.arange(3)}
+
+    config = TrainConfig(arch="cnn", epochs=5, eval_every=1, target_accuracy=0.99, progress=False)
+    history, preds = run_epochs(config, 10, train_epoch, evaluate, Saved())
+    assert history == saved and calls == [1] and preds.tolist() == [0, 1, 2]
+    assert "already reached --target-accuracy 99.00%" in capsys.readouterr().out

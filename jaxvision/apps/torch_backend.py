@@ -23,18 +23,17 @@ from torch_reference.pretrained import find_weights, weights_name
 
 
 def float32_like_jax() -> None:
-    """On a GPU, lets float32 matmuls and convolutions run on TF32 tensor cores, as JAX's do by
+    """On a GPU, lets float32 matmuls run on TF32 tensor cores, as JAX's do by
     default, so that the two backends train (and benchmark) the same arithmetic; torch's own
     default is TF32 for cuDNN's convolutions but not for cuBLAS's matmuls. The parity tests pin
     full float32 in both instead (parity_tests/conftest.py). Nothing changes on a CPU."""
     if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # cuBLAS; cuDNN allows TF32 by default
 
 
 def float32_matmuls(device: torch.device) -> str:
     """What a float32 matmul computes in, here: 'tf32' or 'float32'."""
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
     return "tf32" if tf32 else "float32"
 
 

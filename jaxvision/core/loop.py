@@ -149,6 +149,10 @@ def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoin
     Ctrl-C. Returns the history and the last predictions.
     """
     start, history = checkpoints.start() if checkpoints else (Position(), [])
+    if any(reached(h, config.target_accuracy) for h in history):  # resumed after the target
+        print(f"note: the checkpoint already reached --target-accuracy "
+              f"{config.target_accuracy:.2%}; nothing more to train")  # fmt: skip
+        return history, np.asarray(evaluate()["preds"])
     with stop_on_ctrl_c():
         for epoch in range(start.epoch, config.epochs):
             position = start if epoch == start.epoch else Position(epoch)
