@@ -215,3 +215,54 @@ def test_run_lab_trains_and_reports_end_to_end(tmp_path):
         "comparison.csv",
         "comparison.png",
     }
+
+
+def _fake_run(folder, weights, losses, accuracies):
+    """A run folder as train.py --save-weights writes it: metrics.json and model.pth."""
+    import torch
+
+    folder.mkdir(parents=True)
+    history = [
+        {"epoch": i + 1, "train_loss": loss, "test_accuracy": acc, "train_time_s": 2.0,
+         "eval_time_s": 0.5}
+        for i, (loss, acc) in enumerate(zip(losses, accuracies, strict=True))
+    ]  # fmt: skip
+    metrics = {"arch": "cnn", "backend": "jax", "batch_size": 64, "device": "cpu",
+               "history": history, "confusion_matrix": [[1, 0], [0, 1]],
+               "test_accuracy": accuracies[-1], "compile_time_s": 1.0}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    torch.save({"w": torch.tensor(weights)}, folder / "model.pth")
+
+
+def test_gpu_checks_det_finds_a_one_bit_difference_and_summary_reads_the_marks(tmp_path):
+    """scripts/gpu_checks.py, the GPU run's judge: a pair whose weights differ in the last bit of
+    one float is reported as differing (exit 1), identical pairs as identical; the summary's
+    time to accuracy is the cumulative train + eval time to the first epoch at each mark."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_checks
+
+    w = [0.1, 0.2, 0.3]
+    bumped = torch.tensor(w).view(torch.int32)
+    bumped[1] += 1  # the next float32 after 0.2
+    for arch in ("cnn", "vit"):
+        for backend in ("jax", "torch"):
+            for r in (1, 2):
+                other = r == 2 and (arch, backend) == ("vit", "torch")
+                weights = bumped.view(torch.float32).tolist() if other else w
+                _fake_run(tmp_path / f"det-{arch}-{backend}-{r}", weights, [1.0, 0.5], [0.9, 0.95])
+    assert gpu_checks.det(tmp_path) == 1
+    rows = {(r["arch"], r["backend"]): r for r in json.loads((tmp_path / "det.json").read_text())}
+    assert rows["cnn", "jax"]["weights_identical"] and rows["vit", "jax"]["weights_identical"]
+    assert not rows["vit", "torch"]["weights_identical"]
+    assert rows["vit", "torch"]["losses_and_predictions_identical"]
+
+    # 98.5% first at epoch 2 (5.0 s), 99.0% read as 0.98999995 at epoch 3 (7.5 s)
+    _fake_run(tmp_path / "tta-cnn-jax", w, [1.0, 0.8, 0.6], [0.97, 0.985, 0.98999995])
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_checks.summary(tmp_path, out) == 0
+    text = (out / "summary.md").read_text()
+    assert "| cnn | jax | 5.0 s (ep 2) | 5.0 s (ep 2) | 7.5 s (ep 3) | 99.00% |" in text
+    assert "| vit | torch | NO | yes |" in text

@@ -1,194 +1,243 @@
 #!/usr/bin/env bash
-# Issue 17's GPU half in one run: every figure a lent GPU machine owes the README, each step
-# logged, time-boxed, and summed up in summary.md.
+# Issue 17's GPU half in one command: every figure a lent GPU machine owes the README, each step
+# time-boxed inside a whole-run budget, its results in $OUT the moment it ends.
 #
-#   bash scripts/gpu_checks.sh                        # every step, in the order below
-#   bash scripts/gpu_checks.sh lab compat             # only these steps
-#   QUICK=1 bash scripts/gpu_checks.sh                # a few-minute rehearsal on any machine
+#   bash scripts/gpu_checks.sh                      # every step, most wanted first
+#   BUDGET=200 bash scripts/gpu_checks.sh lab       # only these steps (or groups)
+#   QUICK=1 bash scripts/gpu_checks.sh              # a few-minute rehearsal on a CPU
 #
-# Steps: env, bench (cnn, vit), epoch (the CNN over 60,000 synthetic images + eval on 10,000),
-# tta (time to 99.0% / 98.5% on the official test set), bench-big (vgg16, alexnet,
-# faster_rcnn), determinism (--deterministic twice), lab (run_lab.py), compat (parity tests).
-# BUDGET (seconds, default 540) bounds the whole run: a step gets what is left, less a reserve,
-# and one that no longer fits is skipped and listed. Results go to $OUT (default runs/gpu):
-# summary.md, bench.json, bench-big.json, lab.png, logs.txt and runs.tgz (every metrics.json).
-# Wheels in .whl/ (mlxtend, which the GPU image lacks) are installed to /tmp/site first.
+# Steps, in the default order (a group name runs all of its steps):
+#   env            what the machine is; stops the run if JAX or torch sees no GPU, and falls back
+#                  to XLA_FLAGS="" (said in the summary) if XLA aborts on the project's default flags
+#   compat         the parity tests on this machine's JAX (0.11 on the GPU image), on the CPU:
+#                  JAX_PLATFORMS=cpu, no CUDA; in the background on the upper half of the cores
+#   bench          scripts/benchmark.py, cnn and vit x jax, torch, torch-compile
+#   epoch          epoch-jax-256 epoch-torch-256: the CNN over 60,000 synthetic images of MNIST's
+#                  shape + evaluation on 10,000, three epochs (epoch-BACKEND-BATCH for other batches)
+#   det            --deterministic, the CNN and the ViT in both backends, each twice, all eight in
+#                  parallel (nothing is timed), then compared bit for bit
+#   tta            tta-cnn-jax tta-cnn-torch tta-vit-jax tta-vit-torch: time to 99.0% / 98.5%
+#   bench-big      bench-vgg16 bench-alexnet bench-faster_rcnn
+#   lab            scripts/run_lab.py
+#
+# BUDGET (seconds, default 540) bounds the run: a step starts only if its limit fits in what is
+# left (less a 15 s reserve for the summary); one that does not is skipped, never started cut
+# short, and summary.md ends with the command that runs the skipped ones. $OUT (default runs/gpu)
+# gets summary.md, bench.json, logs.txt, runs.tgz (every metrics.json) and lab.png, rewritten after
+# each step. Wheels in .whl/ (mlxtend, which the GPU image lacks) are installed to /tmp/site first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
 QUICK=${QUICK:-0}
 BUDGET=${BUDGET:-540}
+PY=${PY:-python3}
+RESERVE=15
+DEFAULT=(env compat bench epoch det tta bench-big lab)
+
+expand() {  # a group's steps
+  case $1 in
+  epoch) echo epoch-jax-256 epoch-torch-256 ;;
+  tta) echo tta-cnn-jax tta-cnn-torch tta-vit-jax tta-vit-torch ;;
+  bench-big) echo bench-vgg16 bench-alexnet bench-faster_rcnn ;;
+  *) echo "$1" ;;
+  esac
+}
+[ $# -eq 0 ] && set -- "${DEFAULT[@]}"
+STEPS=()
+for s in "$@"; do
+  for t in $(expand "$s"); do
+    case $t in
+    env | compat | bench | det | lab | bench-cnn | bench-vit | bench-vgg16 | bench-alexnet) ;;
+    bench-faster_rcnn | epoch-jax-[0-9]* | epoch-torch-[0-9]* | tta-cnn-jax | tta-cnn-torch) ;;
+    tta-vit-jax | tta-vit-torch) ;;
+    *)
+      echo "error: unknown step $t; steps: ${DEFAULT[*]} (see the top of $0)" >&2
+      exit 2
+      ;;
+    esac
+    STEPS+=("$t")
+  done
+done
+
 WORK=$(mktemp -d /tmp/gpu-checks.XXXX)
-STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(env bench epoch tta bench-big determinism lab compat)
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache
+: >"$OUT/logs.txt"
+export PYTHONUNBUFFERED=1
+unset JAX_COMPILATION_CACHE_DIR  # every compile time is a real one, the --deterministic pair's too
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-PY=${PY:-python3}
-T0=$SECONDS
+# The CPU parity tests run beside the GPU steps, on their own cores: the lower half runs the
+# timed steps, the upper half the tests (only where there are 8 cores or more).
+CORES=$(nproc)
+FG="" BG="" PARALLEL=1
+if [ "$CORES" -ge 8 ] && command -v taskset >/dev/null; then
+  FG="taskset -c 0-$((CORES / 2 - 1))" BG="taskset -c $((CORES / 2))-$((CORES - 1))" PARALLEL=8
+fi
 
-# step NAME SECONDS COMMAND: runs COMMAND under min(SECONDS, what the budget has left - 20 s).
-step() {
-  local name=$1 want=$2 left=$((BUDGET - (SECONDS - T0) - 20))
-  shift 2
-  if [ "$left" -lt 30 ]; then
-    echo "| $name | skipped: ${left}s of the budget left |" >>"$WORK/steps.md"
-    return
-  fi
-  local limit=$((want < left ? want : left)) start=$SECONDS
-  echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" bash -c "$*" >"$WORK/$name.log" 2>&1
-  local rc=$?
-  echo "| $name | exit $rc in $((SECONDS - start)) s (limit $limit s) |" >>"$WORK/steps.md"
-  tail -n 3 "$WORK/$name.log"
+if [ "$QUICK" = 1 ]; then
+  export REQUIRE_GPU=${REQUIRE_GPU:-0}
+  SMALL="--preset tiny --batch-size 8 --steps 3 --repeats 2"
+  BIG="--batch-size 4 --steps 2 --repeats 2 --image-size 64"
+  EVAL="" EPOCH="--preset tiny --epochs 2" CNN_TTA="--preset tiny --epochs 2"
+  VIT_TTA="--preset micro --epochs 2" DET="--preset tiny --epochs 1"
+  LAB="--archs cnn --backends jax,torch -- --epochs 1"
+  COMPAT="parity_tests/test_cnn.py parity_tests/test_xla_flags.py"
+  W_ENV=60 W_COMPAT=300 W_BENCH=120 W_BIG=180 W_FRCNN=180 W_EPOCH=60 W_DET=200 W_TTA_CNN=60 W_TTA_VIT=60
+  W_LAB=120
+else
+  SMALL="--steps 200 --repeats 5"
+  BIG="--steps 20 --repeats 3"
+  EVAL="--eval-batch-size 1000" EPOCH="--epochs 3" CNN_TTA="" VIT_TTA="" DET="--epochs 2" LAB=""
+  COMPAT="parity_tests/test_cnn.py parity_tests/test_vit.py parity_tests/test_finetune.py \
+    parity_tests/test_xla_flags.py parity_tests/test_checkpoint.py parity_tests/test_parallel.py"
+  W_ENV=60 W_COMPAT=400 W_BENCH=200 W_BIG=150 W_FRCNN=240 W_EPOCH=60 W_DET=120 W_TTA_CNN=60 W_TTA_VIT=120
+  W_LAB=500
+fi
+T0=$SECONDS
+SKIPPED=()
+
+left() { echo $((BUDGET - (SECONDS - T0) - RESERVE)); }
+
+publish() {  # NAME RC SECONDS: the step's log into $OUT/logs.txt, then the summary
+  {
+    echo "===== $1: exit $2 in $3 s"
+    cat "$WORK/$1.log"
+  } >>"$OUT/logs.txt"
+  summarize
 }
 
-train() {  # train ARGS...: scripts/train.py without progress bars
+summarize() {  # $OUT/summary.md (and bench.json, lab.png, runs.tgz) from what $WORK holds now
+  [ ${#SKIPPED[@]} -gt 0 ] && echo "BUDGET=... bash scripts/gpu_checks.sh ${SKIPPED[*]}" \
+    >"$WORK/rerun.txt"
+  $PY scripts/gpu_checks.py summary "$WORK" "$OUT" >/dev/null 2>&1 ||
+    echo "warning: the summary failed; logs.txt has every step's log" >&2
+}
+
+# step NAME SECONDS COMMAND: runs COMMAND under a SECONDS limit if that fits in the budget.
+step() {
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  if [ "$limit" -gt "$(left)" ]; then
+    echo "| $name | skipped: wants ${limit} s, $(left) s of the budget left |" >>"$WORK/steps.md"
+    SKIPPED+=("$name")
+    echo "== $name: skipped (wants ${limit} s, $(left) s left)"
+    return 1
+  fi
+  local cmd="$*"
+  echo "== $name (limit ${limit} s): ${cmd:0:240}"
+  timeout --kill-after=10 "$limit" $FG bash -c "$*" >"$WORK/$name.log" 2>&1
+  rc=$?
+  echo "| $name | exit $rc in $((SECONDS - start)) s (limit $limit s) |" >>"$WORK/steps.md"
+  tail -n 3 "$WORK/$name.log"
+  publish "$name" $rc $((SECONDS - start))
+  return $rc
+}
+
+train() {  # train ARGS...: scripts/train.py's command line, without progress bars
   echo "$PY scripts/train.py --no-progress $*"
 }
 
-if [ "$QUICK" = 1 ]; then
-  SMALL="--archs cnn,vit --preset tiny --batch-size 8 --steps 3 --repeats 2"
-  BIG="--archs alexnet --batch-size 4 --steps 2 --repeats 2 --image-size 64"
-  EPOCH="--preset tiny --epochs 2"
-  CNN_TTA="--preset tiny --epochs 2" VIT_TTA="--preset micro --epochs 2"
-  DET="--preset tiny --epochs 1" LAB="--archs cnn --backends jax,torch -- --epochs 1"
-  COMPAT="parity_tests/test_cnn.py"
-else
-  SMALL="--archs cnn,vit --steps 200 --repeats 5"
-  BIG="--archs vgg16,alexnet,faster_rcnn --steps 20 --repeats 3"
-  EPOCH="--epochs 3" CNN_TTA="" VIT_TTA="" DET="--epochs 2" LAB=""
-  COMPAT="parity_tests/test_cnn.py parity_tests/test_vit.py parity_tests/test_finetune.py"
-fi
+PYTEST="JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider -n 4 $COMPAT"
+COMPAT_PID="" COMPAT_LAST=0
+start_compat() {  # in the background on the upper cores, its limit fixed now
+  local limit=$W_COMPAT start=$SECONDS
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  if [ "$limit" -lt 60 ]; then
+    SKIPPED+=(compat)
+    echo "| compat | skipped: $(left) s of the budget left |" >>"$WORK/steps.md"
+    return
+  fi
+  echo "== compat (background, limit ${limit} s): $PYTEST"
+  (
+    timeout --kill-after=10 "$limit" $BG bash -c "$PYTEST" >"$WORK/compat.log" 2>&1
+    rc=$?
+    echo "| compat | exit $rc in $((SECONDS - start)) s (limit $limit s; in the background," \
+      "on CPU cores of its own) |" >"$WORK/compat.row"
+    exit $rc
+  ) &
+  COMPAT_PID=$!
+}
+
+det_runs() {  # the eight --deterministic runs, a command line each
+  for arch in cnn vit; do
+    for b in jax torch; do
+      for r in 1 2; do
+        echo "XLA_PYTHON_CLIENT_PREALLOCATE=false $(train --arch $arch --backend $b \
+          --deterministic --save-weights $DET --out "$WORK/det-$arch-$b-$r") \
+          >$WORK/det-$arch-$b-$r.log 2>&1"
+      done
+    done
+  done
+}
 
 for s in "${STEPS[@]}"; do
   case $s in
   env)
-    step env 60 "nvidia-smi; $PY --version; $PY -m pip list 2>/dev/null | grep -iE \
-      '^(jax|jaxlib|flax|optax|orbax-checkpoint|chex|torch|torchvision|numpy|mlxtend) '; \
-      $PY -c 'import jax; print(jax.devices())'"
+    step env $W_ENV "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,\
+clocks.max.sm,power.limit --format=csv 2>&1; $PY --version; nproc; \
+$PY -m pip list 2>/dev/null | grep -iE \
+'^(jax|jaxlib|jax-cuda[0-9]+-plugin|flax|optax|orbax-checkpoint|chex|torch|torchvision|numpy|mlxtend) '; \
+$PY scripts/gpu_checks.py env"
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 3 ] && [ -z "${XLA_FLAGS+x}" ] &&
+      XLA_FLAGS="" $PY scripts/gpu_checks.py env >>"$WORK/env.log" 2>&1; then
+      export XLA_FLAGS=""  # a user's XLA_FLAGS, even empty, stands: no run sets the defaults
+      echo "| env | the project's default XLA_FLAGS abort this XLA: every step runs with" \
+        "XLA_FLAGS=\"\" |" >>"$WORK/steps.md"
+    elif [ $rc -ne 0 ]; then
+      echo "error: the env step failed (exit $rc); $OUT/logs.txt says why" >&2
+      exit 1
+    fi
     ;;
-  bench)
-    step bench 240 "$PY scripts/benchmark.py --backends jax,torch,torch-compile $SMALL \
-      --json $WORK/bench.json"
+  compat)  # beside the GPU steps where the cores allow, else last
+    if [ -n "$BG" ]; then start_compat; else COMPAT_LAST=1; fi
     ;;
-  bench-big)
-    step bench-big 240 "$PY scripts/benchmark.py --backends jax,torch,torch-compile $BIG \
-      --json $WORK/bench-big.json"
+  bench | bench-cnn | bench-vit)
+    archs=cnn,vit
+    [ "$s" != bench ] && archs=${s#bench-}
+    step "$s" $W_BENCH "$PY scripts/benchmark.py --archs $archs \
+      --backends jax,torch,torch-compile $SMALL --json $WORK/$s.json"
     ;;
-  epoch)  # the CNN: an epoch over 60,000 images of MNIST's shape, then the 10,000 test images
-    for b in jax torch; do
-      for bs in 64 256; do
-        step "epoch-$b-$bs" 90 "$(train --arch cnn --backend $b --data-source synthetic \
-          --batch-size $bs --eval-every 1 $EPOCH --out $WORK/epoch-$b-$bs)"
-      done
-    done
+  bench-*)  # torch.compile does not take torchvision's detector
+    backends=jax,torch,torch-compile limit=$W_BIG
+    [ "$s" = bench-faster_rcnn ] && backends=jax,torch limit=$W_FRCNN  # JAX compiles ~1 min
+    step "$s" "$limit" "$PY scripts/benchmark.py --archs ${s#bench-} \
+      --backends $backends $BIG --json $WORK/$s.json"
     ;;
-  tta)  # time to accuracy on MNIST's official test set (the default data)
-    for b in jax torch; do
-      step "tta-cnn-$b" 120 "$(train --arch cnn --backend $b --target-accuracy 0.99 \
-        --eval-every 1 $CNN_TTA --out $WORK/tta-cnn-$b)"
-      step "tta-vit-$b" 180 "$(train --arch vit --backend $b --target-accuracy 0.985 \
-        --eval-every 1 $VIT_TTA --out $WORK/tta-vit-$b)"
-    done
+  epoch-*)
+    b=${s#epoch-} && b=${b%-*}
+    step "$s" $W_EPOCH "$(train --arch cnn --backend "$b" --data-source synthetic \
+      --batch-size "${s##*-}" --eval-every 1 $EVAL $EPOCH --out "$WORK/$s")"
     ;;
-  determinism)  # the same run twice under --deterministic: bit-identical weights
-    for arch in cnn vit; do
-      for b in jax torch; do
-        for run in 1 2; do
-          step "det-$arch-$b-$run" 90 "$(train --arch $arch --backend $b --deterministic \
-            --save-weights $DET --out $WORK/det-$arch-$b-$run)"
-        done
-      done
-    done
+  tta-cnn-*)
+    step "$s" $W_TTA_CNN "$(train --arch cnn --backend "${s##*-}" --target-accuracy 0.99 \
+      --eval-every 1 $EVAL $CNN_TTA --out "$WORK/$s")"
+    ;;
+  tta-vit-*)
+    step "$s" $W_TTA_VIT "$(train --arch vit --backend "${s##*-}" --target-accuracy 0.985 \
+      --eval-every 1 $EVAL $VIT_TTA --out "$WORK/$s")"
+    ;;
+  det)  # nothing here is timed: the eight runs share the GPU, in parallel where cores allow
+    det_runs >"$WORK/det.cmds"
+    step det $W_DET "xargs -d '\n' -P $PARALLEL -I{} bash -c {} <$WORK/det.cmds; \
+      $PY scripts/gpu_checks.py det $WORK"
     ;;
   lab)
-    step lab 400 "$PY scripts/run_lab.py --out $WORK/lab $LAB"
-    ;;
-  compat)  # the parity tests on this machine's JAX (0.11 on the GPU image)
-    step compat 150 "$PY -m pytest -q -p no:cacheprovider -n 4 $COMPAT"
-    ;;
-  *)
-    echo "error: unknown step $s; steps: env bench epoch tta bench-big determinism lab compat" >&2
-    exit 2
+    step lab $W_LAB "$PY scripts/run_lab.py --out $WORK/lab $LAB"
     ;;
   esac
 done
 
-# summary.md: what each step gave, from the files it wrote.
-WORK=$WORK $PY - >"$OUT/summary.md" <<'EOF'
-import json, os, pathlib
-import numpy as np
-
-work = pathlib.Path(os.environ["WORK"])
-print("# GPU checks\n\n| step | result |\n|---|---|")
-print((work / "steps.md").read_text() if (work / "steps.md").exists() else "")
-env = work / "env.log"
-if env.exists():
-    print("## Machine\n\n```\n" + env.read_text()[-1500:] + "\n```\n")
-
-
-def metrics(name):
-    path = work / name / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def table(title, header, rows):
-    if rows:
-        print(f"## {title}\n\n| {' | '.join(header)} |\n|{'---|' * len(header)}")
-        print("\n".join(f"| {' | '.join(row)} |" for row in rows) + "\n")
-
-
-rows = []
-for b in ("jax", "torch"):
-    for bs in (64, 256):
-        if m := metrics(f"epoch-{b}-{bs}"):  # the first epoch pays for warm-up and autotuning
-            later = [h["train_time_s"] + h["eval_time_s"] for h in m["history"][1:]]
-            best = f"{min(later):.3f} s" if later else "–"
-            rows.append((b, str(bs), best, f"{m['test_accuracy']:.2%}", m["device"]))
-table("The CNN: one epoch over 60,000 synthetic images + evaluation on 10,000",
-      ("backend", "batch", "best later epoch (train + eval)", "accuracy (synthetic)", "device"),
-      rows)
-
-rows = []
-for arch in ("cnn", "vit"):
-    for b in ("jax", "torch"):
-        if m := metrics(f"tta-{arch}-{b}"):
-            t = m.get("time_to_target_s")
-            reached = f"{t:.1f} s, epoch {m['target_epoch']}" if t is not None else "not reached"
-            rows.append((arch, b, f"{m['target_accuracy']:.1%}", reached,
-                         f"{m['test_accuracy']:.2%}", f"{m['compile_time_s']:.1f} s"))
-table("Time to accuracy (MNIST's official test set; 5,000 training digits)",
-      ("arch", "backend", "target", "time (train + eval)", "final accuracy", "compile"), rows)
-
-rows = []
-for arch in ("cnn", "vit"):
-    for b in ("jax", "torch"):
-        runs = [metrics(f"det-{arch}-{b}-{r}") for r in (1, 2)]
-        if all(runs):
-            import torch
-
-            a, c = (torch.load(work / f"det-{arch}-{b}-{r}" / "model.pth") for r in (1, 2))
-            weights = a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
-            losses = [[h["train_loss"] for h in m["history"]] for m in runs]
-            same = losses[0] == losses[1] and runs[0]["confusion_matrix"] == runs[1]["confusion_matrix"]
-            rows.append((arch, b, "yes" if weights else "NO", "yes" if same else "NO"))
-table("--deterministic, two runs",
-      ("arch", "backend", "weights bit-identical", "losses and predictions identical"), rows)
-
-for name in ("bench", "bench-big", "lab", "compat"):
-    log = work / f"{name}.log"
-    if log.exists():
-        text = log.read_text()
-        start = text.find("| arch |") if name.startswith("bench") else max(len(text) - 3000, 0)
-        print(f"## {name}\n\n```\n{text[start:][-6000:]}\n```\n")
-EOF
-for f in bench.json bench-big.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
-[ -f "$WORK/lab/comparison.png" ] && cp "$WORK/lab/comparison.png" "$OUT/lab.png"
-for f in "$WORK"/*.log; do echo "===== $(basename "$f")"; cat "$f"; done >"$OUT/logs.txt"
-tar czf "$OUT/runs.tgz" -C "$WORK" --exclude='*.pth' --exclude='checkpoints' . 2>/dev/null
-echo "wrote $OUT/summary.md ($(((SECONDS - T0))) s)"
+[ "$COMPAT_LAST" = 1 ] && step compat $W_COMPAT "$PYTEST"
+if [ -n "$COMPAT_PID" ]; then
+  wait "$COMPAT_PID"
+  rc=$?
+  cat "$WORK/compat.row" >>"$WORK/steps.md"
+  tail -n 3 "$WORK/compat.log"
+  publish compat $rc "$(sed -E 's/.* in ([0-9]+) s.*/\1/' "$WORK/compat.row")"
+fi
+summarize
+echo "wrote $OUT ($((SECONDS - T0)) s)"
 cat "$OUT/summary.md"
