@@ -256,7 +256,7 @@ def test_gpu_checks_det_finds_a_one_bit_difference_and_summary_reads_the_marks(t
     rows = {(r["arch"], r["backend"]): r for r in json.loads((tmp_path / "det.json").read_text())}
     assert rows["cnn", "jax"]["weights_identical"] and rows["vit", "jax"]["weights_identical"]
     assert not rows["vit", "torch"]["weights_identical"]
-    assert rows["vit", "torch"]["losses_and_predictions_identical"]
+    assert rows["vit", "torch"]["losses_and_confusion_identical"]
 
     # 98.5% first at epoch 2 (5.0 s), 99.0% read as 0.98999995 at epoch 3 (7.5 s)
     _fake_run(tmp_path / "tta-cnn-jax", w, [1.0, 0.8, 0.6], [0.97, 0.985, 0.98999995])
@@ -266,3 +266,12 @@ def test_gpu_checks_det_finds_a_one_bit_difference_and_summary_reads_the_marks(t
     text = (out / "summary.md").read_text()
     assert "| cnn | jax | 5.0 s (ep 2) | 5.0 s (ep 2) | 7.5 s (ep 3) | 99.00% |" in text
     assert "| vit | torch | NO | yes |" in text
+
+    # a run its step's limit cut: no metrics.json, so the marks come from its logged epoch lines
+    (tmp_path / "tta-vit-jax.log").write_text(
+        "epoch 1/150: train loss 1.9 | test loss 0.9 | test acc 96.10% | F1 0.9600 | 1.5 s\n"
+        "epoch 2/150: train loss 1.2 | test loss 0.4 | test acc 97.00% | F1 0.9700 | 1.2 s\n"
+    )
+    assert gpu_checks.summary(tmp_path, out) == 0
+    text = (out / "summary.md").read_text()
+    assert "| vit | jax | 2.7 s of training, eval not logged (ep 2) | not reached |" in text

@@ -10,6 +10,7 @@ step: whatever the run finishes, $OUT holds it, even if a later step is killed.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,8 @@ def env(require_gpu: bool) -> int:
 
 
 def det(work: Path) -> int:
-    """Each --deterministic pair: the same weights bit for bit, the same losses and
-    predictions. Writes det.json beside the runs."""
+    """Each --deterministic pair: the same weights bit for bit, the same training losses and
+    confusion matrix. Writes det.json beside the runs."""
     import torch
 
     rows, ok = [], True
@@ -70,7 +71,12 @@ def det(work: Path) -> int:
             rows.append({"arch": arch, "backend": backend, "error": f"no result: {missing}"})
             ok = False
             continue
-        a, b = (torch.load(r / "model.pth", map_location="cpu") for r in runs)
+        try:
+            a, b = (torch.load(r / "model.pth", map_location="cpu") for r in runs)
+        except Exception as e:  # noqa: BLE001 - a missing or cut-short file is a row, not a crash
+            rows.append({"arch": arch, "backend": backend, "error": f"model.pth: {e}"[:120]})
+            ok = False
+            continue
         weights = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         m = [json.loads((r / "metrics.json").read_text()) for r in runs]
         losses = [[h["train_loss"] for h in x["history"]] for x in m]
@@ -80,14 +86,14 @@ def det(work: Path) -> int:
                 "arch": arch,
                 "backend": backend,
                 "weights_identical": weights,
-                "losses_and_predictions_identical": same,
+                "losses_and_confusion_identical": same,
                 "device": m[0]["device"],
             }
         )
         ok &= weights and same
         print(
             f"{arch} / {backend}: weights {'identical' if weights else 'DIFFER'}, "
-            f"losses and predictions {'identical' if same else 'DIFFER'}"
+            f"training losses and confusion matrix {'identical' if same else 'DIFFER'}"
         )
     (work / "det.json").write_text(json.dumps(rows, indent=1))
     return 0 if ok else 1
@@ -136,40 +142,49 @@ def _epochs(work: Path) -> str:
     )
 
 
+EPOCH_LINE = re.compile(
+    r"epoch (\d+)/\d+: train loss \S+ \| test loss \S+ \| test acc ([\d.]+)% .*\| ([\d.]+) s"
+)
+
+
+def _tta_row(work: Path, arch: str, backend: str, marks: tuple) -> tuple | None:
+    """From metrics.json: the train + eval seconds to each mark. From the log's epoch lines if
+    the step's limit cut the run (no metrics.json): training seconds only, marked so."""
+    name = f"tta-{arch}-{backend}"
+    if (m := _metrics(work, name)) is not None:
+        points, elapsed = [], 0.0
+        for h in m["history"]:
+            elapsed += h["train_time_s"] + h["eval_time_s"]
+            points.append((h["epoch"], elapsed, h["test_accuracy"]))
+        last, compile_s, device = m["test_accuracy"], f"{m['compile_time_s']:.1f} s", m["device"]
+        fmt = "{:.1f} s (ep {})"
+    elif (log := work / f"{name}.log").exists():
+        points, elapsed = [], 0.0
+        for epoch, acc, train_s in EPOCH_LINE.findall(log.read_text()):
+            elapsed += float(train_s)
+            points.append((int(epoch), elapsed, float(acc) / 100))
+        if not points:
+            return None
+        last, compile_s, device = points[-1][2], "cut at the step's limit", "(log)"
+        fmt = "{:.1f} s of training, eval not logged (ep {})"
+    else:
+        return None
+    cells = []
+    for mark in marks:
+        hit = next(((t, e) for e, t, a in points if a >= mark - SLACK), None)
+        cells.append(fmt.format(*hit) if hit else "not reached")
+    return (arch, backend, *cells, f"{last:.2%}", compile_s, device)
+
+
 def _tta(work: Path) -> str:
-    rows = []
-    for arch, marks in TTA_MARKS.items():
-        for backend in ("jax", "torch"):
-            if (m := _metrics(work, f"tta-{arch}-{backend}")) is None:
-                continue
-            cells, elapsed, hist = [], 0.0, m["history"]
-            times = []
-            for h in hist:
-                elapsed += h["train_time_s"] + h["eval_time_s"]
-                times.append((h["epoch"], elapsed, h["test_accuracy"]))
-            for mark in marks:
-                hit = next(((e, t) for e, t, a in times if a >= mark - SLACK), None)
-                cells.append(f"{hit[1]:.1f} s (ep {hit[0]})" if hit else "not reached")
-            rows.append(
-                (
-                    arch,
-                    backend,
-                    *cells,
-                    f"{m['test_accuracy']:.2%}",
-                    f"{m['compile_time_s']:.1f} s",
-                    m["device"],
-                )
-            )
-    header = (
-        "arch",
-        "backend",
-        "1st mark",
-        "2nd mark",
-        "target",
-        "last accuracy",
-        "compile",
-        "device",
-    )
+    rows = [
+        row
+        for arch, marks in TTA_MARKS.items()
+        for backend in ("jax", "torch")
+        if (row := _tta_row(work, arch, backend, marks)) is not None
+    ]
+    header = ("arch", "backend", "1st mark", "2nd mark", "target", "last accuracy", "compile",
+              "device")  # fmt: skip
     marks = "; ".join(f"{a}: " + " / ".join(f"{x:.1%}" for x in v) for a, v in TTA_MARKS.items())
     return _table(
         "Time to accuracy, train + eval (MNIST's official test set; 5,000 training digits; "
@@ -188,23 +203,30 @@ def _det(work: Path) -> str:
             r["arch"],
             r["backend"],
             r.get("error") or ("yes" if r["weights_identical"] else "NO"),
-            "" if "error" in r else ("yes" if r["losses_and_predictions_identical"] else "NO"),
+            "" if "error" in r else ("yes" if r["losses_and_confusion_identical"] else "NO"),
         )
         for r in json.loads(path.read_text())
     ]
     return _table(
         "--deterministic: each run twice",
-        ("arch", "backend", "weights bit-identical", "losses and predictions identical"),
+        ("arch", "backend", "weights bit-identical", "losses and confusion matrix identical"),
         rows,
     )
 
 
 def _bench(work: Path, out: Path) -> str:
-    records = []
-    for path in sorted(work.glob("bench*.json")):
-        records += json.loads(path.read_text())
+    records = [r for path in work.glob("bench*.json") for r in json.loads(path.read_text())]
     if not records:
         return ""
+    order = ("cnn", "vit", "vgg16", "alexnet", "faster_rcnn", "jax", "torch", "torch-compile")
+    records.sort(key=lambda r: tuple(order.index(k) if k in order else 9 for k in
+                                     (r["arch"], r["backend"])))  # fmt: skip
+    measured = [r for r in records if "device" in r]
+    if measured:  # one peak for every run on this machine: the fastest matmul any worker timed
+        peak = max(r["matmul_flops_per_s"] for r in measured)
+        for r in measured:
+            r["peak_flops_per_s"] = peak
+            r["fraction_of_peak"] = r["flops_per_image"] * r["train_images_per_s"] / peak
     (out / "bench.json").write_text(json.dumps(records, indent=1))
     from jaxvision.apps.benchmark import markdown
 
@@ -230,7 +252,12 @@ def summary(work: Path, out: Path) -> int:
         steps.read_text() if steps.exists() else "",
     ]
     if (work / "env.log").exists():
-        text.append(f"## Machine\n\n```\n{(work / 'env.log').read_text()[-2000:]}\n```\n")
+        env_log = (work / "env.log").read_text()
+        if len(env_log) > 4000:  # a fallback's abort message: keep nvidia-smi's lines and the end
+            env_log = env_log[:2000] + "\n[...]\n" + env_log[-2000:]
+        text.append(f"## Machine\n\n```\n{env_log}\n```\n")
+    if (work / "cores.txt").exists():
+        text.append((work / "cores.txt").read_text())
     for section in (_epochs, _tta, _det, lambda w: _bench(w, out), _logs):
         try:  # one broken section (a half-written file) does not cost the others
             text.append(section(work))
@@ -246,7 +273,7 @@ def summary(work: Path, out: Path) -> int:
         [
             "tar",
             "czf",
-            str(out / "runs.tgz"),
+            str(out / "runs.tgz.part"),
             "--exclude=*.pth",
             "--exclude=checkpoints",
             "-C",
@@ -255,6 +282,8 @@ def summary(work: Path, out: Path) -> int:
         ],
         check=False,
     )
+    if (out / "runs.tgz.part").exists():  # whole, or the previous one stays
+        os.replace(out / "runs.tgz.part", out / "runs.tgz")
     return 0
 
 

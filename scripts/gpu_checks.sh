@@ -8,19 +8,23 @@
 #
 # Steps, in the default order (a group name runs all of its steps):
 #   env            what the machine is; stops the run if JAX or torch sees no GPU, and falls back
-#                  to XLA_FLAGS="" (said in the summary) if XLA aborts on the project's default flags
+#                  to XLA_FLAGS="" (said in the summary) if XLA rejects a project default flag
+#   bench          scripts/benchmark.py, cnn and vit x jax and torch eager (bench-cnn, bench-vit:
+#                  one arch)
 #   compat         the parity tests on this machine's JAX (0.11 on the GPU image), on the CPU:
-#                  JAX_PLATFORMS=cpu, no CUDA; in the background on the upper half of the cores
-#   bench          scripts/benchmark.py, cnn and vit x jax, torch, torch-compile
+#                  JAX_PLATFORMS=cpu, no CUDA, the project's default XLA_FLAGS; in the background
+#                  on the upper half of the cores (so after bench, beside the later timed steps)
 #   epoch          epoch-jax-256 epoch-torch-256: the CNN over 60,000 synthetic images of MNIST's
 #                  shape + evaluation on 10,000, three epochs (epoch-BACKEND-BATCH for other batches)
 #   det            --deterministic, the CNN and the ViT in both backends, each twice, all eight in
 #                  parallel (nothing is timed), then compared bit for bit
-#   tta            tta-cnn-jax tta-cnn-torch tta-vit-jax tta-vit-torch: time to 99.0% / 98.5%
-#   bench-big      bench-vgg16 bench-alexnet bench-faster_rcnn
+#   tta            tta-cnn-jax tta-cnn-torch tta-vit-jax tta-vit-torch: time to 99.0% / 98.5%,
+#                  with the epoch lines in the log (a run cut at its limit still shows its marks)
+#   bench-compile  scripts/benchmark.py, cnn and vit x torch.compile
+#   bench-big      bench-vgg16 bench-alexnet bench-faster_rcnn (jax, torch, torch.compile)
 #   lab            scripts/run_lab.py
 #
-# BUDGET (seconds, default 540) bounds the run: a step starts only if its limit fits in what is
+# BUDGET (seconds, default 570) bounds the run: a step starts only if its limit fits in what is
 # left (less a 15 s reserve for the summary); one that does not is skipped, never started cut
 # short, and summary.md ends with the command that runs the skipped ones. $OUT (default runs/gpu)
 # gets summary.md, bench.json, logs.txt, runs.tgz (every metrics.json) and lab.png, rewritten after
@@ -29,10 +33,10 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
 QUICK=${QUICK:-0}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-570}
 PY=${PY:-python3}
 RESERVE=15
-DEFAULT=(env compat bench epoch det tta bench-big lab)
+DEFAULT=(env bench compat epoch det tta bench-compile bench-big lab)
 
 expand() {  # a group's steps
   case $1 in
@@ -47,7 +51,8 @@ STEPS=()
 for s in "$@"; do
   for t in $(expand "$s"); do
     case $t in
-    env | compat | bench | det | lab | bench-cnn | bench-vit | bench-vgg16 | bench-alexnet) ;;
+    env | compat | bench | det | lab | bench-cnn | bench-vit | bench-compile | bench-vgg16) ;;
+    bench-alexnet) ;;
     bench-faster_rcnn | epoch-jax-[0-9]* | epoch-torch-[0-9]* | tta-cnn-jax | tta-cnn-torch) ;;
     tta-vit-jax | tta-vit-torch) ;;
     *)
@@ -62,7 +67,8 @@ done
 WORK=$(mktemp -d /tmp/gpu-checks.XXXX)
 mkdir -p "$OUT"
 : >"$OUT/logs.txt"
-export PYTHONUNBUFFERED=1
+# The GPU image has no install of the project: every process, a test's subprocess too, finds it here.
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset JAX_COMPILATION_CACHE_DIR  # every compile time is a real one, the --deterministic pair's too
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -74,6 +80,9 @@ CORES=$(nproc)
 FG="" BG="" PARALLEL=1
 if [ "$CORES" -ge 8 ] && command -v taskset >/dev/null; then
   FG="taskset -c 0-$((CORES / 2 - 1))" BG="taskset -c $((CORES / 2))-$((CORES - 1))" PARALLEL=8
+  echo "The timed steps ran on cores 0-$((CORES / 2 - 1)); compat's parity tests, on" \
+    "$((CORES / 2))-$((CORES - 1)) from the end of bench (sharing memory bandwidth and the L3" \
+    "cache)." >"$WORK/cores.txt"
 fi
 
 if [ "$QUICK" = 1 ]; then
@@ -84,7 +93,7 @@ if [ "$QUICK" = 1 ]; then
   VIT_TTA="--preset micro --epochs 2" DET="--preset tiny --epochs 1"
   LAB="--archs cnn --backends jax,torch -- --epochs 1"
   COMPAT="parity_tests/test_cnn.py parity_tests/test_xla_flags.py"
-  W_ENV=60 W_COMPAT=300 W_BENCH=120 W_BIG=180 W_FRCNN=180 W_EPOCH=60 W_DET=200 W_TTA_CNN=60 W_TTA_VIT=60
+  W_ENV=60 W_COMPAT=300 W_BENCH=120 W_COMPILE=120 W_BIG=180 W_FRCNN=180 W_EPOCH=60 W_DET=200 W_TTA_CNN=60 W_TTA_VIT=60
   W_LAB=120
 else
   SMALL="--steps 200 --repeats 5"
@@ -92,7 +101,7 @@ else
   EVAL="--eval-batch-size 1000" EPOCH="--epochs 3" CNN_TTA="" VIT_TTA="" DET="--epochs 2" LAB=""
   COMPAT="parity_tests/test_cnn.py parity_tests/test_vit.py parity_tests/test_finetune.py \
     parity_tests/test_xla_flags.py parity_tests/test_checkpoint.py parity_tests/test_parallel.py"
-  W_ENV=60 W_COMPAT=400 W_BENCH=200 W_BIG=150 W_FRCNN=240 W_EPOCH=60 W_DET=120 W_TTA_CNN=60 W_TTA_VIT=120
+  W_ENV=60 W_COMPAT=400 W_BENCH=150 W_COMPILE=200 W_BIG=150 W_FRCNN=240 W_EPOCH=60 W_DET=120 W_TTA_CNN=60 W_TTA_VIT=120
   W_LAB=500
 fi
 T0=$SECONDS
@@ -139,7 +148,11 @@ train() {  # train ARGS...: scripts/train.py's command line, without progress ba
   echo "$PY scripts/train.py --no-progress $*"
 }
 
-PYTEST="JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider -n 4 $COMPAT"
+train_logged() {  # train_logged ARGS...: with progress, so that each epoch's line is logged
+  echo "$PY scripts/train.py $*"
+}
+
+PYTEST="env -u XLA_FLAGS JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider -n 4 $COMPAT"
 COMPAT_PID="" COMPAT_LAST=0
 start_compat() {  # in the background on the upper cores, its limit fixed now
   local limit=$W_COMPAT start=$SECONDS
@@ -176,13 +189,15 @@ for s in "${STEPS[@]}"; do
   case $s in
   env)
     step env $W_ENV "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,\
-clocks.max.sm,power.limit --format=csv 2>&1; $PY --version; nproc; \
+clocks.max.sm,power.limit --format=csv 2>&1; $PY --version; echo \"\$(nproc --all) cores\"; \
+lscpu | grep -E '^(Model name|Socket|Core|Thread|NUMA node\\(s\\))'; \
 $PY -m pip list 2>/dev/null | grep -iE \
 '^(jax|jaxlib|jax-cuda[0-9]+-plugin|flax|optax|orbax-checkpoint|chex|torch|torchvision|numpy|mlxtend) '; \
 $PY scripts/gpu_checks.py env"
     rc=$?
-    if [ $rc -ne 0 ] && [ $rc -ne 3 ] && [ -z "${XLA_FLAGS+x}" ] &&
-      XLA_FLAGS="" $PY scripts/gpu_checks.py env >>"$WORK/env.log" 2>&1; then
+    if [ $rc -ne 0 ] && [ -z "${XLA_FLAGS+x}" ] && grep -q "Unknown flag" "$WORK/env.log" &&
+      XLA_FLAGS="" timeout --kill-after=5 60 $PY scripts/gpu_checks.py env >>"$WORK/env.log" 2>&1
+    then
       export XLA_FLAGS=""  # a user's XLA_FLAGS, even empty, stands: no run sets the defaults
       echo "| env | the project's default XLA_FLAGS abort this XLA: every step runs with" \
         "XLA_FLAGS=\"\" |" >>"$WORK/steps.md"
@@ -194,11 +209,15 @@ $PY scripts/gpu_checks.py env"
   compat)  # beside the GPU steps where the cores allow, else last
     if [ -n "$BG" ]; then start_compat; else COMPAT_LAST=1; fi
     ;;
-  bench | bench-cnn | bench-vit)
+  bench | bench-cnn | bench-vit)  # JAX against torch eager first: the issue's main figure
     archs=cnn,vit
     [ "$s" != bench ] && archs=${s#bench-}
-    step "$s" $W_BENCH "$PY scripts/benchmark.py --archs $archs \
-      --backends jax,torch,torch-compile $SMALL --json $WORK/$s.json"
+    step "$s" $W_BENCH "$PY scripts/benchmark.py --archs $archs --backends jax,torch $SMALL \
+      --json $WORK/$s.json"
+    ;;
+  bench-compile)  # torch.compile's cold compiles (Inductor, Triton) are the long part
+    step "$s" $W_COMPILE "$PY scripts/benchmark.py --archs cnn,vit --backends torch-compile \
+      $SMALL --json $WORK/$s.json"
     ;;
   bench-*)  # torch.compile does not take torchvision's detector
     backends=jax,torch,torch-compile limit=$W_BIG
@@ -211,18 +230,18 @@ $PY scripts/gpu_checks.py env"
     step "$s" $W_EPOCH "$(train --arch cnn --backend "$b" --data-source synthetic \
       --batch-size "${s##*-}" --eval-every 1 $EVAL $EPOCH --out "$WORK/$s")"
     ;;
-  tta-cnn-*)
-    step "$s" $W_TTA_CNN "$(train --arch cnn --backend "${s##*-}" --target-accuracy 0.99 \
+  tta-cnn-*)  # with progress: its epoch lines are the record if the limit cuts it
+    step "$s" $W_TTA_CNN "$(train_logged --arch cnn --backend "${s##*-}" --target-accuracy 0.99 \
       --eval-every 1 $EVAL $CNN_TTA --out "$WORK/$s")"
     ;;
   tta-vit-*)
-    step "$s" $W_TTA_VIT "$(train --arch vit --backend "${s##*-}" --target-accuracy 0.985 \
+    step "$s" $W_TTA_VIT "$(train_logged --arch vit --backend "${s##*-}" --target-accuracy 0.985 \
       --eval-every 1 $EVAL $VIT_TTA --out "$WORK/$s")"
     ;;
   det)  # nothing here is timed: the eight runs share the GPU, in parallel where cores allow
     det_runs >"$WORK/det.cmds"
-    step det $W_DET "xargs -d '\n' -P $PARALLEL -I{} bash -c {} <$WORK/det.cmds; \
-      $PY scripts/gpu_checks.py det $WORK"
+    step det $W_DET "timeout --kill-after=5 $((W_DET - 20)) xargs -d '\n' -P $PARALLEL -I{} \
+      bash -c {} <$WORK/det.cmds; $PY scripts/gpu_checks.py det $WORK"
     ;;
   lab)
     step lab $W_LAB "$PY scripts/run_lab.py --out $WORK/lab $LAB"

@@ -127,7 +127,9 @@ def _worker(spec: Spec, conn) -> None:
         conn.send(("ready", bench.info))
         while conn.recv() == "run":
             conn.send(("times", (bench.train(), bench.infer())))
-        conn.send(("memory", (peak_host_mb(), bench.peak_device_mb(), setting(bench))))
+        # Memory first: the peak matmul's arrays (256 MB each on a GPU) are not the model's.
+        memory = (peak_host_mb(), bench.peak_device_mb())
+        conn.send(("memory", (*memory, setting(bench), bench.matmul_peak())))
     except Exception as e:  # reported in the table; the other workers go on
         message = str(e).splitlines()[0] if str(e) else ""
         conn.send(("error", f"{type(e).__name__}: {message}"[:200]))
@@ -182,7 +184,7 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
         if kind == "ready":
             answer, reply = _ask(proc, conn, "stop")
             if answer == "memory":
-                *memory, worker_setting = reply
+                *memory, worker_setting, matmul_flops_per_s = reply
             else:
                 kind, payload = answer, reply
         proc.join(timeout=30)
@@ -211,7 +213,7 @@ def run_benchmark(specs: list[Spec], repeats: int, log=print) -> list[dict]:
             peak_device_mb=memory[1],
             params=payload["params"],
             flops_per_image=flops[spec.arch],
-            matmul_flops_per_s=payload["matmul_flops_per_s"],
+            matmul_flops_per_s=matmul_flops_per_s,
             train_times_s=[t for t, _ in times],
             **worker_setting,
         )

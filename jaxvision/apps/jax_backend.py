@@ -197,7 +197,6 @@ class JaxBench(BenchWorker):
             image_size=getattr(model_cfg, "image_size", None),
             compile_s=compile_s + first_call_s,
             xla_flops_per_image=float(cost.get("flops", 0.0)) / config.batch_size,
-            matmul_flops_per_s=self.matmul_peak(),
         )
 
     @staticmethod

@@ -147,7 +147,6 @@ class TorchBench(BenchWorker):
             params=train.count_params(model),
             image_size=getattr(model_cfg, "image_size", None),
             compile_s=first_call_s,
-            matmul_flops_per_s=self.matmul_peak(),
         )
 
     def sync(self) -> None:
