@@ -234,13 +234,15 @@ def _fake_run(folder, weights, losses, accuracies):
     torch.save({"w": torch.tensor(weights)}, folder / "model.pth")
 
 
-def test_gpu_checks_det_finds_a_one_bit_difference_and_summary_reads_the_marks(tmp_path):
+def test_gpu_checks_det_finds_a_one_bit_difference_and_summary_reads_the_marks(
+    tmp_path, monkeypatch
+):
     """scripts/gpu_checks.py, the GPU run's judge: a pair whose weights differ in the last bit of
     one float is reported as differing (exit 1), identical pairs as identical; the summary's
     time to accuracy is the cumulative train + eval time to the first epoch at each mark."""
     import torch
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import gpu_checks
 
     w = [0.1, 0.2, 0.3]

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 DET_RUNS = [(arch, backend) for arch in ("cnn", "vit") for backend in ("jax", "torch")]
 # Time to accuracy: the issue's target for each arch, and two lower marks read off its history.
 TTA_MARKS = {"cnn": (0.98, 0.985, 0.99), "vit": (0.97, 0.98, 0.985)}
-SLACK = 1e-6  # as jaxvision.core.results.TARGET_SLACK: 9,900/10,000 reads 0.98999995
 
 
 def env(require_gpu: bool) -> int:
@@ -148,31 +147,31 @@ EPOCH_LINE = re.compile(
 
 
 def _tta_row(work: Path, arch: str, backend: str, marks: tuple) -> tuple | None:
-    """From metrics.json: the train + eval seconds to each mark. From the log's epoch lines if
-    the step's limit cut the run (no metrics.json): training seconds only, marked so."""
+    """From metrics.json: the train + eval seconds to each mark (`results.time_to_target`, the
+    figure train.py records). From the log's epoch lines if the step's limit cut the run (no
+    metrics.json): training seconds only, marked so."""
+    from jaxvision.core.results import EpochStats, time_to_target
+
     name = f"tta-{arch}-{backend}"
     if (m := _metrics(work, name)) is not None:
-        points, elapsed = [], 0.0
-        for h in m["history"]:
-            elapsed += h["train_time_s"] + h["eval_time_s"]
-            points.append((h["epoch"], elapsed, h["test_accuracy"]))
+        keys = ("epoch", "train_loss", "test_loss", "test_accuracy", "test_f1_macro",
+                "train_time_s", "eval_time_s")  # fmt: skip
+        history = [EpochStats(*(h.get(k) for k in keys)) for h in m["history"]]
         last, compile_s, device = m["test_accuracy"], f"{m['compile_time_s']:.1f} s", m["device"]
-        fmt = "{:.1f} s (ep {})"
+        fmt = "{1:.1f} s (ep {0})"
     elif (log := work / f"{name}.log").exists():
-        points, elapsed = [], 0.0
-        for epoch, acc, train_s in EPOCH_LINE.findall(log.read_text()):
-            elapsed += float(train_s)
-            points.append((int(epoch), elapsed, float(acc) / 100))
-        if not points:
+        history = [
+            EpochStats(int(epoch), 0.0, None, float(acc) / 100, None, float(train_s), 0.0)
+            for epoch, acc, train_s in EPOCH_LINE.findall(log.read_text())
+        ]
+        if not history:
             return None
-        last, compile_s, device = points[-1][2], "cut at the step's limit", "(log)"
-        fmt = "{:.1f} s of training, eval not logged (ep {})"
+        last, compile_s, device = history[-1].test_accuracy, "cut at the step's limit", "(log)"
+        fmt = "{1:.1f} s of training, eval not logged (ep {0})"
     else:
         return None
-    cells = []
-    for mark in marks:
-        hit = next(((t, e) for e, t, a in points if a >= mark - SLACK), None)
-        cells.append(fmt.format(*hit) if hit else "not reached")
+    hits = [time_to_target(history, mark) for mark in marks]
+    cells = [fmt.format(*hit) if hit else "not reached" for hit in hits]
     return (arch, backend, *cells, f"{last:.2%}", compile_s, device)
 
 
