@@ -29,7 +29,7 @@ from jaxvision.apps import backends
 from jaxvision.apps import train as cli
 from jaxvision.core import checkpoint
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.data import make_dataset
+from jaxvision.core.data import load_dataset, make_dataset, write_idx
 from jaxvision.training.checkpoint import load_flax_model
 
 # The lab's recipe (a constant lr: a run's schedule does not depend on --epochs) on the 4,000 /
@@ -147,6 +147,37 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(runs, capsys, args, names
     for name in names:
         assert name in err, err
     assert checkpoint.step_folders(tmp / "after-one") == [31]
+
+
+def test_resume_refuses_other_images_of_the_same_count(runs, capsys):
+    """The checkpoint's 4,000 training digits as IDX files resume it; 4,000 others, the same
+    dataset name and count, are refused: a checkpoint records the training images' digest."""
+    tmp, ds = runs["tmp"], load_dataset("mnist", source="sample-split", verbose=False)
+    for name, order in (("same", slice(None)), ("other", slice(None, None, -1))):
+        folder = tmp / f"idx-{name}"
+        folder.mkdir()
+        for split, x, y in (("train", ds.x_train[order], ds.y_train[order]),
+                            ("t10k", ds.x_test, ds.y_test)):  # fmt: skip
+            write_idx(folder / f"{split}-images-idx3-ubyte", x[..., 0])
+            write_idx(folder / f"{split}-labels-idx1-ubyte", y.astype(np.uint8))
+    capsys.readouterr()
+    ckpt = tmp / "after-one-other"
+    shutil.copytree(tmp / "after-one", ckpt)
+    code = cli.main([*CNN, "--epochs", "2", "--checkpoint-dir", str(ckpt), "--resume",
+                     "--data-source", "idx", "--data-dir", str(tmp / "idx-other"),
+                     "--out", str(tmp / "refused-other")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "must keep the training images" in err and "'sample-split'" in err and "'idx'" in err
+    assert checkpoint.step_folders(ckpt) == [31]
+
+    ckpt = tmp / "after-one-same"
+    shutil.copytree(tmp / "after-one", ckpt)
+    code = cli.main([*CNN, "--epochs", "2", "--checkpoint-dir", str(ckpt), "--resume",
+                     "--data-source", "idx", "--data-dir", str(tmp / "idx-same"),
+                     "--out", str(tmp / "run-same")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert_identical(latest_params(ckpt), latest_params(tmp / "straight"))
 
 
 def test_existing_checkpoints_need_resume(runs, capsys):

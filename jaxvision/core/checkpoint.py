@@ -68,6 +68,8 @@ def checkpoint_meta(config, data, model_cfg, position: Position, history, steps:
         "preset": config.resolved_preset,
         "model_config": dataclasses.asdict(model_cfg),
         "dataset": data.name,
+        "data_source": data.data_source,
+        "train_digest": data.train_digest,
         "n_train": data.n_train,
         "num_classes": data.num_classes,
         "image_shape": list(data.image_shape),
@@ -127,6 +129,16 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
             f"resuming must keep the data order: {where} was trained with "
             f"{both(SAME_DATA_ORDER, saved)} ({meta['n_train']:,} training images), this run has "
             f"{both(SAME_DATA_ORDER, now)} ({data.n_train:,})"
+        )
+    # The same name and size may be other images: synthetic's 60,000 are not MNIST's. (Older
+    # checkpoints have no digest.)
+    if meta.get("train_digest", data.train_digest) != data.train_digest:
+        raise UserError(
+            f"resuming must keep the training images: {where} was trained on "
+            f"{meta['n_train']:,} {meta['dataset']} images from source "
+            f"'{meta.get('data_source', '?')}', this run loads {data.n_train:,} other ones from "
+            f"'{data.data_source}'; pass the checkpoint's --data-source/--data-dir, or another "
+            "--checkpoint-dir"
         )
     changed = [k for k in SAME_OPTIMISER_STATE if saved[k] != now[k]]
     if changed:

@@ -31,6 +31,7 @@ Sources (`source=`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import os
@@ -111,6 +112,14 @@ class Dataset:
     @property
     def n_test(self) -> int:
         return len(self.y_test)
+
+    @functools.cached_property
+    def train_digest(self) -> str:
+        """A fingerprint of the training images and labels, in order (a checkpoint records it:
+        a resumed run must see the same data). 0.1 s for MNIST's 60,000."""
+        digest = hashlib.blake2b(np.ascontiguousarray(self.x_train).tobytes(), digest_size=16)
+        digest.update(np.ascontiguousarray(self.y_train, np.int64).tobytes())
+        return digest.hexdigest()
 
     @property
     def classes(self) -> tuple[str, ...]:
