@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from jaxvision.apps.jax_backend import JaxBackend
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import UserError
 from jaxvision.core.model_configs import AlexNetConfig, VGGConfig
@@ -34,8 +35,9 @@ def pair(arch: str, size: int, classes: int = 1000, seed: int = 0):
     c = CONFIGS[arch](num_classes=classes, image_size=size)
     torch.manual_seed(seed)
     tmodel = torch_build(c).eval()
-    fmodel = nnx.view(build_model(c, rngs=nnx.Rngs(seed)), deterministic=True)
-    return tmodel, convert.load_torch_state_dict(fmodel, tmodel.state_dict())
+    shell = nnx.eval_shape(lambda: build_model(c, rngs=nnx.Rngs(seed)))  # filled whole below
+    fmodel = convert.load_torch_state_dict(shell, tmodel.state_dict())
+    return tmodel, nnx.view(fmodel, deterministic=True)
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "alexnet"])
@@ -119,9 +121,8 @@ def test_flax_torch_flax_round_trip_is_exact(assert_same_params):
     state_dict = convert.to_torch_state_dict(fmodel)
     tmodel = torch_build(c)
     tmodel.load_state_dict(state_dict, strict=True)  # loads into torchvision's own model
-    assert_same_params(
-        fmodel, convert.load_torch_state_dict(build_model(c, rngs=nnx.Rngs(4)), tmodel.state_dict())
-    )
+    shell = nnx.eval_shape(lambda: build_model(c, rngs=nnx.Rngs(4)))
+    assert_same_params(fmodel, convert.load_torch_state_dict(shell, tmodel.state_dict()))
 
 
 @pytest.mark.parametrize("size", [224, 64])
@@ -227,8 +228,9 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
     path = tmp_path / "alexnet.pth"
     torch.save(tmodel.state_dict(), path)
     cache = tmp_path / "cache"
-    for _ in range(2):  # converts, then reads the cache
-        model = build_model(AlexNetConfig(num_classes=1000), rngs=nnx.Rngs(1))
+    for _ in range(2):  # converts, then reads the cache; into the abstract model, as a run does
+        model = nnx.eval_shape(lambda: build_model(AlexNetConfig(num_classes=1000),
+                                                   rngs=nnx.Rngs(1)))  # fmt: skip
         pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
         got = convert.to_torch_state_dict(model)
         for k, v in tmodel.state_dict().items():
@@ -237,6 +239,27 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict"):
         torch_pretrained.load_state_dict(tmp_path / "junk.pth")
+
+
+def test_a_pretrained_run_starts_from_the_weights_with_a_new_head(tmp_path, monkeypatch, sample):
+    """The JAX backend's pretrained model: every ImageNet layer from the weights file, bit for
+    bit, and a fresh 10-way last layer from the run's key."""
+    monkeypatch.setenv("JAXVISION_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    tmodel = torch_build(AlexNetConfig(num_classes=1000))
+    path = tmp_path / "alexnet.pth"
+    torch.save(tmodel.state_dict(), path)
+    config = TrainConfig(arch="alexnet", pretrained=True, weights=str(path), image_size=64)
+    model_cfg, key = config.model_config(small(sample)), jax.random.key(5)
+    model = JaxBackend().create_model(config, model_cfg, key, verbose=False)
+    got = convert.to_torch_state_dict(model)
+    for k, v in tmodel.state_dict().items():
+        if not k.startswith("classifier.6."):
+            assert torch.equal(got[k], v), k
+    head = nnx.Linear(model_cfg.hidden, 10, rngs=nnx.Rngs(params=key))
+    np.testing.assert_array_equal(got["classifier.6.weight"].numpy(), np.asarray(head.kernel).T)
+    logits = nnx.view(model, deterministic=True)(np.zeros((2, 64, 64, 3), np.float32))
+    assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

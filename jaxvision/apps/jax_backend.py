@@ -118,7 +118,9 @@ class JaxBackend:
         if config.arch_spec.detector:
             return pretrained.coco_detector(model_cfg, config.weights, key, verbose)
 
-        model = build_model(dataclasses.replace(model_cfg, num_classes=1000), rngs=nnx.Rngs(0))
+        # Abstract: the weights fill every variable (VGG16's 138M random values would take 6 s).
+        imagenet = dataclasses.replace(model_cfg, num_classes=1000)
+        model = nnx.eval_shape(lambda: build_model(imagenet, rngs=nnx.Rngs(0)))
         pretrained.load_into_flax(model, config.arch, config.weights, verbose=verbose)
         head = nnx.Linear(model_cfg.hidden, model_cfg.num_classes, rngs=nnx.Rngs(params=key))
         model.classifier[len(model.classifier) - 1] = head
