@@ -168,7 +168,8 @@ def test_resume_refuses_other_images_of_the_same_count(runs, capsys):
                      "--out", str(tmp / "refused-other")])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "must keep the training images" in err and "'sample-split'" in err and "'idx'" in err
+    assert "must keep the training images" in err and str(tmp / "idx-other") in err
+    assert "pass the checkpoint's --data-source sample-split," in err
     assert checkpoint.step_folders(ckpt) == [31]
 
     ckpt = tmp / "after-one-same"

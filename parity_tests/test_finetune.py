@@ -235,7 +235,16 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
         got = convert.to_torch_state_dict(model)
         for k, v in tmodel.state_dict().items():
             assert torch.equal(got[k], v), k
-    assert len(list(cache.glob("*.npz"))) == 1
+    (cached,) = cache.glob("*.npz")
+    with np.load(cached) as npz:  # the same names, one array of another shape: refused
+        arrays = {k: (npz[k].T if k == "classifier/1/kernel" else npz[k]) for k in npz}
+    np.savez(cached, **arrays)
+    with pytest.raises(UserError, match=r"converted cache does not match the model; delete it"):
+        pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
+    cached.unlink()
+    model.extra = nnx.Variable(jax.ShapeDtypeStruct((3,), jnp.float32))  # no weight holds it
+    with pytest.raises(convert.ConversionError, match=r"leave 1 variable.*\['extra'\]"):
+        pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict"):
         torch_pretrained.load_state_dict(tmp_path / "junk.pth")
@@ -252,6 +261,8 @@ def test_a_pretrained_run_starts_from_the_weights_with_a_new_head(tmp_path, monk
     config = TrainConfig(arch="alexnet", pretrained=True, weights=str(path), image_size=64)
     model_cfg, key = config.model_config(small(sample)), jax.random.key(5)
     model = JaxBackend().create_model(config, model_cfg, key, verbose=False)
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in leaves), "a variable left abstract"
     got = convert.to_torch_state_dict(model)
     for k, v in tmodel.state_dict().items():
         if not k.startswith("classifier.6."):

@@ -50,6 +50,7 @@ TORCH_META = "meta.json"
 SAME_MODEL = ("arch", "preset")
 SAME_DATA_ORDER = ("dataset", "seed", "batch_size")
 SAME_OPTIMISER_STATE = ("optimizer", "schedule", "unfreeze", "clipped")
+DATA_FLAGS = ("data_source", "data_dir", "tfds_data_dir")  # what chose the training images
 
 
 def _settings(config: TrainConfig) -> dict:
@@ -69,6 +70,7 @@ def checkpoint_meta(config, data, model_cfg, position: Position, history, steps:
         "model_config": dataclasses.asdict(model_cfg),
         "dataset": data.name,
         "data_source": data.data_source,
+        "train_source": data.source,
         "train_digest": data.train_digest,
         "n_train": data.n_train,
         "num_classes": data.num_classes,
@@ -133,12 +135,12 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
     # The same name and size may be other images: synthetic's 60,000 are not MNIST's. (Older
     # checkpoints have no digest.)
     if meta.get("train_digest", data.train_digest) != data.train_digest:
+        flags = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in DATA_FLAGS if saved.get(k))
         raise UserError(
             f"resuming must keep the training images: {where} was trained on "
-            f"{meta['n_train']:,} {meta['dataset']} images from source "
-            f"'{meta.get('data_source', '?')}', this run loads {data.n_train:,} other ones from "
-            f"'{data.data_source}'; pass the checkpoint's --data-source/--data-dir, or another "
-            "--checkpoint-dir"
+            f"{meta['n_train']:,} {meta['dataset']} images from {meta.get('train_source', '?')}, "
+            f"but this run's {data.n_train:,} from {data.source} differ (or come in another "
+            f"order); pass the checkpoint's {flags}, or another --checkpoint-dir"
         )
     changed = [k for k in SAME_OPTIMISER_STATE if saved[k] != now[k]]
     if changed:

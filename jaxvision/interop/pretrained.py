@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -27,7 +28,8 @@ def cache_path(source: Path, cache_dir: str | os.PathLike | None = None) -> Path
 
 def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool = True) -> Path:
     """Writes torchvision's pretrained weights into the Flax `model` (1000 classes, or COCO's
-    91), in place. `arch`: the weights' name (`weights_name`)."""
+    91), in place: every variable, so `model` may be abstract (`nnx.eval_shape`). `arch`: the
+    weights' name (`weights_name`)."""
     source = find_weights(arch, weights)
     cached = cache_path(source, cache_dir)
     params = convert.flax_variables(model)  # with batch norm's statistics and buffers
@@ -36,7 +38,9 @@ def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool
             arrays = {
                 tuple(int(p) if p.isdigit() else p for p in k.split("/")): npz[k] for k in npz
             }
-        if set(arrays) != set(params):
+        if set(arrays) != set(params) or any(
+            arrays[p].shape != tuple(params[p].shape) for p in params
+        ):
             raise UserError(f"{cached}: converted cache does not match the model; delete it")
         for path, value in arrays.items():
             params[path].set_value(value)
@@ -48,6 +52,13 @@ def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool
         np.savez(tmp, **{"/".join(map(str, p)): np.asarray(v[...]) for p, v in params.items()})
         tmp.replace(cached)  # never leave a half-written cache behind
         origin = f"{source} (converted, cached at {cached})"
+    unfilled = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
+                if isinstance(v.get_value(), jax.ShapeDtypeStruct)]  # fmt: skip
+    if unfilled:  # a variable the weights do not hold, left abstract: no run may start from it
+        raise convert.ConversionError(
+            f"the {arch} weights leave {len(unfilled)} variable(s) of the Flax model unset: "
+            f"{unfilled[:5]}; the conversion table must cover them"
+        )
     if verbose:
         print(f"pretrained {arch} weights: {origin}")
     return source
