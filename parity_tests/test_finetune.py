@@ -243,7 +243,7 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
         pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
     cached.unlink()
     model.extra = nnx.Variable(jax.ShapeDtypeStruct((3,), jnp.float32))  # no weight holds it
-    with pytest.raises(convert.ConversionError, match=r"leave 1 variable.*\['extra'\]"):
+    with pytest.raises(convert.ConversionError, match=r"state_dict leaves 1 variable.*\['extra'\]"):
         pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict"):

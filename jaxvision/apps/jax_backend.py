@@ -163,8 +163,9 @@ class JaxBackend:
         from jaxvision.interop import convert  # torch: see the module's docstring
 
         config = archs.config_from_dict(meta["arch"], meta["model_config"])
-        model = build_model(config, rngs=nnx.Rngs(0),
-                            pretrained=meta["config"].get("pretrained", False))  # fmt: skip
+        pretrained = meta["config"].get("pretrained", False)
+        # Abstract: the state_dict sets every variable (the detector's initialisation: 17 s).
+        model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), pretrained=pretrained))
         model = convert.load_torch_state_dict(model, state_dict)
         checkpoint.save_weights(dst, step, model, {**meta, "backend": self.name})
         return dst / str(step)

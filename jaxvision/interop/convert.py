@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -202,10 +203,23 @@ def flax_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
     return dict(nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat, Buffer))))
 
 
+def check_all_set(model: nnx.Module, filled, source: str) -> None:
+    """Raises a ConversionError if a variable of `model` that `filled` (paths) does not name is
+    abstract (`nnx.eval_shape`): `source` would leave it unset."""
+    unset = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
+             if p not in filled and isinstance(v.get_value(), jax.ShapeDtypeStruct)]  # fmt: skip
+    if unset:
+        raise ConversionError(
+            f"{source} leaves {len(unset)} variable(s) of the abstract {type(model).__name__} "
+            f"unset: {unset[:5]}; the conversion table must cover them"
+        )
+
+
 def load_torch_state_dict(
     model: nnx.Module, state_dict: Mapping[str, Any], rules: Sequence[Rule] | None = None
 ) -> nnx.Module:
-    """Writes a torch state_dict into the Flax `model`, in place, and returns the model."""
+    """Writes a torch state_dict into the Flax `model`, in place, and returns the model. `model`
+    may be abstract (`nnx.eval_shape`) when the state_dict sets every variable."""
     rules = rules_for(model) if rules is None else rules
     params = flax_variables(model)
     _check_coverage(rules, params)
@@ -239,6 +253,7 @@ def load_torch_state_dict(
                 f"{'.'.join(map(str, rule.flax_path))} is {var.shape}"
             )
         new_values[rule.flax_path] = jnp.asarray(value, dtype=var.dtype)
+    check_all_set(model, new_values, "the state_dict")
     for path, value in new_values.items():  # write only once everything has been checked
         params[path].set_value(value)
     return model

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -42,6 +41,7 @@ def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool
             arrays[p].shape != tuple(params[p].shape) for p in params
         ):
             raise UserError(f"{cached}: converted cache does not match the model; delete it")
+        convert.check_all_set(model, arrays, f"the converted cache {cached}")
         for path, value in arrays.items():
             params[path].set_value(value)
         origin = f"{source} (converted cache {cached})"
@@ -52,13 +52,6 @@ def load_into_flax(model, arch: str, weights=None, cache_dir=None, verbose: bool
         np.savez(tmp, **{"/".join(map(str, p)): np.asarray(v[...]) for p, v in params.items()})
         tmp.replace(cached)  # never leave a half-written cache behind
         origin = f"{source} (converted, cached at {cached})"
-    unfilled = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
-                if isinstance(v.get_value(), jax.ShapeDtypeStruct)]  # fmt: skip
-    if unfilled:  # a variable the weights do not hold, left abstract: no run may start from it
-        raise convert.ConversionError(
-            f"the {arch} weights leave {len(unfilled)} variable(s) of the Flax model unset: "
-            f"{unfilled[:5]}; the conversion table must cover them"
-        )
     if verbose:
         print(f"pretrained {arch} weights: {origin}")
     return source
