@@ -12,23 +12,26 @@ import torch
 from flax import nnx
 
 from jaxvision.apps import backends
-from jaxvision.apps.jax_backend import OURS, use_default_xla_flags
+from jaxvision.apps.jax_backend import OURS
 from jaxvision.core import data
 from jaxvision.training.checkpoint import load_flax_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# The tests compile what a JAX run compiles: XLA_FLAGS as `jaxvision.apps.jax_backend` sets it
-# (the YNNPACK matmul fusions) unless the caller set it. JAX has touched no device yet. This
-# process runs on one CPU device; a test's `scripts/train.py` subprocess of the CNN or the ViT
-# splits the host into a device per core, as a user's run does.
-use_default_xla_flags()
+# This process compiles with XLA's own settings: the parity tests hold there, and
+# test_xla_flags proves that the flags a run of each classifier adds by default (YNNPACK's
+# matmul fusions) compute the same function; the detector's runs add none. Set as ours (OURS),
+# so that a test's `scripts/train.py` subprocess takes its arch's defaults, as a user's run
+# does (the CNN and the ViT split the host into a device per core). A caller's XLA_FLAGS stands.
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = os.environ[OURS] = ""
 jax.devices()  # this process's flags, fixed now: an in-process run of the CNN keeps one device
 
 
 def like_this_process() -> dict:
     """The environment for a subprocess that must compute bit for bit what this process does:
-    its XLA_FLAGS made the user's, so that a CNN or ViT run does not split the host."""
-    return {**os.environ, OURS: ""}  # XLA_FLAGS no longer matches it: a user's, kept
+    its XLA_FLAGS made the user's (flags that differ from OURS are left alone), so that a CNN or
+    ViT run neither splits the host nor takes YNNPACK."""
+    return {**os.environ, OURS: "(none: XLA_FLAGS is the caller's)"}
 
 
 def split_device(batch_size: int) -> str:

@@ -15,6 +15,7 @@ from conftest import split_device
 
 from jaxvision.apps import benchmark
 from jaxvision.apps.jax_backend import default_xla_flags
+from jaxvision.core.archs import get_arch
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,8 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
         # each worker holds its own framework only, and says what it ran under
         assert x["frameworks_loaded"] == [x["backend"]], x["frameworks_loaded"]
         # a JAX worker sets its arch's defaults in place of this process's (see conftest)
-        mine = default_xla_flags(split=True) if x["backend"] == "jax" else os.environ["XLA_FLAGS"]
+        mine = (default_xla_flags(get_arch(x["arch"])) if x["backend"] == "jax"
+                else os.environ["XLA_FLAGS"])  # fmt: skip
         assert x["xla_flags"] == mine
         assert isinstance(x["threads"], int) and x["threads"] >= 1
         assert x["float32_matmuls"] == "float32"  # TF32 is a GPU's

@@ -1,8 +1,9 @@
 """`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot` (YNNPACK for XLA's CPU matmul fusions)
-trains the CNN about 1.6x faster on CPU (docs/performance.md), and JAX runs use it, with the host
-split into a CPU device per core, unless the user sets XLA_FLAGS. It must compute the same
-function as XLA's own compilation: every classifier's logits and every gradient, compared here
-(the detector's parity tests run under it, as the whole suite does: see conftest)."""
+trains the CNN about 1.6x faster on CPU (docs/performance.md), and JAX runs of every classifier
+use it (the CNN and the ViT with the host split into a CPU device per core) unless the user sets
+XLA_FLAGS; the detector, 1.4x faster without it, runs with XLA's own settings. It must compute
+the same function as XLA's own compilation, which the rest of the suite runs under (conftest):
+every classifier's logits and every gradient, compared here."""
 
 import os
 import subprocess
@@ -95,13 +96,15 @@ def test_jax_runs_default_to_the_ynn_flag_unless_the_user_sets_xla_flags():
     assert flags_after_start(mine, "cnn") == [mine, mine]
 
 
-def test_the_small_archs_split_the_host_into_a_cpu_device_per_core(monkeypatch):
-    split = default_xla_flags(split=True)
-    assert default_xla_flags(split=True, cores=1) == YNN  # one core: nothing to split
+def test_each_arch_takes_its_defaults_the_small_ones_a_cpu_device_per_core(monkeypatch):
+    cnn = get_arch("cnn")
+    split = default_xla_flags(cnn)
+    assert default_xla_flags(cnn, cores=1) == YNN  # one core: nothing to split
     four = f"{YNN} --xla_force_host_platform_device_count=4"
-    assert default_xla_flags(split=True, cores=4) == four
+    assert default_xla_flags(cnn, cores=4) == four
     # End to end in a fresh process: the backend's default, then the CNN's run.
     assert flags_after_start(None, "cnn") == [YNN, split]
+    assert flags_after_start(None, "faster_rcnn") == [YNN, ""]  # the detector: no YNN
 
     # The rule itself, in this process, as before JAX starts:
     monkeypatch.setattr(jax_backend, "jax_started", lambda: False)
@@ -113,12 +116,15 @@ def test_the_small_archs_split_the_host_into_a_cpu_device_per_core(monkeypatch):
         return os.environ.get("XLA_FLAGS")
 
     for arch, want in (("cnn", split), ("vit", split), ("vgg16", YNN), ("alexnet", YNN),
-                       ("faster_rcnn", YNN)):  # fmt: skip
+                       ("faster_rcnn", "")):  # fmt: skip
         assert after(arch, None, None) == want, arch
         assert os.environ[OURS] == want
     # A child of a run (a test's or the lab's): the parent's defaults are replaced, a user's not.
     assert after("alexnet", split, split) == YNN
     assert after("vit", YNN, YNN) == split
+    assert after("faster_rcnn", YNN, YNN) == ""  # XLA's own settings
+    assert after("cnn", "", "") == split  # the detector's empty defaults are ours too
+    assert after("cnn", "", None) == ""  # an empty XLA_FLAGS of the user's stands
     assert after("vit", YNN, None) == YNN
     assert after("alexnet", split, None) == split
     # Once JAX has started, this process's flags are what they are.

@@ -267,12 +267,23 @@ def markdown(records: list[dict]) -> str:
     ran = [r for r in records if "threads" in r]
     if ran:
         threads = ", ".join(f"{r['arch']}/{r['backend']} {r['threads']}" for r in ran)
-        flags = ran[0]["xla_flags"]
-        flags = "unset" if flags is None else (flags or "empty (XLA's own defaults)")
         matmuls = sorted({r["float32_matmuls"] for r in ran})
-        lines.append(f"Threads: {threads}. XLA_FLAGS: {flags}. Float32 matmuls in: "
+        lines.append(f"Threads: {threads}.{_jax_flags(ran)} Float32 matmuls in: "
                      f"{', '.join(matmuls)}.")  # fmt: skip
     return "\n".join(lines)
+
+
+def _jax_flags(ran: list[dict]) -> str:
+    """' XLA_FLAGS: ...' of the workers XLA compiled (the records with XLA's FLOP count), each
+    arch with its own defaults; '' where there are none."""
+
+    def text(flags):
+        return "unset" if flags is None else (f"`{flags}`" if flags else "empty (XLA's own)")
+
+    flags = {r["arch"]: r["xla_flags"] for r in ran if "xla_flops_per_image" in r}
+    if len(set(flags.values())) > 1:
+        return " XLA_FLAGS: " + ", ".join(f"{a} {text(f)}" for a, f in flags.items()) + "."
+    return f" XLA_FLAGS: {text(next(iter(flags.values())))}." if flags else ""
 
 
 def ratio_rows(records: list[dict]) -> list[str]:

@@ -27,13 +27,16 @@ from jaxvision.training import checkpoint, detection, parallel, trainer
 
 XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
 # XLA's compilation for jaxvision's JAX runs when the user sets no XLA_FLAGS (docs/performance.md):
-#   * YNNPACK for XLA's CPU matmul fusions: the CNN trains 1.6x and the ViT up to 1.45x faster on
-#     2 CPU cores, and it computes the same function (parity_tests/test_xla_flags.py);
+#   * YNNPACK for XLA's CPU matmul fusions, for the archs that gain from it (`Arch.cpu_ynn`: all
+#     but the detector): the CNN trains 1.6x, the ViT up to 1.45x and AlexNet 1.3x faster on 2
+#     CPU cores, and it computes the same function (parity_tests/test_xla_flags.py); the
+#     detector trains and detects about 1.4x faster without it;
 #   * for the archs that gain from it (`Arch.cpu_split`: the CNN and the ViT), the host split into
 #     one CPU device per core, which the mesh's data parallelism trains over
 #     (`parallel.make_data_mesh` takes the most of them that divide the batch): on 2 cores the
 #     CNN trains about 1.5x and the ViT 1.2x faster than on one device with intra-op threads.
-# A user's XLA_FLAGS, even an empty one, is left as it is. GPU runs ignore both flags.
+# Before a run's arch is known (the backend just created), the classifiers' YNN alone. A user's
+# XLA_FLAGS, even an empty one, is left as it is. GPU runs ignore both flags.
 YNN_DOT = "--xla_cpu_experimental_ynn_fusion_type=dot"
 HOST_SPLIT = "--xla_force_host_platform_device_count"
 # The flags this module set, so that a child process (the lab's runs, a test's CLI run) tells
@@ -49,9 +52,13 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_xla_flags(split: bool = False, cores: int | None = None) -> str:
+def default_xla_flags(arch: archs.Arch | None = None, cores: int | None = None) -> str:
+    """The XLA_FLAGS a JAX run of `arch` gets by default ('' is XLA's own settings)."""
     cores = host_cores() if cores is None else cores
-    return f"{YNN_DOT} {HOST_SPLIT}={cores}" if split and cores > 1 else YNN_DOT
+    flags = [YNN_DOT] if arch is None or arch.cpu_ynn else []
+    if arch is not None and arch.cpu_split and cores > 1:
+        flags.append(f"{HOST_SPLIT}={cores}")
+    return " ".join(flags)
 
 
 def jax_started() -> bool:
@@ -71,9 +78,7 @@ def use_default_xla_flags(arch: archs.Arch | None = None) -> None:
         return  # the user's; or ours, already set for this run's arch (or its parent's)
     if current is not None and jax_started():
         return  # too late for this process; its children keep what it runs under
-    os.environ["XLA_FLAGS"] = os.environ[OURS] = default_xla_flags(
-        arch is not None and arch.cpu_split
-    )
+    os.environ["XLA_FLAGS"] = os.environ[OURS] = default_xla_flags(arch)
 
 
 class JaxBackend:
