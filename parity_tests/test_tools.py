@@ -97,6 +97,23 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     assert by["cnn", "jax"]["flops_per_image"] == 2 * (3 * (conv1 + conv2 + fc) - conv1)
     assert f"| cnn | jax | {by['cnn', 'jax']['device']} | 8 |" in r.stdout
     assert "| cnn |" in r.stdout.split("JAX ÷ torch, train")[1]  # the ratio table
+    assert f"XLA_FLAGS: `{default_xla_flags(get_arch('cnn'))}`." in r.stdout  # CNN and ViT alike
+
+
+def test_benchmark_summary_names_each_jax_workers_flags_where_they_differ():
+    """The summary line's XLA_FLAGS part, from the workers' records (the full line: above)."""
+
+    def record(arch, backend, flags):
+        r = {"arch": arch, "backend": backend, "xla_flags": flags}
+        return {**r, "xla_flops_per_image": 1.0} if backend == "jax" else r
+
+    detector, cnn = default_xla_flags(get_arch("faster_rcnn")), default_xla_flags(get_arch("cnn"))
+    both = benchmark._jax_flags([record("cnn", "jax", cnn), record("cnn", "torch", None),
+                                 record("faster_rcnn", "jax", detector)])  # fmt: skip
+    assert both == f" XLA_FLAGS: cnn `{cnn}`, faster_rcnn empty (XLA's own)."
+    one = benchmark._jax_flags([record("cnn", "jax", cnn), record("cnn", "torch", None)])
+    assert one == f" XLA_FLAGS: `{cnn}`."  # the torch worker's are not XLA's
+    assert benchmark._jax_flags([record("cnn", "torch", "anything")]) == ""
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ np.savez(sys.argv[1], **out)
 def test_ynn_compiled_models_equal_xlas_default_forward_and_gradient(tmp_path):
     results = {}
     for name, flags in (("fast", YNN), ("plain", "")):
-        env = {**os.environ, "XLA_FLAGS": flags}
+        env = {**os.environ, "XLA_FLAGS": flags, OURS: "(none: the test's)"}  # kept as set
         path = tmp_path / f"{name}.npz"
         r = subprocess.run([sys.executable, "-c", GRADS, str(path)], env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -105,6 +105,9 @@ def test_each_arch_takes_its_defaults_the_small_ones_a_cpu_device_per_core(monke
     # End to end in a fresh process: the backend's default, then the CNN's run.
     assert flags_after_start(None, "cnn") == [YNN, split]
     assert flags_after_start(None, "faster_rcnn") == [YNN, ""]  # the detector: no YNN
+    # A child of a detector run (ours, empty) and of a CNN run (ours, the split), another arch:
+    assert flags_after_start("", "cnn", ours="") == ["", split]
+    assert flags_after_start(split, "faster_rcnn", ours=split) == [split, ""]
 
     # The rule itself, in this process, as before JAX starts:
     monkeypatch.setattr(jax_backend, "jax_started", lambda: False)

@@ -60,7 +60,7 @@ class Arch:
     cpu_split: bool = False
     # JAX on a CPU host: YNNPACK for XLA's matmul fusions (`jaxvision.apps.jax_backend.YNN_DOT`).
     # Measured faster for every classifier (CNN 1.6x, AlexNet 1.3x); the detector trains and
-    # detects about 1.4x faster without it, and compiles in 27 s rather than 36
+    # detects about 1.4x faster without it, and compiles in about 25 s rather than 36
     # (docs/performance.md).
     cpu_ynn: bool = True
     only_torch_because: str = ""  # why there is no Flax model, for the error message
