@@ -69,25 +69,30 @@ def test_converted_weights_give_torchvisions_logits(arch, size):
     assert t_features.abs().max() > 1e-2 and t_logits.abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("side, k, pad", [(1, 3, 1), (2, 3, 1), (2, 1, 0), (2, 3, 2), (5, 3, 1)])
-def test_patch_conv_is_the_convolution_value_and_gradient(side, k, pad):
+@pytest.mark.parametrize(
+    "side, k, pad, stride",
+    [(1, 3, 1, 1), (2, 3, 1, 1), (2, 1, 0, 1), (2, 3, 2, 1), (5, 3, 1, 1), (4, 3, 1, 2),
+     (5, 3, 1, 2), (3, 1, 0, 2)],
+)  # fmt: skip
+def test_patch_conv_is_the_convolution_value_and_gradient(side, k, pad, stride):
     """`layers.patch_conv` (one matmul over the windows) against `conv_general_dilated`, value
     and the gradients of the input, kernel and bias: 1e-12 in float64."""
     rng = np.random.default_rng(side)
-    out = side + 2 * pad - k + 1
+    out = (side + 2 * pad - k) // stride + 1
     padding = ((pad, pad), (pad, pad))
 
     def conv(x, kernel, bias):
         dims = ("NHWC", "HWIO", "NHWC")
+        strides = (stride, stride)
         return (
-            jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=dims) + bias
+            jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dims) + bias
         )
 
     with jax.enable_x64(True):
         args = [jnp.asarray(rng.normal(size=s)) for s in ((3, side, side, 5), (k, k, 5, 7), (7,))]
         ct = jnp.asarray(rng.normal(size=(3, out, out, 7)))
         results = []
-        for f in (lambda *a: layers.patch_conv(*a, padding), conv):
+        for f in (lambda *a: layers.patch_conv(*a, padding, stride), conv):
             y, vjp = jax.vjp(f, *args)
             results.append([y, *vjp(ct)])
         for a, b in zip(*results, strict=True):
@@ -95,15 +100,22 @@ def test_patch_conv_is_the_convolution_value_and_gradient(side, k, pad):
             np.testing.assert_allclose(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("side", [1, 2, 3, 4])
-def test_conv_takes_the_matmul_on_maps_of_two_pixels_or_fewer(side):
-    conv = layers.Conv(5, 7, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_takes_the_matmul_where_its_output_is_two_pixels_or_fewer(side, stride):
+    """Stride 1 keeps the map's side, stride 2 halves it (rounding up): the matmul up to 2x2
+    out, XLA's convolution above; both with and without a bias, as the detector's are."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, side, side, 5)), jnp.float32)
-    patches = layers.patch_conv(x, conv.kernel[...], conv.bias[...], conv.padding)
-    expected = patches if side <= layers.SMALL_MAP else nnx.Conv.__call__(conv, x)
-    np.testing.assert_array_equal(conv(x), expected)
-    strided = layers.Conv(5, 7, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(strided(x), nnx.Conv.__call__(strided, x))  # stride 2: XLA's
+    out = (side - 1) // stride + 1
+    for bias in (True, False):
+        conv = layers.Conv(5, 7, (3, 3), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias,
+                           rngs=nnx.Rngs(0))  # fmt: skip
+        b = conv.bias[...] if bias else None
+        patches = layers.patch_conv(x, conv.kernel[...], b, conv.padding, stride)
+        expected = patches if out <= layers.SMALL_MAP else nnx.Conv.__call__(conv, x)
+        np.testing.assert_array_equal(conv(x), expected)
+        convs = str(jax.make_jaxpr(conv)(x)).count("conv_general_dilated")
+        assert convs == (out > layers.SMALL_MAP)
 
 
 def test_adaptive_pool_bins_follow_torch():

@@ -19,7 +19,13 @@ import numpy as np
 from flax import nnx
 
 from jaxvision.models.box_ops import nearest_indices
-from jaxvision.models.layers import ReLU, torch_default_bias_init, torch_default_kernel_init
+from jaxvision.models.layers import (
+    Conv,
+    ReLU,
+    torch_default_bias_init,
+    torch_default_kernel_init,
+    windows,
+)
 
 
 class Buffer(nnx.Variable):
@@ -97,15 +103,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
     shapes the slices are 10-30x faster, forward and backward, and their gradient is slices
     and pads, not a scatter (`docs/performance.md`)."""
     k = kernel.shape[0]
-    b, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    y = 0.0
-    for i in range(k):
-        for j in range(k):
-            end = (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c)
-            y = y + jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1)) * kernel[i, j, 0]
-    return y
+    taps = windows(x, k, k, ((pad, pad), (pad, pad)), stride)
+    return sum(t * kernel[i // k, i % k, 0] for i, t in enumerate(taps))
 
 
 class DepthwiseConv(nnx.Conv):
@@ -136,7 +135,7 @@ def conv(
         else nnx.initializers.zeros
     )
     p = (k - 1) // 2
-    cls = DepthwiseConv if groups > 1 and groups == cin == cout else nnx.Conv
+    cls = DepthwiseConv if groups > 1 and groups == cin == cout else Conv
     return cls(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)),
                     feature_group_count=groups, use_bias=bias, kernel_init=kernel_init,
                     bias_init=bias_init, rngs=rngs)  # fmt: skip
