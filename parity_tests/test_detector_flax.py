@@ -430,12 +430,20 @@ def test_depthwise_conv_is_the_grouped_convolution_forward_and_backward(k, strid
             close(f"depthwise {side}px d{name}", g, w, 1e-5 * float(jnp.abs(w).max()))
 
 
-def test_box_outputs_on_the_valid_boxes_are_box_features_and_the_predictor(monkeypatch):
+@pytest.fixture(scope="module")
+def random_detector():
+    """An untrained MobileNet detector in eval mode (its eager initialisation takes ~20 s)."""
+    return nnx.view(FasterRCNN(FasterRCNNConfig(), rngs=nnx.Rngs(0)), use_running_average=True)
+
+
+def test_box_outputs_on_the_valid_boxes_are_box_features_and_the_predictor(
+    monkeypatch, random_detector
+):
     """`detect`'s packed, chunked box head gives each valid box what `box_features` and the
     predictor give it, and zero elsewhere, with chunks that span images, an image with no
     valid box, and a last chunk only partly valid."""
     monkeypatch.setattr(detector_module, "ROI_CHUNK_BYTES", 1)  # the smallest chunk: 16 RoIs
-    model = nnx.view(FasterRCNN(FasterRCNNConfig(), rngs=nnx.Rngs(0)), use_running_average=True)
+    model = random_detector
     rng = np.random.default_rng(3)
     x = rng.uniform(0, 1, (3, 28, 28, 3)).astype(np.float32)
     corner = rng.uniform(0, 40, (3, 40, 2)).astype(np.float32)
@@ -454,6 +462,43 @@ def test_box_outputs_on_the_valid_boxes_are_box_features_and_the_predictor(monke
         got, want = np.asarray(got), np.asarray(want)
         close(f"box_outputs {name}", got[valid], want[valid], 1e-5)
         assert not got[~valid].any(), f"box_outputs {name}: nonzero where not valid"
+
+
+def test_evaluation_losses_on_the_packed_box_head_are_the_dense_ones(
+    monkeypatch, random_detector, sample
+):
+    """`losses(packed=True)`, the evaluation's: the box head on the sampled RoIs only, packed
+    in chunks of 16 that span images, gives the four losses of the dense box head (1e-6
+    relative) and each sampled RoI its logits and deltas (1e-5), zero elsewhere. The middle
+    image is left out (`image_valid`), so its rows are not sampled."""
+    monkeypatch.setattr(detector_module, "ROI_CHUNK_BYTES", 1)
+    digits = sample.x_test[:3]
+    x = np.repeat(digits / np.float32(255), 3, -1)
+    boxes, ink = detection.ink_boxes(digits)
+    labels = sample.y_test[:3].astype(np.int32) + 1
+    keep = ink & np.array([True, False, True])
+
+    def both(m, x):
+        outs = [{}, {}]
+        losses = [
+            m.losses(x, boxes[:, None], labels[:, None], ink[:, None], jax.random.key(1),
+                     image_valid=keep, packed=packed, out=o)
+            for packed, o in zip((True, False), outs, strict=True)
+        ]  # fmt: skip
+        keys = ("roi.valid", "roi.class_logits", "roi.box_regression")
+        return losses, [[o[k] for k in keys] for o in outs]
+
+    (packed, dense), (p_out, d_out) = nnx.jit(both)(random_detector, x)
+    ok = np.asarray(p_out[0])
+    assert ok[0].any() and ok[2].any() and not ok[1].any(), "sampled rows per image"
+    np.testing.assert_array_equal(ok, d_out[0])
+    for name, value in dense.items():
+        relative(f"packed {name}", float(packed[name]), float(value), 1e-6)
+    for name, got, want in zip(("class_logits", "box_regression"), p_out[1:], d_out[1:],
+                               strict=True):  # fmt: skip
+        got, want = np.asarray(got), np.asarray(want)
+        close(f"packed roi.{name}", got[ok], want[ok], 1e-5)
+        assert not got[~ok].any(), f"packed roi.{name}: nonzero where not sampled"
 
 
 def test_detect_refuses_training_mode_batch_norm():

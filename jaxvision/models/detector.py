@@ -313,6 +313,7 @@ class FasterRCNN(nnx.Module):
         samples: dict[str, jax.Array] | None = None,
         image_valid: jax.Array | None = None,
         features: list[jax.Array] | None = None,
+        packed: bool = False,
         out: dict | None = None,
     ) -> dict[str, jax.Array]:
         """torchvision's training-mode `model(images, targets)`: the four losses (`LOSSES`).
@@ -326,7 +327,11 @@ class FasterRCNN(nnx.Module):
         tests give both frameworks the same draw. `image_valid` (B,) leaves images out
         (padding; blank images, which torchvision cannot take). `features`: the backbone's
         levels for `images` where they are at hand (evaluation: `detect`'s, with the same
-        running statistics), saving the second pass. `out` receives the named intermediates.
+        running statistics), saving the second pass. `packed` (evaluation; not differentiable):
+        the box head runs on the sampled RoIs only, packed as `box_outputs` packs detection's
+        proposals, instead of on every image's fixed `box_batch_size_per_image` rows; a
+        trained RPN leaves far fewer candidates than that. `out` receives the named
+        intermediates.
         """
         b, s = images.shape[:2]
         size = self.resized(s)
@@ -380,9 +385,12 @@ class FasterRCNN(nnx.Module):
         rois = gather(cand, idx)  # (B, R, 4)
         roi_labels = jnp.where(ok, jnp.take_along_axis(roi_labels, idx, 1), 0)
         roi_gt = gather(gt, jnp.maximum(jnp.take_along_axis(matches, idx, 1), 0))
-        class_logits, box_regression = self.roi_heads.box_predictor(
-            self.box_features(features, rois, size)
-        )  # (B, R, K), (B, R, K * 4)
+        if packed:  # zero where not `ok`, which every loss below masks
+            _, class_logits, box_regression = self.box_outputs(features, rois, ok, size)
+        else:
+            class_logits, box_regression = self.roi_heads.box_predictor(
+                self.box_features(features, rois, size)
+            )  # (B, R, K), (B, R, K * 4)
         k = class_logits.shape[-1]
         fg = ok & (roi_labels > 0)
         reg = jnp.take_along_axis(

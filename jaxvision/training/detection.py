@@ -81,8 +81,8 @@ class DetectorTrainer(Trainer):
 
     def _eval(self, state: TrainState, x_pad, y_pad):
         """Detections and class scores of every test image, and each batch's loss (eval-mode
-        BatchNorm, samples from a fixed key, on the detection's backbone features) over its
-        inked images, weighted by their count."""
+        BatchNorm, samples from a fixed key, on the detection's backbone features, the box head
+        on the sampled RoIs only) over its inked images, weighted by their count."""
         model = nnx.merge(self.eval_graphdef, state.params, state.frozen, state.rest)
         labels_all, boxes_all, ink_all = y_pad
         e = self.eval_batch
@@ -97,7 +97,7 @@ class DetectorTrainer(Trainer):
             features = [out[f"features.{name}"] for name in model.level_names()]
             losses = model.losses(
                 x, boxes[:, None], labels[:, None] + 1, ink[:, None], jax.random.key(0),
-                image_valid=ink, features=features,
+                image_valid=ink, features=features, packed=True,
             )  # fmt: skip
             det = {k: parallel.gather(det[k]) for k in ("boxes", "scores", "labels", "valid",
                                                          "class_scores")}  # fmt: skip
