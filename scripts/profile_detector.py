@@ -48,9 +48,9 @@ from torch_reference.detection import detect as torch_detect  # noqa: E402
 from torch_reference.detection import detector_loss, make_targets  # noqa: E402
 from torch_reference.models.detector import build_detector, replace_box_predictor  # noqa: E402
 
-STAGES = ("transform + backbone", "RPN: heads, top-n, NMS", "box head: RoIAlign, fc6, fc7, "
-          "predictor", "postprocess: per-class NMS", "detect, whole", "test loss (evaluation's "
-          "second part)")  # fmt: skip
+STAGES = ("transform + backbone", "RPN: heads, top-n, NMS",
+          "box head: RoIAlign, fc6, fc7, predictor", "postprocess: per-class NMS", "detect, whole",
+          "test loss (JAX on detection's features; torch runs its backbone again)")  # fmt: skip
 
 
 def twin_models(checkpoint: str | None, seed: int):
@@ -164,8 +164,8 @@ def profile(args: argparse.Namespace) -> None:
     print(f"faster_rcnn ({fm.config.detector}, {fm.config.image_size} px, {where}), "
           f"{len(images)} test digits, median of {args.repeats}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}), torch {torch.__version__}", flush=True)  # fmt: skip
-    j_calls, j_props = jax_stages(fm, images, labels)
     start = time.perf_counter()
+    j_calls, j_props = jax_stages(fm, images, labels)
     for fn, a in j_calls:  # compile
         jax.block_until_ready(fn(*a))
     print(f"JAX stages compiled in {time.perf_counter() - start:.1f} s", flush=True)

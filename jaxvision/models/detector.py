@@ -208,7 +208,8 @@ class FasterRCNN(nnx.Module):
         The batch's valid boxes are packed first (image by image, in rank order) and pooled and
         run through the head in chunks, under a loop that stops after the chunk holding the
         last of them: the cost follows how many proposals survive NMS, not the padded P. Each
-        row is the computation `box_features` does. For detection only (not differentiable)."""
+        row is the computation `box_features` does. For detection and the evaluation's loss
+        (`losses(packed=True)`): under `jax.grad` in `jit` its data-dependent loop raises."""
         b, p, _ = boxes.shape
         levels = features[:-1]
         per_roi = sum(int(np.prod(f.shape[1:])) for f in levels) * 4  # bytes gathered per RoI
@@ -331,7 +332,7 @@ class FasterRCNN(nnx.Module):
         the box head runs on the sampled RoIs only, packed as `box_outputs` packs detection's
         proposals, instead of on every image's fixed `box_batch_size_per_image` rows; a
         trained RPN leaves far fewer candidates than that. `out` receives the named
-        intermediates.
+        intermediates (with `packed`, the RoIs' logits and deltas are zero where not sampled).
         """
         b, s = images.shape[:2]
         size = self.resized(s)
