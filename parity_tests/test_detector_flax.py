@@ -468,12 +468,15 @@ def test_evaluation_losses_on_the_packed_box_head_are_the_dense_ones(
     monkeypatch, random_detector, sample
 ):
     """`losses(packed=True)`, the evaluation's: the box head on the sampled RoIs only, packed
-    in chunks of 16 that span images, gives the four losses of the dense box head (1e-6
-    relative) and each sampled RoI its logits and deltas (1e-5), zero elsewhere. The middle
-    image is left out (`image_valid`), so its rows are not sampled."""
-    monkeypatch.setattr(detector_module, "ROI_CHUNK_BYTES", 1)
+    in chunks of 24 that span the images' 32 rows (the last chunk partly valid), gives the four
+    losses of the dense box head (1e-6 relative) and each sampled RoI its logits and deltas
+    (1e-5), zero elsewhere. The middle image is left out (`image_valid`), so its rows are not
+    sampled and the third image's rows are packed into their place."""
     digits = sample.x_test[:3]
     x = np.repeat(digits / np.float32(255), 3, -1)
+    levels = random_detector.backbone(random_detector.transform(x))[:-1]
+    per_roi = sum(int(np.prod(f.shape[1:])) for f in levels) * 4  # as box_outputs counts
+    monkeypatch.setattr(detector_module, "ROI_CHUNK_BYTES", 24 * per_roi)
     boxes, ink = detection.ink_boxes(digits)
     labels = sample.y_test[:3].astype(np.int32) + 1
     keep = ink & np.array([True, False, True])
@@ -491,6 +494,7 @@ def test_evaluation_losses_on_the_packed_box_head_are_the_dense_ones(
     (packed, dense), (p_out, d_out) = nnx.jit(both)(random_detector, x)
     ok = np.asarray(p_out[0])
     assert ok[0].any() and ok[2].any() and not ok[1].any(), "sampled rows per image"
+    assert ok.sum() % 24, "the last chunk is only partly valid"
     np.testing.assert_array_equal(ok, d_out[0])
     for name, value in dense.items():
         relative(f"packed {name}", float(packed[name]), float(value), 1e-6)
