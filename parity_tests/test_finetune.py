@@ -72,14 +72,17 @@ def test_converted_weights_give_torchvisions_logits(arch, size):
 @pytest.mark.parametrize(
     "side, k, pad, stride",
     [(1, 3, 1, 1), (2, 3, 1, 1), (2, 1, 0, 1), (2, 3, 2, 1), (5, 3, 1, 1), (4, 3, 1, 2),
-     (5, 3, 1, 2), (3, 1, 0, 2)],
+     (5, 3, 1, 2), (3, 1, 0, 2),
+     # a rectangular kernel, and padding of another size on each side
+     (3, (3, 2), ((1, 1), (0, 1)), 1), (4, (2, 3), ((0, 1), (2, 0)), 2)],
 )  # fmt: skip
 def test_patch_conv_is_the_convolution_value_and_gradient(side, k, pad, stride):
     """`layers.patch_conv` (one matmul over the windows) against `conv_general_dilated`, value
     and the gradients of the input, kernel and bias: 1e-12 in float64."""
     rng = np.random.default_rng(side)
-    out = (side + 2 * pad - k) // stride + 1
-    padding = ((pad, pad), (pad, pad))
+    kh, kw = (k, k) if isinstance(k, int) else k
+    padding = ((pad, pad), (pad, pad)) if isinstance(pad, int) else pad
+    out = [(side + sum(p) - kk) // stride + 1 for p, kk in zip(padding, (kh, kw), strict=True)]
 
     def conv(x, kernel, bias):
         dims = ("NHWC", "HWIO", "NHWC")
@@ -89,8 +92,9 @@ def test_patch_conv_is_the_convolution_value_and_gradient(side, k, pad, stride):
         )
 
     with jax.enable_x64(True):
-        args = [jnp.asarray(rng.normal(size=s)) for s in ((3, side, side, 5), (k, k, 5, 7), (7,))]
-        ct = jnp.asarray(rng.normal(size=(3, out, out, 7)))
+        args = [jnp.asarray(rng.normal(size=s)) for s in ((3, side, side, 5), (kh, kw, 5, 7),
+                                                           (7,))]  # fmt: skip
+        ct = jnp.asarray(rng.normal(size=(3, *out, 7)))
         results = []
         for f in (lambda *a: layers.patch_conv(*a, padding, stride), conv):
             y, vjp = jax.vjp(f, *args)
@@ -116,6 +120,26 @@ def test_conv_takes_the_matmul_where_its_output_is_two_pixels_or_fewer(side, str
         np.testing.assert_array_equal(conv(x), expected)
         convs = str(jax.make_jaxpr(conv)(x)).count("conv_general_dilated")
         assert convs == (out > layers.SMALL_MAP)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"mask": np.ones((3, 3, 2, 7), np.float32) * (np.arange(7) % 2)},
+     {"dtype": jnp.bfloat16}, {"precision": "highest"},
+     {"preferred_element_type": jnp.float32}, {"unbatched": True}],
+    ids=lambda s: next(iter(s)),
+)  # fmt: skip
+def test_conv_leaves_what_the_matmul_does_not_compute_to_nnx(setting):
+    """A 2x2 output that sets a kernel mask, a compute dtype, a precision or a preferred element
+    type, or has no batch axis, is nnx.Conv's convolution, bit for bit. Two input channels, so
+    that an unbatched (2, 2, 2) input would also read as a 2x2 map."""
+    setting = dict(setting)
+    unbatched = setting.pop("unbatched", False)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 2, 2)), jnp.float32)
+    x = x[0] if unbatched else x
+    conv = layers.Conv(2, 7, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0), **setting)
+    np.testing.assert_array_equal(conv(x), nnx.Conv.__call__(conv, x))
+    assert str(jax.make_jaxpr(conv)(x)).count("conv_general_dilated") == 1
 
 
 def test_adaptive_pool_bins_follow_torch():

@@ -123,17 +123,24 @@ class Conv(nnx.Conv):
     """nnx.Conv (its parameters, initialisers and names); where its output map is at most
     `SMALL_MAP` pixels a side, with equal strides and no dilation or groups, computed as one
     matmul of the k*k shifted windows of the padded input against the kernel laid out
-    (k*k*cin, cout)."""
+    (k*k*cin, cout). A convolution that sets anything the matmul does not compute (a kernel
+    mask, a compute dtype, a precision, a preferred element type) or whose input is not one
+    NHWC batch is nnx.Conv's own."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         stride = self.strides if isinstance(self.strides, int) else self.strides[0]
         steps = (self.input_dilation, self.kernel_dilation)
         padding = canonicalize_padding(self.padding, 2)
         plain = (
-            all(v in (1, (1, 1)) for v in steps)
+            x.ndim == 4
+            and all(v in (1, (1, 1)) for v in steps)
             and self.strides in (stride, (stride, stride))
             and self.feature_group_count == 1
             and not isinstance(padding, str)
+            and self.mask is None
+            and self.dtype is None
+            and self.precision is None
+            and self.preferred_element_type is None
         )
         if not plain:
             return super().__call__(x)
