@@ -432,7 +432,7 @@ def test_depthwise_conv_is_the_grouped_convolution_forward_and_backward(k, strid
 
 @pytest.fixture(scope="module")
 def random_detector():
-    """An untrained MobileNet detector in eval mode (its eager initialisation takes ~20 s)."""
+    """An untrained MobileNet detector in eval mode."""
     return nnx.view(FasterRCNN(FasterRCNNConfig(), rngs=nnx.Rngs(0)), use_running_average=True)
 
 

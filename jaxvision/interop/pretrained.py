@@ -63,8 +63,7 @@ def coco_detector(model_cfg, weights, key, verbose: bool = True):
     replaced by a new `detector_classes`-way one, and the same backbone layers frozen
     (`trainable_backbone_layers`), read off torchvision's own builder. The frozen variables'
     paths are kept as `model.frozen_paths` for the trainer."""
-    # Built abstractly: the COCO weights fill every variable, so no initialiser need run (the
-    # detector's eager initialisation costs 20 s on a 2-core CPU).
+    # Built abstractly: the COCO weights fill every variable, so no initialiser need run.
     model = nnx.eval_shape(
         lambda: FasterRCNN(model_cfg, frozen=True, num_classes=COCO_CLASSES, rngs=nnx.Rngs(0))
     )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvision.models import initializers
 from jaxvision.models.box_ops import nearest_indices
 from jaxvision.models.layers import (
     Conv,
@@ -40,11 +41,11 @@ class BatchNorm2d(nnx.Module):
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         self.eps, self.momentum = eps, momentum
         self.use_running_average = False
-        self.weight = nnx.Param(jnp.ones(channels))
-        self.bias = nnx.Param(jnp.zeros(channels))
-        self.running_mean = nnx.BatchStat(jnp.zeros(channels))
-        self.running_var = nnx.BatchStat(jnp.ones(channels))
-        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.weight = nnx.Param(initializers.ones(None, channels))
+        self.bias = nnx.Param(initializers.zeros(None, channels))
+        self.running_mean = nnx.BatchStat(initializers.zeros(None, channels))
+        self.running_var = nnx.BatchStat(initializers.ones(None, channels))
+        self.num_batches_tracked = nnx.BatchStat(initializers.zeros(None, (), jnp.int32))
 
     def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
         """Eval mode: `nnx.view(model, use_running_average=True)`, or `deterministic=True`, the
@@ -72,10 +73,10 @@ class FrozenBatchNorm2d(nnx.Module):
 
     def __init__(self, channels: int, eps: float = 1e-5):
         self.eps = eps
-        self.weight = Buffer(jnp.ones(channels))
-        self.bias = Buffer(jnp.zeros(channels))
-        self.running_mean = Buffer(jnp.zeros(channels))
-        self.running_var = Buffer(jnp.ones(channels))
+        self.weight = Buffer(initializers.ones(None, channels))
+        self.bias = Buffer(initializers.zeros(None, channels))
+        self.running_mean = Buffer(initializers.zeros(None, channels))
+        self.running_var = Buffer(initializers.ones(None, channels))
 
     def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
         """Always the same affine map; accepts the eval-mode views for uniformity."""
@@ -124,15 +125,15 @@ def conv(
     """torch's Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, groups) on NHWC, with the
     initialisation torchvision gives that layer (a `DepthwiseConv` when groups = cin = cout)."""
     kernel_init = {
-        "kaiming_out": nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        "kaiming_uniform_a1": nnx.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-        "normal_0.01": nnx.initializers.normal(0.01),
+        "kaiming_out": initializers.variance_scaling(2.0, "fan_out", "normal"),
+        "kaiming_uniform_a1": initializers.variance_scaling(1.0, "fan_in", "uniform"),
+        "normal_0.01": initializers.normal(0.01),
         "torch_default": torch_default_kernel_init(),
     }[init]
     bias_init = (
         torch_default_bias_init(cin // groups * k * k)
         if init == "torch_default"
-        else nnx.initializers.zeros
+        else initializers.zeros
     )
     p = (k - 1) // 2
     cls = DepthwiseConv if groups > 1 and groups == cin == cout else Conv
@@ -261,8 +262,7 @@ class ResNet50Body(nnx.Module):
 
     def __init__(self, rngs: nnx.Rngs, frozen: bool):
         self.conv1 = nnx.Conv(3, 64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                              kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out",
-                                                                           "normal"),
+                              kernel_init=initializers.variance_scaling(2.0, "fan_out", "normal"),
                               rngs=rngs)  # fmt: skip
         self.bn1 = norm(64, frozen)
         cin = 64

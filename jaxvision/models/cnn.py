@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxvision.core.model_configs import CNN_PRESETS as PRESETS  # noqa: F401  (re-exported)
 from jaxvision.core.model_configs import CNNConfig
+from jaxvision.models import initializers
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -35,16 +36,18 @@ class CNN(nnx.Module):
     def __init__(self, config: CNNConfig = CNNConfig(), *, rngs: nnx.Rngs):
         self.config = config
         pad = ((1, 1), (1, 1))  # torch's padding=1; 'SAME' would be the same here, but be explicit
+        # Flax's default initialisers (LeCun normal, zero bias), drawn by size class
+        inits = dict(kernel_init=initializers.lecun_normal(), bias_init=initializers.zeros)
         self.conv1 = nnx.Conv(
-            config.in_channels, config.conv1_features, (3, 3), padding=pad, rngs=rngs
+            config.in_channels, config.conv1_features, (3, 3), padding=pad, rngs=rngs, **inits
         )
         self.conv2 = nnx.Conv(
-            config.conv1_features, config.conv2_features, (3, 3), padding=pad, rngs=rngs
+            config.conv1_features, config.conv2_features, (3, 3), padding=pad, rngs=rngs, **inits
         )
         flat = config.pooled_size**2 * config.conv2_features
-        self.fc1 = nnx.Linear(flat, config.hidden, rngs=rngs)
+        self.fc1 = nnx.Linear(flat, config.hidden, rngs=rngs, **inits)
         self.dropout = nnx.Dropout(config.dropout)
-        self.fc2 = nnx.Linear(config.hidden, config.num_classes, rngs=rngs)
+        self.fc2 = nnx.Linear(config.hidden, config.num_classes, rngs=rngs, **inits)
 
     def forward_intermediates(
         self, x: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None

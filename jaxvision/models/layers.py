@@ -7,6 +7,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
+from jaxvision.models import initializers
 from jaxvision.models.cnn import max_pool_2x2
 
 
@@ -98,17 +99,13 @@ def sequential(layers, x: jax.Array, out: dict | None = None, name: str = "", *,
 # torchvision's initialisation schemes, so that --no-pretrained starts where torchvision does.
 def torch_default_kernel_init():
     """torch's default for Conv/Linear weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))."""
-    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    return initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def torch_default_bias_init(fan_in: int):
     """torch's default bias: U(+-1/sqrt(fan_in)) with the layer's fan_in."""
     bound = 1.0 / np.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return initializers.uniform_between(-bound, bound)
 
 
 # XLA:CPU's convolution falls off its fast path on maps of a pixel or two a side: VGG16's last
@@ -186,8 +183,8 @@ def torch_conv(
     """A Conv laid out like torch's Conv2d(cin, cout, k, stride, pad), with torchvision's init:
     kaiming_normal(fan_out, relu) and zero bias for VGG, torch's default otherwise."""
     if vgg:
-        inits = dict(kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                     bias_init=nnx.initializers.zeros)  # fmt: skip
+        inits = dict(kernel_init=initializers.variance_scaling(2.0, "fan_out", "normal"),
+                     bias_init=initializers.zeros)  # fmt: skip
     else:
         inits = dict(kernel_init=torch_default_kernel_init(),
                      bias_init=torch_default_bias_init(cin * k * k))  # fmt: skip
@@ -199,7 +196,7 @@ def torch_linear(din: int, dout: int, rngs: nnx.Rngs, *, vgg: bool = False) -> n
     """A Linear with torchvision's init: N(0, 0.01) and zero bias for VGG, torch's default
     otherwise."""
     if vgg:
-        inits = dict(kernel_init=nnx.initializers.normal(0.01), bias_init=nnx.initializers.zeros)
+        inits = dict(kernel_init=initializers.normal(0.01), bias_init=initializers.zeros)
     else:
         inits = dict(kernel_init=torch_default_kernel_init(),
                      bias_init=torch_default_bias_init(din))  # fmt: skip

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxvision.core.model_configs import VIT_PRESETS as PRESETS  # noqa: F401  (re-exported)
 from jaxvision.core.model_configs import ViTConfig
 from jaxvision.core.positional import sinusoidal_encoding
+from jaxvision.models import initializers
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
@@ -78,12 +79,18 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 class Linear(nnx.Linear):
     """nnx.Linear (its parameters, initialisers and names) computed by `linear`."""
 
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+        # Flax's default initialisers (LeCun normal, zero bias), drawn by size class
+        super().__init__(din, dout, kernel_init=initializers.lecun_normal(),
+                         bias_init=initializers.zeros, rngs=rngs)  # fmt: skip
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return linear(x, self.kernel[...], self.bias[...])
 
 
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs,
+                         scale_init=initializers.ones, bias_init=initializers.zeros)  # fmt: skip
 
 
 class Attention(nnx.Module):
@@ -144,7 +151,7 @@ class ViT(nnx.Module):
     def __init__(self, config: ViTConfig = ViTConfig(), *, rngs: nnx.Rngs):
         self.config = c = config
         self.patch_embed = Linear(c.patch_dim, c.dim, rngs=rngs)
-        init = nnx.initializers.normal(0.02)
+        init = initializers.normal(0.02)
         if c.pool == "cls":
             self.cls_token = nnx.Param(init(rngs.params(), (1, 1, c.dim)))
         if c.pos_encoding == "learned":

@@ -128,7 +128,7 @@ def save_weights(directory: Path, step: int, model: nnx.Module, meta: dict) -> N
 def load_flax_model(path: Path, meta: dict):
     """The Flax model in checkpoint folder `path` (DIR/<step>), in eval mode. The model is built
     abstractly (`nnx.eval_shape`): no initialiser runs, since the checkpoint fills every
-    variable (the detector's eager initialisation alone costs 20 s on a 2-core CPU)."""
+    variable."""
     config = config_from_dict(meta["arch"], meta["model_config"])
     pretrained = meta["config"].get("pretrained", False)
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), pretrained=pretrained))

@@ -1,0 +1,108 @@
+"""`jaxvision.models.initializers` draws what `jax.nn.initializers` draws, bit for bit, from one
+compiled program per size class instead of one per parameter shape; every model's initial
+parameters are those of the exact-shape draws."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxvision.core.archs import get_config
+from jaxvision.models import build_model, initializers
+
+J = jax.nn.initializers
+FLOOR = initializers.FLOOR
+# a bias, the CNN's and the ViT's kernels, a 4-D conv kernel, and sizes either side of the floor
+# and of a power of two above it
+SHAPES = [(1,), (7,), (1, 1, 16), (3, 3, 1, 32), (3136, 128), (128, 10), (3, 3, 512, 512),
+          (FLOOR - 1,), (FLOOR,), (FLOOR + 1,), (2 * FLOOR + 3, 2)]  # fmt: skip
+
+
+def same(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def test_size_classes():
+    assert [initializers.size_class(n) for n in (0, 1, FLOOR - 1, FLOOR)] == [FLOOR] * 4
+    assert initializers.size_class(FLOOR + 1) == 2 * FLOOR
+    assert initializers.size_class(3 * FLOOR) == 4 * FLOOR
+
+
+@pytest.mark.parametrize(
+    "scale, mode, distribution",
+    list(itertools.product((1 / 3, 1.0, 2.0), ("fan_in", "fan_out", "fan_avg"),
+                           ("normal", "uniform", "truncated_normal"))),
+)  # fmt: skip
+def test_variance_scaling_is_jaxs(scale, mode, distribution):
+    ours = initializers.variance_scaling(scale, mode, distribution)
+    theirs = J.variance_scaling(scale, mode, distribution)
+    for i, shape in enumerate(s for s in SHAPES if len(s) >= 2):
+        key = jax.random.key(i)
+        same(ours(key, shape), theirs(key, shape), f"{shape}")
+
+
+def test_the_other_initialisers_are_jaxs():
+    assert initializers.lecun_normal()(jax.random.key(0), (5, 3)).shape == (5, 3)
+    for i, shape in enumerate(SHAPES):
+        key = jax.random.key(100 + i)
+        same(initializers.normal(0.02)(key, shape), J.normal(0.02)(key, shape), f"normal {shape}")
+        if len(shape) >= 2:
+            same(initializers.lecun_normal()(key, shape), J.lecun_normal()(key, shape),
+                 f"lecun_normal {shape}")  # fmt: skip
+        bound = 1 / np.sqrt(shape[0])  # torch's default bias, U(-1/sqrt(fan_in), +)
+        want = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+        same(initializers.uniform_between(-bound, bound)(key, shape), want, f"uniform {shape}")
+        same(initializers.zeros(key, shape), J.zeros(key, shape, jnp.float32), f"zeros {shape}")
+        same(initializers.ones(key, shape), J.ones(key, shape, jnp.float32), f"ones {shape}")
+    same(initializers.zeros(None, (), jnp.int32), jnp.zeros((), jnp.int32), "int32 zeros")
+
+
+def test_without_partitionable_threefry_the_draw_is_at_its_own_shape():
+    """The prefix property holds only for the partitionable threefry; under the older one the
+    draw is made at the parameter's own shape, and is still JAX's."""
+    with jax.threefry_partitionable(False):
+        key = jax.random.key(3)
+        got = initializers.variance_scaling(2.0, "fan_out", "normal")(key, (3, 3, 8, 16))
+        same(got, J.variance_scaling(2.0, "fan_out", "normal")(key, (3, 3, 8, 16)), "old")
+
+
+CONFIGS = {
+    "cnn": lambda: get_config("cnn"),
+    "vit": lambda: get_config("vit", "tiny"),
+    "vgg16": lambda: get_config("vgg16", image_size=32, hidden=256),
+    "alexnet": lambda: get_config("alexnet", image_size=64, hidden=256),
+    "faster_rcnn": lambda: get_config("faster_rcnn"),  # the MobileNet detector, 330 variables
+}
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_every_models_initial_parameters_are_the_exact_shape_draws(arch, monkeypatch):
+    """Every variable of each arch's model, built by size class, equals its build with each
+    parameter drawn at its own shape (the way JAX's initialisers draw), bit for bit."""
+    config = CONFIGS[arch]()
+
+    def leaves():
+        model = build_model(config, rngs=nnx.Rngs(params=jax.random.key(7)))
+        return jax.tree.leaves_with_path(nnx.state(model))
+
+    fast = leaves()
+    monkeypatch.setattr(initializers, "EXACT", True)
+    exact = leaves()
+    assert len(fast) == len(exact) > 0
+    for (path, a), (_, b) in zip(fast, exact, strict=True):
+        same(a, b, f"{arch} {jax.tree_util.keystr(path)}")
+
+
+def test_an_abstract_build_traces_the_draws():
+    """`nnx.eval_shape` (a checkpoint's or pretrained weights' model) traces the initialisers:
+    no draw reaches the host, and the shapes are the eager build's."""
+    config = get_config("vit", "tiny")
+    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    eager = build_model(config, rngs=nnx.Rngs(0))
+    shapes = jax.tree.map(lambda v: (v.shape, v.dtype), nnx.state(abstract))
+    assert shapes == jax.tree.map(lambda v: (v.shape, v.dtype), nnx.state(eager))
