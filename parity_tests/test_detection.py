@@ -405,3 +405,4 @@ def test_cli_detector_bad_requests_exit_2(args, message, train_cli):
     r = train_cli("--arch", "faster_rcnn", "--no-pretrained", *args, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    assert r.stdout == ""  # refused up front, before any data loads

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxvision.core.archs import ARCHS, DEFAULT_RECIPE, get_arch, model_config
+from jaxvision.core.archs import ARCHS, DEFAULT_RECIPE, get_arch, get_config, model_config
 from jaxvision.core.data import DATASETS, SOURCES, Dataset
 from jaxvision.core.errors import UserError
 from jaxvision.core.flags import flag
@@ -335,6 +335,10 @@ class TrainConfig:
             raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        if self.image_size is not None and (arch.imagenet or arch.detector):
+            # The arch's own size limits, before any data loads: its model config is sized by
+            # --image-size alone (`model_config`).
+            get_config(self.arch, self.preset, image_size=self.image_size)
         if self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
         if self.unfreeze and self.feature_lr is None:
