@@ -35,7 +35,7 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     r = script(
         "benchmark.py",
         "--archs",
-        "cnn,vit",
+        "cnn",  # one arch: the ViT's worker is the same code, and its setup doubles the test
         "--backends",
         "jax,torch",
         "--preset",
@@ -51,15 +51,10 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     records = json.loads(out.read_text())
-    assert [(x["arch"], x["backend"]) for x in records] == [
-        ("cnn", "jax"),
-        ("cnn", "torch"),
-        ("vit", "jax"),
-        ("vit", "torch"),
-    ]
+    assert [(x["arch"], x["backend"]) for x in records] == [("cnn", "jax"), ("cnn", "torch")]
     for x in records:
         assert set(benchmark.RECORD_KEYS) <= x.keys(), x
-        # The JAX CNN and ViT split the host into a CPU device per core.
+        # The JAX CNN splits the host into a CPU device per core.
         assert x["device"] == (split_device(8) if x["backend"] == "jax" else "cpu"), x["device"]
         assert x["batch_size"] == 8 and x["repeats"] == 2
         assert x["image_size"] == 28 and x["peak_device_mb"] is None  # no GPU here
@@ -85,11 +80,10 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
             x["flops_per_image"] * x["train_images_per_s"] / x["peak_flops_per_s"]
         )
     by = {(x["arch"], x["backend"]): x for x in records}
-    for arch in ("cnn", "vit"):  # the same model in both frameworks
-        jax_r, torch_r = by[arch, "jax"], by[arch, "torch"]
-        assert jax_r["params"] == torch_r["params"]
-        assert jax_r["flops_per_image"] == torch_r["flops_per_image"]
-        assert jax_r["xla_flops_per_image"] > 0 and "xla_flops_per_image" not in torch_r
+    jax_r, torch_r = by["cnn", "jax"], by["cnn", "torch"]  # the same model in both frameworks
+    assert jax_r["params"] == torch_r["params"]
+    assert jax_r["flops_per_image"] == torch_r["flops_per_image"]
+    assert jax_r["xla_flops_per_image"] > 0 and "xla_flops_per_image" not in torch_r
     # the tiny CNN's training FLOPs by hand: forward 2*MACs of two 3x3 convs and two linears,
     # backward twice that, except the first conv's input gradient (the image needs none)
     conv1, conv2 = 28 * 28 * 4 * 9 * 1, 14 * 14 * 8 * 9 * 4
@@ -97,7 +91,7 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     assert by["cnn", "jax"]["flops_per_image"] == 2 * (3 * (conv1 + conv2 + fc) - conv1)
     assert f"| cnn | jax | {by['cnn', 'jax']['device']} | 8 |" in r.stdout
     assert "| cnn |" in r.stdout.split("JAX ÷ torch, train")[1]  # the ratio table
-    assert f"XLA_FLAGS: `{default_xla_flags(get_arch('cnn'))}`." in r.stdout  # CNN and ViT alike
+    assert f"XLA_FLAGS: `{default_xla_flags(get_arch('cnn'))}`." in r.stdout
 
 
 def test_benchmark_summary_names_each_jax_workers_flags_where_they_differ():
