@@ -151,3 +151,27 @@ def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "error: the test images are 14x14x1, but" in err and "trained on 28x28x1" in err
+
+
+@pytest.mark.parametrize("count", [0, 5, 32])
+def test_mistakes_mosaic_shows_each_image_at_its_own_scale(tmp_path, sample, count):
+    """mistakes.png is one mosaic: a grey image is scaled to its own range, as imshow shows it,
+    a colour one kept as stored; no mistakes, a partial row and four full rows all draw."""
+    from jaxvision.core.figures import _tile, save_mistakes, worst_mistakes
+
+    grey = np.full((4, 4, 1), 50, np.uint8)
+    grey[0, 0] = 150
+    np.testing.assert_array_equal(_tile(grey)[..., 0], (grey[..., 0] - 50) / 100.0)
+    rgb = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    np.testing.assert_array_equal(_tile(rgb), rgb / 255.0)
+    assert (_tile(np.zeros((3, 3))) == 0).all()  # a blank image, no division by zero
+
+    x, y = sample.x_test[:200], sample.y_test[:200]
+    probs = np.full((200, 10), 0.01)
+    probs[np.arange(200), (y + 1) % 10] = 0.91  # every digit confidently wrong
+    index = worst_mistakes(y, probs)[:count]
+    path = save_mistakes(x, y, probs, index, sample.classes, tmp_path / "m.png", "test")
+    with Image.open(path) as im:
+        width, height = im.size
+    rows = max(1, -(-count // 8))
+    assert width == 1440 and 260 * rows < height < 280 * rows + 60, (width, height)
