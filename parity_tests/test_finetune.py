@@ -126,13 +126,15 @@ def test_conv_takes_the_matmul_where_its_output_is_two_pixels_or_fewer(side, str
     "setting",
     [{"mask": np.ones((3, 3, 2, 7), np.float32) * (np.arange(7) % 2)},
      {"dtype": jnp.bfloat16}, {"precision": "highest"},
-     {"preferred_element_type": jnp.float32}, {"unbatched": True}],
+     {"preferred_element_type": jnp.float32}, {"unbatched": True},
+     {"conv_general_dilated": lambda *a, **k: jax.lax.conv_general_dilated(*a, **k) * 2}],
     ids=lambda s: next(iter(s)),
 )  # fmt: skip
 def test_conv_leaves_what_the_matmul_does_not_compute_to_nnx(setting):
-    """A 2x2 output that sets a kernel mask, a compute dtype, a precision or a preferred element
-    type, or has no batch axis, is nnx.Conv's convolution, bit for bit. Two input channels, so
-    that an unbatched (2, 2, 2) input would also read as a 2x2 map."""
+    """A 2x2 output that sets a kernel mask, a compute dtype, a precision, a preferred element
+    type or its own convolution function, or has no batch axis, is nnx.Conv's convolution, bit
+    for bit. Two input channels, so that an unbatched (2, 2, 2) input would also read as a 2x2
+    map."""
     setting = dict(setting)
     unbatched = setting.pop("unbatched", False)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 2, 2)), jnp.float32)

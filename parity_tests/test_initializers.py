@@ -15,10 +15,11 @@ from jaxvision.models import build_model, initializers
 
 J = jax.nn.initializers
 FLOOR = initializers.FLOOR
-# a bias, the CNN's and the ViT's kernels, a 4-D conv kernel, and sizes either side of the floor
-# and of a power of two above it
+# a bias, the CNN's and the ViT's kernels, a 4-D conv kernel, sizes either side of the floor and
+# of a power of two above it, and one past the cap (drawn at its own shape)
 SHAPES = [(1,), (7,), (1, 1, 16), (3, 3, 1, 32), (3136, 128), (128, 10), (3, 3, 512, 512),
-          (FLOOR - 1,), (FLOOR,), (FLOOR + 1,), (2 * FLOOR + 3, 2)]  # fmt: skip
+          (FLOOR - 1,), (FLOOR,), (FLOOR + 1,), (2 * FLOOR + 3, 2),
+          (2, initializers.CAP // 2 + 1)]  # fmt: skip
 
 
 def same(got, want, what):
@@ -60,6 +61,61 @@ def test_the_other_initialisers_are_jaxs():
         same(initializers.zeros(key, shape), J.zeros(key, shape, jnp.float32), f"zeros {shape}")
         same(initializers.ones(key, shape), J.ones(key, shape, jnp.float32), f"ones {shape}")
     same(initializers.zeros(None, (), jnp.int32), jnp.zeros((), jnp.int32), "int32 zeros")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, None])
+def test_other_dtypes_are_jaxs(dtype):
+    """Half-precision parameters, and the default dtype (float32 here), as JAX draws them."""
+    key = jax.random.key(5)
+    for shape in ((30, 20), (3, 3, 8, 16)):
+        for ours, theirs in ((initializers.lecun_normal(), J.lecun_normal()),
+                             (initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                              J.variance_scaling(1 / 3, "fan_in", "uniform")),
+                             (initializers.normal(0.01), J.normal(0.01)),
+                             (initializers.zeros, J.zeros),
+                             (initializers.ones, J.ones)):  # fmt: skip
+            same(ours(key, shape, dtype), theirs(key, shape, dtype), f"{dtype} {shape}")
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # JAX's, without x64
+def test_float64_under_x64_is_jaxs():
+    """With x64 on, the default dtype is float64 (a BatchNorm's ones too) and the scale is
+    computed in float64; with it off, a float64 request draws float32, as JAX does."""
+    key = jax.random.key(6)
+    same(initializers.lecun_normal()(key, (30, 20), jnp.float64),
+         J.lecun_normal()(key, (30, 20), jnp.float64), "float64 without x64")  # fmt: skip
+    with jax.enable_x64(True):
+        for dtype in (None, jnp.float64):
+            same(initializers.lecun_normal()(key, (30, 20), dtype),
+                 J.lecun_normal()(key, (30, 20), dtype), f"x64 {dtype}")  # fmt: skip
+            same(initializers.normal(0.02)(key, (9,), dtype), J.normal(0.02)(key, (9,), dtype),
+                 f"x64 {dtype}")  # fmt: skip
+        same(initializers.ones(None, 4), jnp.ones(4), "x64 ones")
+
+
+def test_keys_the_shortcut_does_not_cover_draw_at_their_own_shape():
+    """Another generator (rbg), a raw uint32 key, a concrete key inside `jit`, and a key committed
+    to a device: JAX's values, on JAX's device."""
+    shape, init = (3, 3, 8, 16), initializers.variance_scaling(2.0, "fan_out", "normal")
+    want = J.variance_scaling(2.0, "fan_out", "normal")
+    for key in (jax.random.key(1, impl="rbg"), jax.random.PRNGKey(1)):
+        same(init(key, shape), want(key, shape), str(key.dtype))
+    key = jax.random.key(2)
+    # (under jit, as JAX's own under jit: XLA fuses the draw and its scale either way)
+    same(jax.jit(lambda: init(key, shape))(), jax.jit(lambda: want(key, shape))(), "under jit")
+    committed = jax.device_put(key, jax.devices()[0])
+    got, expected = init(committed, shape), want(committed, shape)
+    same(got, expected, "committed key")
+    assert got.committed and got.sharding == expected.sharding
+
+
+def test_bad_requests_are_named():
+    with pytest.raises(ValueError, match="unknown mode 'fan_geo'"):
+        initializers.variance_scaling(1.0, "fan_geo", "normal")
+    with pytest.raises(ValueError, match="unknown distribution 'cauchy'"):
+        initializers.variance_scaling(1.0, "fan_in", "cauchy")
+    with pytest.raises(ValueError, match="rank 2 or more"):
+        initializers.lecun_normal()(jax.random.key(0), (5,))
 
 
 def test_without_partitionable_threefry_the_draw_is_at_its_own_shape():

@@ -164,11 +164,14 @@ def test_mistakes_mosaic_shows_each_image_at_its_own_scale(tmp_path, sample, cou
     np.testing.assert_array_equal(_tile(grey)[..., 0], (grey[..., 0] - 50) / 100.0)
     rgb = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
     np.testing.assert_array_equal(_tile(rgb), rgb / 255.0)
+    rgba = np.concatenate([rgb, np.full((4, 4, 1), 7, np.uint8)], -1)
+    np.testing.assert_array_equal(_tile(rgba), rgb / 255.0)  # alpha dropped
     assert (_tile(np.zeros((3, 3))) == 0).all()  # a blank image, no division by zero
 
-    x, y = sample.x_test[:200], sample.y_test[:200]
-    probs = np.full((200, 10), 0.01)
-    probs[np.arange(200), (y + 1) % 10] = 0.91  # every digit confidently wrong
+    n = 200 if count else 0  # no mistakes: an empty test set too
+    x, y = sample.x_test[:n], sample.y_test[:n]
+    probs = np.full((n, 10), 0.01)
+    probs[np.arange(n), (y + 1) % 10] = 0.91  # every digit confidently wrong
     index = worst_mistakes(y, probs)[:count]
     path = save_mistakes(x, y, probs, index, sample.classes, tmp_path / "m.png", "test")
     with Image.open(path) as im:

@@ -82,7 +82,6 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     by = {(x["arch"], x["backend"]): x for x in records}
     jax_r, torch_r = by["cnn", "jax"], by["cnn", "torch"]  # the same model in both frameworks
     assert jax_r["params"] == torch_r["params"]
-    assert jax_r["flops_per_image"] == torch_r["flops_per_image"]
     assert jax_r["xla_flops_per_image"] > 0 and "xla_flops_per_image" not in torch_r
     # the tiny CNN's training FLOPs by hand: forward 2*MACs of two 3x3 convs and two linears,
     # backward twice that, except the first conv's input gradient (the image needs none)

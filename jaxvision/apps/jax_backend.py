@@ -22,7 +22,7 @@ from jaxvision.core.bench import BenchWorker, median_time
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import Dataset
 from jaxvision.core.results import RunResult
-from jaxvision.models import build_model
+from jaxvision.models import build_model, initializers
 from jaxvision.training import checkpoint, detection, parallel, trainer
 
 XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
@@ -127,7 +127,9 @@ class JaxBackend:
         imagenet = dataclasses.replace(model_cfg, num_classes=1000)
         model = nnx.eval_shape(lambda: build_model(imagenet, rngs=nnx.Rngs(0)))
         pretrained.load_into_flax(model, config.arch, config.weights, verbose=verbose)
-        head = nnx.Linear(model_cfg.hidden, model_cfg.num_classes, rngs=nnx.Rngs(params=key))
+        inits = dict(kernel_init=initializers.lecun_normal(), bias_init=initializers.zeros)
+        head = nnx.Linear(model_cfg.hidden, model_cfg.num_classes, rngs=nnx.Rngs(params=key),
+                          **inits)  # fmt: skip
         model.classifier[len(model.classifier) - 1] = head
         model.config = model_cfg
         return model

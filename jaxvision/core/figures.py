@@ -57,11 +57,12 @@ def save_confusion(cm: np.ndarray, classes, path: Path, title: str) -> Path:
 
 def _tile(image) -> np.ndarray:
     """One image as (H, W, 3) floats in [0, 1]: grey scaled to its own range (as imshow shows
-    it), colour as stored (uint8 / 255)."""
+    it), colour as stored (uint8 / 255; an alpha channel dropped)."""
     image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 3:
-        return image / 255.0 if image.dtype == np.uint8 else np.clip(image, 0.0, 1.0)
-    grey = image.reshape(image.shape[:2]).astype(np.float64)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        rgb = image[..., :3]
+        return rgb / 255.0 if image.dtype == np.uint8 else np.clip(rgb, 0.0, 1.0)
+    grey = image.reshape(image.shape[:2]).astype(np.float32)
     low, high = grey.min(), grey.max()
     grey = (grey - low) / (high - low) if high > low else np.zeros_like(grey)
     return np.repeat(grey[..., None], 3, -1)
@@ -76,10 +77,10 @@ def save_mistakes(images, labels, probs, index, classes, path: Path, title: str)
     plt = _pyplot()
     cols = 8
     rows = max(1, -(-len(index) // cols))
-    h, w = np.asarray(images[0]).shape[:2]
+    h, w = np.shape(images)[1:3]
     gap, top = max(h // 6, 2), max(h // 2, 8)  # between tiles; above each, for its caption
     cell_h, cell_w = top + h + gap, w + gap
-    mosaic = np.ones((rows * cell_h, cols * cell_w - gap, 3))  # white
+    mosaic = np.ones((rows * cell_h, cols * cell_w - gap, 3), np.float32)  # white
     width = 1.5 * cols  # inches; the height keeps the tiles square, with room for the title
     height = width * mosaic.shape[0] / mosaic.shape[1]
     fig = plt.figure(figsize=(width, height + 0.45))
@@ -91,7 +92,7 @@ def save_mistakes(images, labels, probs, index, classes, path: Path, title: str)
         pred = int(probs[i].argmax())
         caption = f"true {classes[labels[i]]}\npred {classes[pred]} {probs[i, pred]:.0%}"
         ax.text(x + w / 2, y - 1, caption, ha="center", va="bottom", fontsize=7, color="red")
-    ax.imshow(mosaic, interpolation="nearest")
+    ax.imshow(mosaic)  # matplotlib's default: nearest where tiles are enlarged, smoothed shrunk
     ax.axis("off")
     if len(index) == 0:
         ax.text(0.5, 0.5, "no mistakes", fontsize=10, transform=ax.transAxes)

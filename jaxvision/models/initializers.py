@@ -11,8 +11,10 @@ affine map), so the draw of n values is the first n values of a larger draw with
 `draw` therefore samples at a size class (the next power of two, and at least `FLOOR` elements,
 whose draw takes ~3 ms) and keeps the first n on the host; the scale is then one float32
 multiply in numpy, the same correctly rounded product XLA computes. The zeros and ones are made
-on the host too. parity_tests/test_initializers.py checks each initialiser against JAX's, and
-every model against its build with each parameter drawn at its own shape.
+on the host too. Past `CAP` values, under a trace, or for a generator without the prefix
+property, a draw is JAX's own at its own shape. parity_tests/test_initializers.py checks each
+initialiser against JAX's, and every model against its build with each parameter drawn at its own
+shape.
 """
 
 import math
@@ -22,12 +24,22 @@ import jax.numpy as jnp
 import numpy as np
 
 FLOOR = 2**18  # draws of fewer elements share one program; 2**18 normals take ~3 ms on a CPU
+# Larger parameters are drawn at their own shape: a power of two would draw up to twice the values
+# (VGG16's 103M-value fc1 as 134M) and hold them on the host, to save one 0.17 s compilation.
+CAP = 2**22
 EXACT = False  # True: draw at each parameter's own shape (JAX's way; the tests' reference)
+KINDS = ("normal", "uniform", "truncated_normal")
 
 
 def size_class(n: int) -> int:
     """The number of values actually drawn for n: the next power of two, at least FLOOR."""
     return max(FLOOR, 1 << max(n - 1, 0).bit_length())
+
+
+def canonical(dtype):
+    """The dtype JAX's initialisers draw in: its default float for None, and float64 as float32
+    unless x64 is on."""
+    return jax.dtypes.canonicalize_dtype(float if dtype is None else dtype)
 
 
 def _sample(kind: str, key: jax.Array, shape: tuple, dtype, low, high) -> jax.Array:
@@ -38,28 +50,46 @@ def _sample(kind: str, key: jax.Array, shape: tuple, dtype, low, high) -> jax.Ar
     return jax.random.truncated_normal(key, low, high, shape, dtype)
 
 
+def _threefry(key: jax.Array) -> bool:
+    """Whether `key` draws with threefry, whose partitionable form has the prefix property (a
+    typed key's own generator; a raw uint32 key the default one)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    return jax.config.jax_default_prng_impl == "threefry2x32"
+
+
 def draw(kind: str, key: jax.Array, shape, dtype, low=0.0, high=1.0) -> np.ndarray | jax.Array:
     """`jax.random.<kind>(key, shape, dtype, ...)`'s values: `normal`, `uniform` on [low, high),
-    or `truncated_normal` to (low, high). On the host, except under a trace (`nnx.eval_shape`,
-    `jit`), where the draw is JAX's own, at its own shape, in the one traced program."""
-    shape = tuple(shape)
+    or `truncated_normal` to (low, high).
+
+    By size class, on the host, where that gives JAX's values; otherwise JAX's own draw at its
+    own shape: under a trace (`nnx.eval_shape`, `jit`: one traced program either way), for a
+    generator other than partitionable threefry, and past `CAP` values."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown distribution {kind!r}; available: {', '.join(KINDS)}")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     n = math.prod(shape)
-    exact = EXACT or not jax.config.jax_threefry_partitionable  # no prefix property without it
-    if exact or isinstance(key, jax.core.Tracer):
-        return _sample(kind, key, shape, dtype, low, high)
-    return np.asarray(_sample(kind, key, (size_class(n),), dtype, low, high))[:n].reshape(shape)
+    exact = (EXACT or n > CAP or not jax.config.jax_threefry_partitionable
+             or not _threefry(key))  # fmt: skip
+    if not exact:
+        drawn = _sample(kind, key, (size_class(n),), dtype, low, high)
+        if not isinstance(drawn, jax.core.Tracer):  # a concrete key inside a trace is traced
+            values = np.asarray(drawn)[:n].reshape(shape)
+            return values if not key.committed else jax.device_put(values, key.sharding)
+    return _sample(kind, key, shape, dtype, low, high)
 
 
 def _scaled(values, factor) -> jax.Array:
-    """values * factor, factor rounded to the values' dtype first, as JAX promotes it."""
+    """values * factor, factor rounded to the values' dtype first, as JAX promotes it (in numpy
+    for a host draw: the same correctly rounded product)."""
     return jnp.asarray(values * np.asarray(factor, values.dtype))
 
 
 def normal(stddev: float):
     """jax.nn.initializers.normal(stddev)."""
 
-    def init(key, shape, dtype=jnp.float32):
-        return _scaled(draw("normal", key, shape, dtype), stddev)
+    def init(key, shape, dtype=None):
+        return _scaled(draw("normal", key, shape, canonical(dtype)), stddev)
 
     return init
 
@@ -67,18 +97,28 @@ def normal(stddev: float):
 def uniform_between(low: float, high: float):
     """`jax.random.uniform(key, shape, dtype, low, high)` as an initialiser."""
 
-    def init(key, shape, dtype=jnp.float32):
-        return jnp.asarray(draw("uniform", key, shape, dtype, low, high))
+    def init(key, shape, dtype=None):
+        return jnp.asarray(draw("uniform", key, shape, canonical(dtype), low, high))
 
     return init
+
+
+MODES = ("fan_in", "fan_out", "fan_avg")
 
 
 def variance_scaling(scale: float, mode: str, distribution: str):
     """jax.nn.initializers.variance_scaling(scale, mode, distribution) with its default axes:
     the input dimension second to last, the output dimension last, the rest receptive field."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
+    if distribution not in KINDS:
+        raise ValueError(f"unknown distribution {distribution!r}; available: {', '.join(KINDS)}")
 
-    def init(key, shape, dtype=jnp.float32):
-        shape = tuple(shape)
+    def init(key, shape, dtype=None):
+        dtype = canonical(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if len(shape) < 2:
+            raise ValueError(f"variance scaling needs a shape of rank 2 or more, got {shape}")
         receptive = math.prod(shape) / shape[-2] / shape[-1] / 1  # JAX's arithmetic, in order
         fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
         denominator = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
@@ -87,11 +127,9 @@ def variance_scaling(scale: float, mode: str, distribution: str):
             return _scaled(draw("normal", key, shape, dtype), np.sqrt(variance))
         if distribution == "uniform":
             return _scaled(draw("uniform", key, shape, dtype, -1.0), np.sqrt(3 * variance))
-        if distribution == "truncated_normal":
-            # the standard deviation of a standard normal truncated to (-2, 2), as JAX divides
-            stddev = np.sqrt(variance) / np.asarray(0.87962566103423978, dtype)
-            return _scaled(draw("truncated_normal", key, shape, dtype, -2.0, 2.0), stddev)
-        raise ValueError(f"unknown distribution {distribution!r}")
+        # the standard deviation of a standard normal truncated to (-2, 2), as JAX divides
+        stddev = np.sqrt(variance) / np.asarray(0.87962566103423978, dtype)
+        return _scaled(draw("truncated_normal", key, shape, dtype, -2.0, 2.0), stddev)
 
     return init
 
@@ -101,11 +139,11 @@ def lecun_normal():
     return variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def zeros(key, shape, dtype=jnp.float32) -> jax.Array:
+def zeros(key, shape, dtype=None) -> jax.Array:
     """jax.nn.initializers.zeros, made on the host (no compilation per shape)."""
-    return jnp.asarray(np.zeros(shape, dtype))
+    return jnp.asarray(np.zeros(shape, canonical(dtype)))
 
 
-def ones(key, shape, dtype=jnp.float32) -> jax.Array:
+def ones(key, shape, dtype=None) -> jax.Array:
     """jax.nn.initializers.ones, made on the host."""
-    return jnp.asarray(np.ones(shape, dtype))
+    return jnp.asarray(np.ones(shape, canonical(dtype)))

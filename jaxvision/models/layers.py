@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import dtypes
 from flax.nnx.nn.linear import canonicalize_padding
 
 from jaxvision.models import initializers
@@ -121,10 +122,10 @@ class Conv(nnx.Conv):
     `SMALL_MAP` pixels a side, with equal strides and no dilation or groups, computed as one
     matmul of the k*k shifted windows of the padded input against the kernel laid out
     (k*k*cin, cout). A convolution that sets anything the matmul does not compute (a kernel
-    mask, a compute dtype, a precision, a preferred element type) or whose input is not one
-    NHWC batch is nnx.Conv's own."""
+    mask, a compute dtype, a precision, a preferred element type, its own convolution or dtype
+    promotion, an output sharding) or whose input is not one NHWC batch is nnx.Conv's own."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         stride = self.strides if isinstance(self.strides, int) else self.strides[0]
         steps = (self.input_dilation, self.kernel_dilation)
         padding = canonicalize_padding(self.padding, 2)
@@ -138,15 +139,18 @@ class Conv(nnx.Conv):
             and self.dtype is None
             and self.precision is None
             and self.preferred_element_type is None
+            and self.conv_general_dilated is jax.lax.conv_general_dilated
+            and self.promote_dtype is dtypes.promote_dtype
+            and out_sharding is None
         )
         if not plain:
-            return super().__call__(x)
+            return super().__call__(x, out_sharding=out_sharding)
         (top, bottom), (left, right) = padding
         kh, kw = self.kernel_size
         out = ((x.shape[1] + top + bottom - kh) // stride + 1,
                (x.shape[2] + left + right - kw) // stride + 1)  # fmt: skip
         if max(out) > SMALL_MAP:
-            return super().__call__(x)
+            return super().__call__(x, out_sharding=out_sharding)
         bias = self.bias[...] if self.bias is not None else None
         return patch_conv(x, self.kernel[...], bias, padding, stride)
 
