@@ -243,6 +243,7 @@ def test_official_test_digits_saved_as_png_come_back_unchanged():
         ({"box_margin": 2}, "--box-margin does not apply here: it is faster_rcnn's"),
         ({"schedule": "constant", "warmup_epochs": 2.0}, "--warmup-epochs does not apply here"),
         ({"feature_lr": 1e-4, "arch": "vgg16"}, "--feature-lr does not apply here"),
+        ({"arch": "vit", "preset": "huge"}, "unknown --preset 'huge' for vit; available:"),
     ],
 )
 def test_every_flag_is_validated_with_its_own_name(fields, message):

@@ -115,6 +115,9 @@ def test_benchmark_summary_names_each_jax_workers_flags_where_they_differ():
         (["--archs", "resnet"], "unknown --arch 'resnet'"),
         (["--backends", "tensorflow"], "unknown backend 'tensorflow' in --backends"),
         (["--steps", "0"], "--steps must be at least 1"),
+        # Checked for every configuration before any worker starts:
+        (["--archs", "vit,cnn", "--preset", "micro"], "unknown --preset 'micro' for cnn"),
+        (["--archs", "vgg16", "--image-size", "8"], "vgg16 needs --image-size of at least 32"),
     ],
 )
 def test_benchmark_bad_requests_are_one_line_exit_2(args, message):

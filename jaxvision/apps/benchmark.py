@@ -357,6 +357,8 @@ def benchmark(args: argparse.Namespace) -> None:
         names = sorted({BACKEND_NAMES[backends.entry(b).trains] for b in backend_names})
         raise UserError(f"nothing to measure: the {' and '.join(names)} backend has no "
                         f"{', '.join(archs)}")  # fmt: skip
+    for spec in specs:  # a bad --preset, --recipe or --image-size, before any worker starts
+        train_config(spec)
 
     print(
         f"benchmark on {describe_host()}: {len(specs)} configurations, batch "

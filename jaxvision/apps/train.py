@@ -128,7 +128,6 @@ def train(config: TrainConfig) -> dict:
     for note in config.notes:
         print(f"note: {note}")
     backend = backends.get(config.backend)
-    config.arch_spec.preset(config.preset)  # fail on a bad preset before loading data
     backend.check(config)  # missing weights, the device request: before the data is loaded
     if config.save_attention and not config.arch_spec.attention:
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")

@@ -305,6 +305,7 @@ class TrainConfig:
                 f"--arch {self.arch} has no {name} backend: {why}; use --backend "
                 f"{arch.backends[0]} ({name} trains {others})"
             )
+        arch.preset(self.preset)  # a bad preset fails here, before any data loads
         if arch.detector:
             self._check_detector()
         if self.optimizer not in OPTIMIZERS:

@@ -36,6 +36,11 @@ def size_class(n: int) -> int:
     return max(FLOOR, 1 << max(n - 1, 0).bit_length())
 
 
+def as_shape(shape) -> tuple:
+    """A shape as JAX's initialisers take it: an int or a sequence of ints."""
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
 def canonical(dtype):
     """The dtype JAX's initialisers draw in: its default float for None, and float64 as float32
     unless x64 is on."""
@@ -67,7 +72,7 @@ def draw(kind: str, key: jax.Array, shape, dtype, low=0.0, high=1.0) -> np.ndarr
     generator other than partitionable threefry, and past `CAP` values."""
     if kind not in KINDS:
         raise ValueError(f"unknown distribution {kind!r}; available: {', '.join(KINDS)}")
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    shape = as_shape(shape)
     n = math.prod(shape)
     exact = (EXACT or n > CAP or not jax.config.jax_threefry_partitionable
              or not _threefry(key))  # fmt: skip
@@ -116,7 +121,7 @@ def variance_scaling(scale: float, mode: str, distribution: str):
 
     def init(key, shape, dtype=None):
         dtype = canonical(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = as_shape(shape)
         if len(shape) < 2:
             raise ValueError(f"variance scaling needs a shape of rank 2 or more, got {shape}")
         receptive = math.prod(shape) / shape[-2] / shape[-1] / 1  # JAX's arithmetic, in order
