@@ -193,6 +193,18 @@ def test_resume_needs_a_checkpoint(tmp_path, capsys):
     assert code == 2 and "no checkpoint in" in capsys.readouterr().err
 
 
+def test_step_numbered_folders_that_are_not_checkpoints_are_named(tmp_path, capsys):
+    """A folder of years is not a run to --resume: the message says so, without suggesting it."""
+    for year in ("2023", "2024"):
+        (tmp_path / "photos" / year).mkdir(parents=True)
+    code = cli.main([*CNN, "--checkpoint-dir", str(tmp_path / "photos")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds step-numbered folders that are not intact checkpoints" in err
+    assert "(2023, 2024; " in err and "--resume" not in err
+    assert err.endswith("2024 has no MANIFEST.json: its save did not finish, or it is not a "
+                        "jaxvision checkpoint); choose another --checkpoint-dir\n")  # fmt: skip
+
+
 def _train_subprocess(*args, env=None):
     return subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -331,6 +343,25 @@ def test_export_between_frameworks(runs, tmp_path, digits):
         cli.train(cli.config_from_args(cli.build_parser().parse_args(
             [*CNN, "--checkpoint-dir", str(tmp_path / "t-as-jax"),
              "--resume"])))  # fmt: skip
+
+
+def test_export_refuses_a_destination_it_cannot_write(runs, tmp_path, capsys):
+    from jaxvision.apps import export
+
+    src = str(runs["tmp"] / "straight")
+    (tmp_path / "empty.pth").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    cases = {
+        tmp_path / "empty.pth": "is a folder; give a file name",
+        tmp_path / "notes.txt" / "cnn.pth": "notes.txt is a file; choose a folder you can write to",
+        tmp_path
+        / "notes.txt"
+        / "as-torch": "notes.txt is a file; choose a folder you can write to",
+    }
+    for dst, message in cases.items():
+        assert export.main([src, str(dst)]) == 2, dst
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: DST {dst}") and err.endswith(message + "\n"), err
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -1,5 +1,6 @@
 """Data loading: IDX round trips on real digits, every bad-input case, the sample split, order."""
 
+import dataclasses
 import gzip
 import hashlib
 import shutil
@@ -128,6 +129,37 @@ def test_tfds_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
     with pytest.raises(DataError, match=r"TFDS has no prepared 'mnist' .* is unreachable"):
         data.load_dataset("mnist", source="tfds", tfds_data_dir=tmp_path, verbose=False)
+
+
+def test_tfds_data_dir_is_never_dropped(tmp_path, monkeypatch):
+    """--tfds-data-dir names TFDS: with the default source an empty one is TFDS's error, not the
+    bundled sample; with another source, or beside --data-dir, it is refused."""
+    monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(DataError, match=r"TFDS has no prepared 'mnist' under"):
+        data.load_dataset("mnist", tfds_data_dir=tmp_path, verbose=False)
+    for source in ("sample", "synthetic", "idx", "sample-split"):
+        with pytest.raises(DataError, match=rf"--tfds-data-dir is for TFDS; .* {source}$"):
+            data.load_dataset("mnist", source=source, tfds_data_dir=tmp_path, verbose=False)
+    with pytest.raises(DataError, match=r"--data-dir \(IDX files\) and --tfds-data-dir"):
+        data.load_dataset("mnist", data_dir=tmp_path, tfds_data_dir=tmp_path, verbose=False)
+
+
+def test_the_sample_for_another_dataset_names_where_its_files_are(tmp_path, monkeypatch):
+    fashion = data.DATASETS["fashion_mnist"]
+    cases = {
+        tmp_path / "absent": " (Debian: apt-get install dataset-fashion-mnist)",
+        tmp_path: f", e.g. {tmp_path}",
+    }
+    for system_dir, hint in cases.items():
+        spec = dataclasses.replace(fashion, system_dir=str(system_dir))
+        monkeypatch.setitem(data.DATASETS, "fashion_mnist", spec)
+        for source in ("sample", "sample-split"):
+            with pytest.raises(DataError) as e:
+                data.load_dataset("fashion_mnist", source=source, verbose=False)
+            assert str(e.value) == (
+                "the bundled sample holds MNIST digits only, not fashion_mnist; pass --data-dir "
+                "DIR with its IDX files" + hint
+            )
 
 
 def test_host_probe_fails_fast_for_an_unresolvable_host():

@@ -258,6 +258,8 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
         torch_pretrained.find_weights("vgg16")
     with pytest.raises(UserError, match=r"--weights .*nope.pth does not exist"):
         torch_pretrained.find_weights("vgg16", tmp_path / "nope.pth")
+    with pytest.raises(UserError, match=r"--weights .* is a folder; pass the .pth file in it"):
+        torch_pretrained.find_weights("vgg16", tmp_path)
 
 
 def test_weights_file_loads_converts_and_caches(tmp_path):
@@ -284,8 +286,17 @@ def test_weights_file_loads_converts_and_caches(tmp_path):
     with pytest.raises(convert.ConversionError, match=r"state_dict leaves 1 variable.*\['extra'\]"):
         pretrained.load_into_flax(model, "alexnet", path, cache_dir=cache, verbose=False)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict"):
+    with pytest.raises(UserError, match=r"junk.pth: not a readable torch state_dict") as e:
         torch_pretrained.load_state_dict(tmp_path / "junk.pth")
+    assert "\n" not in str(e.value) and str(e.value).endswith("or pass a torchvision .pth")
+    torch.save({"f": print}, tmp_path / "objects.pth")  # a global weights-only loading refuses
+    with pytest.raises(UserError) as e:
+        torch_pretrained.load_state_dict(tmp_path / "objects.pth")
+    assert str(e.value) == (
+        f"{tmp_path / 'objects.pth'}: not a readable torch state_dict (weights-only loading "
+        "refused it: Unsupported global: GLOBAL print was not an allowed global by default); "
+        "download it again, or pass a torchvision .pth"
+    )  # torch's page of text, and its advice to load the file unsafely, left out
 
 
 def test_a_pretrained_run_starts_from_the_weights_with_a_new_head(tmp_path, monkeypatch, sample):

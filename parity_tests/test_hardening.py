@@ -170,6 +170,50 @@ def test_image_reader_on_random_modes_sizes_and_depths(tmp_path_factory, mode, w
     assert out.shape == (28, 28) and out.dtype == np.uint8
 
 
+def test_a_tiff_with_any_tag_retyped_reads_or_is_a_per_file_error(tmp_path):
+    """Each entry of a TIFF's directory given another field type (a damaged file): Pillow fails
+    in many ways while decoding (a rational strip offset is a TypeError inside `load`); each is
+    this file's UserError, never another exception."""
+    a = np.zeros((40, 30), np.uint8)
+    a[5:35, 12:18] = 200
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "TIFF")
+    tiff = buf.getvalue()
+    assert tiff[:2] == b"II"
+    ifd = struct.unpack_from("<I", tiff, 4)[0]
+    outcomes = set()
+    for i in range(struct.unpack_from("<H", tiff, ifd)[0]):
+        for field_type in (1, 2, 5, 8, 9, 10, 11, 12):  # byte, ascii, rational, signed, floats
+            damaged = bytearray(tiff)
+            struct.pack_into("<H", damaged, ifd + 2 + 12 * i + 2, field_type)
+            path = tmp_path / "scan.tif"
+            path.write_bytes(damaged)
+            try:
+                grey = images.read_grey(path)
+            except UserError as e:
+                assert str(e).startswith(f"{path}: "), e
+                outcomes.add("error")
+                continue
+            assert images.prepare(grey).dtype == np.uint8
+            outcomes.add("read")
+    assert outcomes == {"error", "read"}
+
+
+@pytest.mark.parametrize("peak", [1e-45, 1e-40, 1e-37, 1e-30, 1e-3])
+def test_a_faint_float_image_prepares_without_overflow(tmp_path, peak):
+    """A float TIFF whose brightest value is tiny (a subnormal): 255 / peak overflows float32,
+    and inf * 0 made NaN pixels. Too faint to scale, it is blank; any other is stretched."""
+    a = np.zeros((40, 30), np.float32)
+    a[5:35, 12:18] = peak
+    Image.fromarray(a).save(tmp_path / "faint.tif")
+    grey = images.read_grey(tmp_path / "faint.tif")
+    with np.errstate(all="raise"):
+        out = images.prepare(grey)
+    assert images.is_blank(grey)
+    scalable = float(grey.max()) * float(np.finfo(np.float32).max) >= 255.0
+    assert out.max() == (255 if scalable else 0), (peak, float(grey.max()))
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     """A dark-on-light 16-bit scan keeps its grey levels (Pillow's own conversion to 8 bits
     leaves only 0 and 255)."""

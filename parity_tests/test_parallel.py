@@ -125,6 +125,21 @@ def test_a_batch_the_default_split_does_not_divide_trains_on_fewer_devices(train
     assert "| cpu x5 |" in p.stdout
 
 
+@pytest.mark.parametrize("address", ["notahost", "host:", ":1234", "host:99999", "host:http"])
+def test_a_coordinator_address_without_a_port_is_named(address, monkeypatch):
+    """Checked before jax.distributed.initialize, whose own parsing raised an IndexError."""
+    with pytest.raises(UserError, match=rf"--coordinator-address '{address}' is not host:port"):
+        parallel.init_distributed(address, 2, 0)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", address)
+    with pytest.raises(UserError, match=rf"JAX_COORDINATOR_ADDRESS '{address}' is not host:port"):
+        parallel.init_distributed(None, 2, 0)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1:1234", "localhost:65535", "[::1]:1234"])
+def test_a_host_port_coordinator_address_passes_the_check(address):
+    parallel.check_coordinator(address, "--coordinator-address")  # raises nothing
+
+
 def free_port() -> int:
     import socket
 

@@ -107,6 +107,11 @@ def test_cli_prints_per_file_and_json_and_survives_a_bad_file(trained, tmp_path,
 def test_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):
     assert predict.main(["--checkpoint", str(tmp_path), "x.png"]) == 2
     assert "holds no finished checkpoint" in capsys.readouterr().err
+    (tmp_path / "model.pth").write_bytes(b"")  # --save-weights' file, mistaken for a folder
+    assert predict.main(["--checkpoint", str(tmp_path / "model.pth"), "x.png"]) == 2
+    assert "model.pth is a file, not a checkpoint folder; pass a --checkpoint-dir" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_run_writes_its_confusion_matrix_and_mistakes(trained):
@@ -151,6 +156,17 @@ def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "error: the test images are 14x14x1, but" in err and "trained on 28x28x1" in err
+
+
+def test_evaluate_refuses_an_unwritable_out_before_scoring(trained, tmp_path, capsys, monkeypatch):
+    from jaxvision.apps import evaluate
+
+    (tmp_path / "metrics.json").write_text("{}")
+    monkeypatch.setattr(evaluate.data, "load_dataset", lambda *a, **k: pytest.fail("loaded"))
+    code = evaluate.main(["--checkpoint", str(trained[0] / "ckpt"), "--quiet",
+                          "--out", str(tmp_path / "metrics.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'metrics.json'} cannot be "), err
 
 
 @pytest.mark.parametrize("count", [0, 5, 32])

@@ -118,6 +118,9 @@ def test_benchmark_summary_names_each_jax_workers_flags_where_they_differ():
         # Checked for every configuration before any worker starts:
         (["--archs", "vit,cnn", "--preset", "micro"], "unknown --preset 'micro' for cnn"),
         (["--archs", "vgg16", "--image-size", "8"], "vgg16 needs --image-size of at least 32"),
+        (["--archs", "cnn", "--json", "/"], "--json / is a folder; give a file name"),
+        (["--archs", ","], "--archs is empty; name one or more of cnn, vit, vgg16"),
+        (["--backends="], "--backends is empty; name one or more of jax, torch"),
     ],
 )
 def test_benchmark_bad_requests_are_one_line_exit_2(args, message):
@@ -185,6 +188,48 @@ def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, message):
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("test_accuracy", None),
+        ("test_accuracy", 97.4),
+        ("params", "6794"),
+        ("params", 0),
+        ("train_time_s", float("nan")),
+        ("train_loss", True),
+        ("arch", 3),
+    ],  # fmt: skip
+)
+def test_compare_names_a_damaged_field_in_one_line(tmp_path, capsys, field, value):
+    from jaxvision.apps import report
+
+    record = {**_metrics("cnn", "jax", 0.974, 22.1, 421642), field: value}
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'metrics.json'}: a damaged metrics.json ({field}: "
+                   f"{json.dumps(value)}); train that run again\n")  # fmt: skip
+    assert not (tmp_path / "rep").exists()
+
+
+def test_compare_output_paths_and_a_parent_folder_are_one_line(tmp_path, capsys):
+    from jaxvision.apps import report
+
+    run = tmp_path / "runs" / "cnn-jax"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(_metrics("cnn", "jax", 0.974, 22.1, 421642)))
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 2
+    runs = tmp_path / "runs"
+    assert capsys.readouterr().err == (
+        f"error: {runs} holds no metrics.json, but its folders do; pass them: {runs / '*'}\n"
+    )
+    assert report.main([str(run), "--out", str(run / "metrics.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {run / 'metrics.json'} cannot be created: ") and (
+        err.endswith("is a file; choose a folder you can write to\n")
+    )
+
+
 def test_run_lab_dry_run_lists_every_arch_and_backend():
     r = script("run_lab.py", "--dry-run", "--out", "lab", timeout=120)
     assert r.returncode == 0, r.stderr
@@ -203,6 +248,28 @@ def test_run_lab_refuses_flags_that_one_arch_would_refuse_before_training(tmp_pa
     assert r.stderr.startswith("error: train.py --arch cnn --backend jax: --image-size does not "
                                "apply here")  # fmt: skip
     assert not (tmp_path / "lab").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--archs", "cnn", "--", "--arch", "vit"], "--arch after -- would override the lab's"),
+        (["--", "--out", "x", "--backend=torch"], "--backend, --out after -- would override"),
+        (["--epochs", "1"], "unrecognized arguments: --epochs (train.py's flags go after --, "),
+    ],
+)
+def test_run_lab_refuses_flags_it_sets_itself_and_points_train_flags_after_the_dashes(
+    tmp_path, capsys, argv, message
+):
+    from jaxvision.apps import lab
+
+    try:
+        code = lab.main(["--out", str(tmp_path / "lab"), *argv])
+    except SystemExit as e:  # argparse's own usage errors exit
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert not (tmp_path / "lab").exists()
 
 
 def test_run_lab_trains_and_reports_end_to_end(tmp_path):

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxvision.apps import backends  # noqa: E402
-from jaxvision.core import data, detection  # noqa: E402
+from jaxvision.core import data, detection, flags  # noqa: E402
 from jaxvision.core.archs import config_from_dict  # noqa: E402
 from jaxvision.core.errors import UserError, exit_code  # noqa: E402
 from jaxvision.core.model_configs import FasterRCNNConfig  # noqa: E402
@@ -158,6 +158,8 @@ def timed(fn, *args) -> float:
 def profile(args: argparse.Namespace) -> None:
     if args.images < 1 or args.repeats < 1:
         raise UserError("--images and --repeats must be at least 1")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
     fm, tm = twin_models(args.checkpoint, args.seed)
     images, labels = (a[: args.images] for a in data.load_official_mnist_test())
     where = args.checkpoint or f"untrained, seed {args.seed}"
@@ -190,7 +192,7 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = flags.Parser(prog="profile_detector.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint",
         metavar="DIR",

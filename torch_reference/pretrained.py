@@ -14,6 +14,9 @@ converts them to Flax (`jaxvision.interop.pretrained`).
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,6 +53,8 @@ def find_weights(arch: str, weights: str | os.PathLike | None = None) -> Path:
         raise UserError(f"--pretrained: torchvision has no weights for {arch} (it has for {have})")
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise UserError(f"--weights {path} is a folder; pass the .pth file in it")
         if not path.is_file():
             raise UserError(f"--weights {path} does not exist")
         return path
@@ -69,10 +74,22 @@ def find_weights(arch: str, weights: str | os.PathLike | None = None) -> Path:
 
 def load_state_dict(path: Path) -> dict:
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated download, a pickle of something else, ...
+        with warnings.catch_warnings():  # torch warns of pickle protocols before it fails
+            warnings.simplefilter("ignore", UserWarning)
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # junk bytes, or objects other than tensors
+        # torch's own message runs to a page and advises weights_only=False: only its reason
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        reason = found.group(1).split(". ")[0].strip() if found else "not a weights file"
         raise UserError(
-            f"{path}: not a readable torch state_dict ({type(e).__name__}: {e})"
+            f"{path}: not a readable torch state_dict (weights-only loading refused it: "
+            f"{reason}); download it again, or pass a torchvision .pth"
+        ) from None
+    except Exception as e:  # a truncated download, a zip of something else, ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"{path}: not a readable torch state_dict ({type(e).__name__}: {first}); download it "
+            "again, or pass a torchvision .pth"
         ) from None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict")

@@ -32,11 +32,11 @@ import numpy as np
 
 from jaxvision.apps import backends
 from jaxvision.core import data, flags
-from jaxvision.core.archs import get_arch
+from jaxvision.core.archs import ARCHS, get_arch
 from jaxvision.core.bench import peak_host_mb
 from jaxvision.core.config import BACKEND_NAMES, TrainConfig
 from jaxvision.core.errors import RunFailed, UserError, exit_code
-from jaxvision.core.results import describe_host
+from jaxvision.core.results import describe_host, probe_writable_file
 
 BACKENDS = tuple(backends.REGISTRY)
 RECORD_KEYS = (
@@ -311,15 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="benchmark.py",
         description="Training and inference throughput of each arch in each backend, measured "
         "side by side in one run (interleaved repeats, medians).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--archs", default="cnn,vit", help="comma-separated archs")
-    p.add_argument(
-        "--backends", default="jax,torch", help=f"comma-separated, from {', '.join(BACKENDS)}"
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size, every arch")
-    p.add_argument("--steps", type=int, default=20, help="training steps per measurement")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved measurements per backend")
+    )  # each help names its default once (ArgumentDefaultsHelpFormatter repeated them)
+    p.add_argument("--archs", default="cnn,vit",
+                   help=f"comma-separated, from {', '.join(ARCHS)} (default: cnn,vit)")  # fmt: skip
+    p.add_argument("--backends", default="jax,torch",
+                   help=f"comma-separated, from {', '.join(BACKENDS)} "
+                   "(default: jax,torch)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="training batch size, every arch (default: 128)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=20,
+                   help="training steps per measurement (default: 20)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved measurements per backend (default: 5)")  # fmt: skip
     p.add_argument(
         "--image-size",
         type=int,
@@ -337,6 +340,10 @@ def benchmark(args: argparse.Namespace) -> None:
     """Measures what `args` asks for and prints (and writes) the table."""
     archs = [a for a in args.archs.split(",") if a]
     backend_names = [b for b in args.backends.split(",") if b]
+    if not archs:
+        raise UserError(f"--archs is empty; name one or more of {', '.join(ARCHS)}")
+    if not backend_names:
+        raise UserError(f"--backends is empty; name one or more of {', '.join(BACKENDS)}")
     for arch in archs:
         get_arch(arch)
     for b in backend_names:
@@ -359,6 +366,8 @@ def benchmark(args: argparse.Namespace) -> None:
                         f"{', '.join(archs)}")  # fmt: skip
     for spec in specs:  # a bad --preset, --recipe or --image-size, before any worker starts
         train_config(spec)
+    if args.json:
+        probe_writable_file(Path(args.json), "--json")
 
     print(
         f"benchmark on {describe_host()}: {len(specs)} configurations, batch "

@@ -22,7 +22,7 @@ from sklearn.metrics import f1_score
 from jaxvision.apps import backends
 from jaxvision.core import data, figures, flags
 from jaxvision.core.errors import UserError, exit_code
-from jaxvision.core.results import describe_host
+from jaxvision.core.results import describe_host, probe_writable
 
 
 def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
@@ -42,6 +42,8 @@ def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     backend, path, meta = backends.for_classifier_checkpoint(args.checkpoint, "evaluate.py")
+    out = Path(args.out)
+    probe_writable(out, "--out")  # before the test set is scored, not after
     name = args.dataset or meta["dataset"]
     if name not in data.DATASETS:
         raise UserError(f"unknown --dataset {name!r}; available: {', '.join(data.DATASETS)}")
@@ -80,7 +82,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     title = f"{meta['arch']} ({meta['preset']}), {backend.name}, {ds.name}: {path}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxvision.apps import backends
-from jaxvision.core import flags
+from jaxvision.core import flags, results
 from jaxvision.core.archs import get_arch
 from jaxvision.core.errors import UserError, exit_code
 from torch_reference.checkpoint import save_state_dict
@@ -29,6 +29,10 @@ def export(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise UserError(f"{dst} already exists; give a new path")
+    if dst.suffix in (".pth", ".pt"):
+        results.probe_writable_file(dst, "DST")
+    else:
+        results.probe_writable(dst, "DST")
     state_dict = source.torch_state_dict(source.load_model(path, meta))
     if dst.suffix in (".pth", ".pt"):
         return save_state_dict(state_dict, dst)

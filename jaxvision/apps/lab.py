@@ -24,7 +24,7 @@ from pathlib import Path
 from jaxvision.apps import train
 from jaxvision.core import flags, report
 from jaxvision.core.archs import ARCHS
-from jaxvision.core.config import BACKENDS
+from jaxvision.core.config import BACKENDS, TrainConfig
 from jaxvision.core.errors import RunFailed, UserError, exit_code
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,17 +55,33 @@ def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> 
     return cmds
 
 
-def check_flags(argv: list[str]) -> None:
-    """A UserError naming the run when train.py would refuse its flags (a flag after `--` that
-    does not apply to one of the archs, say)."""
+LAB_SETS = ("arch", "backend", "out")  # per run, from --archs, --backends and --out
 
+
+def _train_parser() -> argparse.ArgumentParser:
     def refuse(message: str):
         raise UserError(message)
 
     parser = train.build_parser()
     parser.error = refuse  # argparse's usage errors as a UserError, not an exit
+    return parser
+
+
+def check_extra(extra: list[str]) -> None:
+    """A UserError when the flags after `--` set what the lab sets for each run (a later flag
+    would win: a ViT trained into the CNN's folder)."""
+    given = flags.values(_train_parser().parse_args(extra), TrainConfig)
+    owned = [name for name in LAB_SETS if name in given]
+    if owned:
+        raise UserError(f"{', '.join('--' + n for n in owned)} after -- would override the lab's "
+                        "own; use run_lab.py's --archs, --backends and --out")  # fmt: skip
+
+
+def check_flags(argv: list[str]) -> None:
+    """A UserError naming the run when train.py would refuse its flags (a flag after `--` that
+    does not apply to one of the archs, say)."""
     try:
-        train.config_from_args(parser.parse_args(argv))
+        train.config_from_args(_train_parser().parse_args(argv))
     except UserError as e:
         raise UserError(f"train.py {' '.join(argv[:4])}: {e}") from None
 
@@ -85,6 +101,7 @@ def run_lab(args: argparse.Namespace) -> None:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     for cmd in commands(archs, backends, Path("runs"), args.pretrained, extra):
         check_flags(cmd[2:])  # every run's flags, before the first one trains
+    check_extra(extra)  # after: an unknown flag is named with the run that refuses it
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
     cmds = commands(archs, backends, out, args.pretrained, extra)
@@ -132,5 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs=argparse.REMAINDER,
         help="after --: flags passed to every train.py run (e.g. -- --dataset fashion_mnist)",
     )
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # most likely train.py's flags, given before the `--`
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (train.py's flags go after --, "
+                f"e.g. run_lab.py -- {unknown[0]} ...)")  # fmt: skip
     return exit_code(lambda: run_lab(args))

@@ -8,6 +8,7 @@ from pathlib import Path
 from jaxvision.core import flags
 from jaxvision.core.errors import exit_code
 from jaxvision.core.report import load_runs, write_report
+from jaxvision.core.results import probe_writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def report():
-        paths = write_report(load_runs(args.runs), Path(args.out))
+        runs = load_runs(args.runs)
+        probe_writable(Path(args.out), "--out")
+        paths = write_report(runs, Path(args.out))
         print(paths["md"].read_text(), end="")
         for path in paths.values():
             print(f"wrote {path}", file=sys.stderr)

@@ -179,7 +179,13 @@ class Checkpoints:
             raise UserError(f"--checkpoint-dir {directory} is a file; give a folder")
         good, damaged = intact_steps(directory)
         if not config.resume:
-            if good or damaged:
+            if damaged and not good:  # nothing --resume could continue from
+                raise UserError(
+                    f"--checkpoint-dir {directory} holds step-numbered folders that are not "
+                    f"intact checkpoints ({', '.join(map(str, damaged))}; "
+                    f"{damaged[max(damaged)]}); choose another --checkpoint-dir"
+                )
+            if good:
                 raise UserError(
                     f"{directory} already holds checkpoints (latest intact: "
                     f"{describe_folder(cls, directory)}); "
@@ -288,6 +294,9 @@ def latest_step(directory: str | Path) -> tuple[Path, str]:
     UserError saying what is wrong (damage, naming the newest intact checkpoint to use instead).
     The folder comes back absolute: orbax reads only absolute paths."""
     directory = Path(directory).absolute()
+    if directory.is_file():
+        raise UserError(f"{directory} is a file, not a checkpoint folder; pass a --checkpoint-dir "
+                        "that train.py wrote")  # fmt: skip
     if not directory.is_dir():
         raise UserError(f"checkpoint folder {directory} does not exist; pass a --checkpoint-dir "
                         "that train.py wrote")  # fmt: skip

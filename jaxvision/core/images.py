@@ -61,8 +61,12 @@ def read_grey(path: str | Path) -> np.ndarray:
     except Image.DecompressionBombError:
         raise UserError(f"{path}: over the limit of {MAX_PIXELS:,} pixels (a decompression "
                         "bomb guard); downscale it first") from None  # fmt: skip
+    except UserError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read it as an image ({e})") from None
+    except Exception as e:  # a damaged file can fail anywhere in a decoder (Pillow's TIFF tags)
+        raise UserError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
 
 
 def _wide_grey(im: Image.Image) -> np.ndarray:
@@ -126,8 +130,8 @@ def prepare(grey: np.ndarray, size: int = 28, fit: str = "digit") -> np.ndarray:
         return np.clip(g, 0.0, 255.0).round().astype(np.uint8)
     g = np.clip(g - background, 0.0, None)
     peak = float(g.max())
-    if peak <= 0.0:
-        return np.zeros((size, size), np.uint8)  # blank: nothing to centre
+    if peak * float(np.finfo(np.float32).max) < 255.0:  # blank, or too faint for float32
+        return np.zeros((size, size), np.uint8)  # nothing to centre
     g = g * (255.0 / peak)
     if fit == "none":
         return np.clip(_resize(g, size, size), 0, 255).round().astype(np.uint8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from jaxvision.core.errors import UserError
@@ -51,6 +52,9 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:
+            if p.is_dir() and any(p.glob("*/metrics.json")):
+                raise UserError(f"{p} holds no metrics.json, but its folders do; pass them: "
+                                f"{p / '*'}") from None  # fmt: skip
             raise UserError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: not a readable metrics.json ({e})") from None
@@ -59,9 +63,24 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
         missing = [k for k in NEEDED if k not in record]
         if missing:
             raise UserError(f"{path}: not a train.py metrics.json (missing {', '.join(missing)})")
+        wrong = [k for k in NEEDED if not _valid(k, record[k])]
+        if wrong:
+            shown = ", ".join(f"{k}: {json.dumps(record[k])}" for k in wrong)
+            raise UserError(f"{path}: a damaged metrics.json ({shown}); train that run again")
         record["_path"] = str(path)
         runs.append(record)
     return runs
+
+
+def _valid(key: str, value) -> bool:
+    """Whether a NEEDED value has the type (and range) train.py writes."""
+    if key in ("arch", "backend", "dataset"):
+        return isinstance(value, str) and bool(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    if key == "params":
+        return isinstance(value, int) and value > 0
+    return value >= 0 and (value <= 1 or key not in ("test_accuracy", "test_f1_macro"))
 
 
 def model_name(record: dict) -> str:

@@ -198,6 +198,14 @@ def probe_writable(folder: Path, flag: str) -> None:
                         "can write to") from None  # fmt: skip
 
 
+def probe_writable_file(path: Path, flag: str) -> None:
+    """`probe_writable` for a file to be written at `path`: a UserError now if it is a folder,
+    or its folder could not be created or written."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    probe_writable(path.parent, f"{flag} {path}: its folder")
+
+
 RESULTS_COLUMNS = (
     "model",
     "backend",

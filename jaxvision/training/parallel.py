@@ -39,6 +39,10 @@ DATA_AXIS = "data"
 
 def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
     """Joins a multi-process JAX run. Call once, before anything touches a device."""
+    if coordinator is not None:
+        check_coordinator(coordinator, "--coordinator-address")
+    elif "JAX_COORDINATOR_ADDRESS" in os.environ:
+        check_coordinator(os.environ["JAX_COORDINATOR_ADDRESS"], "JAX_COORDINATOR_ADDRESS")
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # CPU hosts: all-reduce via gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -49,6 +53,15 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
             "--coordinator-address, --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS, "
             "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
         ) from None
+
+
+def check_coordinator(address: str, named: str) -> None:
+    """A UserError unless `address` is host:port (an IPv6 host in brackets), which
+    jax.distributed.initialize splits at the last colon (an IndexError without one)."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"{named} {address!r} is not host:port; give process 0's address and a "
+                        "free port, e.g. 10.0.0.1:1234")  # fmt: skip
 
 
 def is_primary() -> bool:
