@@ -132,11 +132,14 @@ def test_tfds_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_tfds_data_dir_is_never_dropped(tmp_path, monkeypatch):
-    """--tfds-data-dir names TFDS: with the default source an empty one is TFDS's error, not the
-    bundled sample; with another source, or beside --data-dir, it is refused."""
-    monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(DataError, match=r"TFDS has no prepared 'mnist' under"):
+    """--tfds-data-dir names TFDS: with the default source (which never touches the network) an
+    empty one is an error, not the bundled sample; with another source, or beside --data-dir,
+    it is refused."""
+    monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: pytest.fail("network"))
+    with pytest.raises(DataError) as e:
         data.load_dataset("mnist", tfds_data_dir=tmp_path, verbose=False)
+    assert str(e.value) == (f"--tfds-data-dir {tmp_path} holds no prepared 'mnist'; add "
+                            "--data-source tfds to download it there")  # fmt: skip
     for source in ("sample", "synthetic", "idx", "sample-split"):
         with pytest.raises(DataError, match=rf"--tfds-data-dir is for TFDS; .* {source}$"):
             data.load_dataset("mnist", source=source, tfds_data_dir=tmp_path, verbose=False)

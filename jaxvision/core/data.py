@@ -24,8 +24,9 @@ Sources (`source=`):
            random pattern per class, half of each image, and noise the other half. Not digits:
            for speed figures where MNIST's 60,000 training digits are not at hand (an epoch of
            the full set's size); its accuracy says only that the model learns.
-  auto     Never touches the network: `data_dir` if given, then Debian's Fashion-MNIST folder,
-           then a prepared TFDS dataset, then (MNIST only) the sample.
+  auto     Never touches the network: `data_dir` if given, then the prepared TFDS dataset in
+           `tfds_data_dir` if given (else an error), then Debian's Fashion-MNIST folder, then a
+           prepared TFDS dataset, then (MNIST only) the sample.
 """
 
 from __future__ import annotations
@@ -253,8 +254,11 @@ def load_dataset(
 def _resolve_auto(spec: DatasetSpec, data_dir, tfds_data_dir) -> str:
     if data_dir is not None:
         return "idx"
-    if tfds_data_dir is not None:  # asked for by name: TFDS, or its own error, never the sample
-        return "tfds"
+    if tfds_data_dir is not None:  # asked for by name: its prepared copy, never the sample
+        if _tfds_prepared(spec, tfds_data_dir):
+            return "tfds"
+        raise DataError(f"--tfds-data-dir {tfds_data_dir} holds no prepared {spec.tfds_name!r}; "
+                        "add --data-source tfds to download it there")  # fmt: skip
     if spec.system_dir and Path(spec.system_dir).is_dir():
         return "idx"
     if _tfds_prepared(spec, tfds_data_dir):
