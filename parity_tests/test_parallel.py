@@ -140,6 +140,36 @@ def test_a_host_port_coordinator_address_passes_the_check(address):
     parallel.check_coordinator(address, "--coordinator-address")  # raises nothing
 
 
+def test_a_process_left_waiting_stops_with_one_line_at_its_join_timeout(train_cli):
+    """Process 1 of 2 with no process 0: JAX's own timeout aborts from C++ with a stack trace;
+    --join-timeout stops it first, with the waiting line and one error line."""
+    r = train_cli("--arch", "cnn", "--preset", "tiny", "--distributed", "--coordinator-address",
+                  f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
+                  "--join-timeout", "3", timeout=120)  # fmt: skip
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 2, r.stderr[-2000:]
+    assert lines[0].endswith("as process 1 of 2; waiting up to 3 s for every process")
+    assert lines[1].startswith("error: not every process joined the run at localhost:")
+    assert lines[1].endswith("within 3 s; start every process with the same --coordinator-address "
+                             "and --num-processes and its own --process-id, or raise "
+                             "--join-timeout")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--join-timeout", "5"],
+            "--join-timeout does not apply here: it is for --distributed runs",
+        ),
+        (["--distributed", "--join-timeout", "0"], "--join-timeout must be at least 1, got 0"),
+    ],
+)
+def test_join_timeout_is_checked(args, message, capsys):
+    assert cli.main(["--arch", "cnn", *args]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def free_port() -> int:
     import socket
 
@@ -181,6 +211,9 @@ def test_two_processes_train_like_one(tmp_path):
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    for i, (_, err) in enumerate(outs):  # a process left waiting for the others says so
+        joining = f"joining the multi-process run at localhost:{port} as process {i} of 2"
+        assert err.startswith(joining + "; waiting up to 300 s for every process\n"), err[:300]
     assert not (tmp_path / "multi1").exists()  # only process 0 writes
     multi = json.loads((tmp_path / "multi0" / "metrics.json").read_text())
     assert multi["device"] == "cpu x4"

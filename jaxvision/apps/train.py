@@ -44,12 +44,19 @@ class Launch:
     process_id: int | None = dataclasses.field(
         default=None, metadata=flags.flag("this process's rank", group=config.DEVICES)
     )
+    join_timeout: int | None = dataclasses.field(default=None, metadata=flags.flag(
+        "seconds to wait for every process to join, then stop with one line [300]",
+        group=config.DEVICES))  # fmt: skip
 
     def distributed_args(self) -> tuple | None:
-        """jax.distributed.initialize's arguments, or None for a single-process run."""
+        """init_distributed's arguments, or None for a single-process run."""
         args = (self.coordinator_address, self.num_processes, self.process_id)
         if self.distributed or any(a is not None for a in args):
-            return args
+            if self.join_timeout is not None and self.join_timeout < 1:
+                raise UserError(f"--join-timeout must be at least 1, got {self.join_timeout}")
+            return (*args, self.join_timeout)
+        if self.join_timeout is not None:
+            raise UserError("--join-timeout does not apply here: it is for --distributed runs")
         return None
 
 

@@ -25,6 +25,8 @@ Every process loads the same data and seed, so every process builds the same rep
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -35,24 +37,50 @@ from jax.sharding import PartitionSpec as P
 from jaxvision.core.errors import UserError
 
 DATA_AXIS = "data"
+JOIN_TIMEOUT_S = 300  # seconds for every process to join (jax.distributed.initialize's default)
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
-    """Joins a multi-process JAX run. Call once, before anything touches a device."""
+def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                     join_timeout: int | None = None):  # fmt: skip
+    """Joins a multi-process JAX run. Call once, before anything touches a device.
+
+    Says what it waits for. When not every process has joined after `join_timeout` seconds
+    (default JOIN_TIMEOUT_S), the process stops with one `error:` line and exit code 2: JAX's own
+    timeout aborts the process from C++, with a stack trace, so a watchdog stops it first."""
     if coordinator is not None:
         check_coordinator(coordinator, "--coordinator-address")
     elif "JAX_COORDINATOR_ADDRESS" in os.environ:
         check_coordinator(os.environ["JAX_COORDINATOR_ADDRESS"], "JAX_COORDINATOR_ADDRESS")
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # CPU hosts: all-reduce via gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = join_timeout or JOIN_TIMEOUT_S
+    who = f"process {process_id} of {num_processes}" if None not in (process_id, num_processes) \
+        else "this process"  # fmt: skip
+    where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the coordinator JAX finds"
+    print(f"joining the multi-process run at {where} as {who}; waiting up to {timeout} s for "
+          "every process", file=sys.stderr, flush=True)  # fmt: skip
+    joined = threading.Event()
+
+    def give_up():  # the blocking join releases the GIL, so this thread runs while it waits
+        if not joined.wait(timeout):
+            print(f"error: not every process joined the run at {where} within {timeout} s; "
+                  "start every process with the same --coordinator-address and --num-processes "
+                  "and its own --process-id, or raise --join-timeout",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(2)  # nothing is written yet; JAX's abort would follow with a stack trace
+
+    threading.Thread(target=give_up, name="join-timeout", daemon=True).start()
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   initialization_timeout=timeout + 60)  # fmt: skip
     except (RuntimeError, ValueError) as e:
         raise UserError(
             f"jax.distributed.initialize failed ({str(e).splitlines()[0]}); check "
             "--coordinator-address, --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS, "
             "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
         ) from None
+    finally:
+        joined.set()
 
 
 def check_coordinator(address: str, named: str) -> None:
