@@ -165,6 +165,63 @@ def test_the_sample_for_another_dataset_names_where_its_files_are(tmp_path, monk
             )
 
 
+def test_splits_that_cannot_train_or_score_are_refused_at_load(tmp_path, sample):
+    """An empty test split (a ZeroDivisionError in the trainer), a test class no training image
+    has, training images of one value (normalised by a std of 0: a NaN first loss), and MNIST's
+    own test digits under another dataset's name (its class names on every figure)."""
+    x, y = sample.x_train[:50, ..., 0], sample.y_train[:50].astype(np.uint8)  # class 0 only
+
+    def split(name, x_train, y_train, x_test, y_test):
+        folder = tmp_path / name
+        folder.mkdir()
+        for base, a in zip(FILES, (x_train, y_train, x_test, y_test), strict=True):
+            data.write_idx(folder / base, a)
+        return folder
+
+    cases = {
+        split("empty", x, y, x[:0], y[:0]): r"the test split holds no images; give it at least one",
+        split("unseen", x, y, x, np.arange(50, dtype=np.uint8) % 3):
+            r"the test labels of .* include \[1, 2\], which no training image has",
+        split("blank", np.full_like(x, 7), y, x, y):
+            r"every training pixel is 7; there is nothing to learn from",
+    }  # fmt: skip
+    for folder, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            data.load_dataset("mnist", data_dir=folder, verbose=False)
+    x_all, y_all = sample.x_train[::40, ..., 0], sample.y_train[::40].astype(np.uint8)
+    x_off, y_off = data.load_official_mnist_test()
+    folder = split("official", x_all, y_all, x_off[..., 0], y_off.astype(np.uint8))
+    assert data.load_dataset("mnist", data_dir=folder, verbose=False).test_set == (
+        data.OFFICIAL_TEST_SET
+    )
+    with pytest.raises(DataError, match=r"MNIST's official test digits, but the dataset is named "
+                                        r"kmnist; pass --dataset mnist"):  # fmt: skip
+        data.load_dataset("kmnist", data_dir=folder, verbose=False)
+
+
+@pytest.mark.parametrize(
+    "array, found",
+    [
+        (np.zeros((2, 28, 28, 3), np.uint8), "uint8 data of 4 dimension(s)"),
+        (np.zeros((2, 28, 28), np.float32), "float32 data of 3 dimension(s)"),
+        (np.zeros((2, 784), np.uint8), "uint8 data of 2 dimension(s)"),
+    ],
+)
+def test_an_idx_file_of_another_type_names_it_and_the_conversion(tmp_path, array, found):
+    data.write_idx(tmp_path / "images", array)
+    with pytest.raises(DataError) as e:
+        data.read_idx(tmp_path / "images", data.IMAGES_MAGIC)
+    assert found in str(e.value) and str(e.value).endswith(
+        "the loader reads uint8 grey images (N, H, W): convert the file to that"
+    )
+    data.write_idx(tmp_path / "labels", np.zeros(2, np.int32))
+    with pytest.raises(DataError, match=r"holds int32 data of 1 dimension\(s\) .* uint8 labels"):
+        data.read_idx(tmp_path / "labels", data.LABELS_MAGIC)
+    data.write_idx(tmp_path / "labels", np.zeros(2, np.uint8))  # labels where images go
+    with pytest.raises(DataError, match=r"expected 0x00000803 \(images\); are the files swapped"):
+        data.read_idx(tmp_path / "labels", data.IMAGES_MAGIC)
+
+
 def test_host_probe_fails_fast_for_an_unresolvable_host():
     assert data.host_reachable("https://no-such-host.invalid/", timeout=1.0) is False
 

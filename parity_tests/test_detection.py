@@ -73,6 +73,12 @@ def test_ink_boxes_margin_is_clipped_and_blank_images_are_flagged():
     np.testing.assert_array_equal(inked, [True, False, False])
     with pytest.raises(UserError, match="--box-margin must be >= 0"):
         detection.ink_boxes(images, margin=-1)
+    boxes, ink, test_boxes, test_ink = detection.split_boxes(images, images[:2], margin=2)
+    np.testing.assert_array_equal(test_boxes, boxes[:2])
+    np.testing.assert_array_equal(ink, has_ink)
+    for train, test, split in ((images[2:], images, "training"), (images, images[2:], "test")):
+        with pytest.raises(UserError, match=rf"^every {split} image is blank \(no ink"):
+            detection.split_boxes(train, test)  # nothing to train on, or nothing to score
 
 
 # ---- readout ----------------------------------------------------------------------------------

@@ -295,6 +295,30 @@ def test_every_flag_is_validated_with_its_own_name(fields, message):
         TrainConfig(**fields)
 
 
+@pytest.mark.parametrize(
+    "arch, preset, shape, message",
+    [
+        ("cnn", None, (28, 29, 1), "--arch cnn trains on square images, and these are 28x29; "
+                                   "crop or pad them, or use an arch that resizes its input "
+                                   "(vgg16, alexnet, faster_rcnn)"),
+        ("vit", "micro", (20, 24, 1), "--arch vit trains on square images, and these are 20x24"),
+        ("cnn", "tiny", (3, 3, 1), "cnn needs images of at least 4x4 (it max-pools twice by 2), "
+                                   "got 3x3"),
+        ("vit", "micro", (32, 32, 1), "ViT patch size 7 does not divide the image size 32; use "
+                                      "--preset lab or mnistvit"),
+    ],
+)  # fmt: skip
+def test_a_data_shape_the_model_cannot_take_is_named(arch, preset, shape, message):
+    """Found when the model's config is sized for the data, before it is built (it was a shape
+    error, or a division by zero, from inside the model)."""
+    from jaxvision.core.archs import model_config
+
+    with pytest.raises(UserError) as e:
+        model_config(arch, preset, 10, shape, None)
+    assert str(e.value).startswith(message)
+    assert model_config("cnn", "tiny", 10, (4, 4, 1), None).pooled_size == 1  # the smallest
+
+
 @pytest.mark.parametrize("epochs, warmup", [(1, 0.5), (2, 1.0), (3, 1.5), (4, 3.0)])
 def test_a_recipe_warmup_that_does_not_fit_the_epochs_is_adjusted_with_a_note(epochs, warmup):
     config = TrainConfig(arch="vit", epochs=epochs)

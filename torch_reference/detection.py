@@ -118,10 +118,11 @@ class DetectorTrainer(Trainer):
 
     def load_data(self) -> int:
         config, data, device = self.config, self.data, self.device
-        boxes, ink = detection.ink_boxes(data.x_train, config.box_margin)
+        boxes, ink, self.test_boxes, self.test_ink = detection.split_boxes(
+            data.x_train, data.x_test, config.box_margin
+        )
         self.train_index = np.flatnonzero(ink)  # blank images have no box: skipped
         self.skipped_train = int(data.n_train - len(self.train_index))
-        self.test_boxes, self.test_ink = detection.ink_boxes(data.x_test, config.box_margin)
         self.x_train = to_nchw(data.x_train, device)  # (N, C, H, W) uint8
         self.boxes_train = torch.from_numpy(boxes).to(device)  # (N, 4)
         self.labels_train = torch.from_numpy(data.y_train.astype(np.int64) + 1).to(device)

@@ -259,7 +259,13 @@ def model_config(arch: str, preset: str | None, num_classes: int, image_shape, i
     """The model's config for a run: the preset, sized for the data (H, W, C), or for
     `image_size` where the arch resizes its inputs (ImageNet archs, the detector)."""
     a = get_arch(arch)
-    h, _, c = image_shape
+    h, w, c = image_shape
     if a.imagenet or a.detector:  # 3-channel input at --image-size; the head is replaced
         return get_config(arch, preset, num_classes=num_classes, image_size=image_size)
+    if h != w:
+        resizing = ", ".join(n for n, b in ARCHS.items() if b.imagenet or b.detector)
+        raise UserError(
+            f"--arch {arch} trains on square images, and these are {h}x{w}; crop or pad them, "
+            f"or use an arch that resizes its input ({resizing})"
+        )
     return get_config(arch, preset, num_classes=num_classes, in_channels=c, image_size=h)

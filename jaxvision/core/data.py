@@ -160,11 +160,16 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
             )
         if len(x) != len(y):
             raise DataError(f"{source}: {split} has {len(x)} images but {len(y)} labels")
+        if not len(x):
+            raise DataError(f"{source}: the {split} split holds no images; give it at least one")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise DataError(
                 f"{source}: {split} label {int(y.max() if y.max() >= num_classes else y.min())} "
                 f"is outside 0..{num_classes - 1}"
             )
+    check_test_classes(y_train, y_test, f"the test labels of {source}")
+    test_set = test_set or describe_test_set(x_test, y_test, source)
+    check_named(name, test_set)
     x01 = x_train.astype(np.float32) / 255.0
     mean = tuple(float(m) for m in x01.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in x01.std(axis=(0, 1, 2)))
@@ -179,8 +184,34 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
         mean,
         std,
         data_source,
-        test_set or describe_test_set(x_test, y_test, source),
+        test_set,
     )
+
+
+def check_test_classes(y_train: np.ndarray, y_test: np.ndarray, what: str) -> None:
+    """A DataError when the test labels hold a class no training image has: a model cannot
+    learn it, and its accuracy would measure the split, not the model."""
+    unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
+    if unseen:
+        raise DataError(f"{what} include {unseen}, which no training image has; give a test set "
+                        "with the training set's classes")  # fmt: skip
+
+
+def check_named(name: str, test_set: str) -> None:
+    """A DataError when the test split is recognisably MNIST's but named another dataset (its
+    class names, KMNIST's or Fashion-MNIST's, would label every figure)."""
+    if test_set == OFFICIAL_TEST_SET and name != "mnist":
+        raise DataError(f"the test images are MNIST's official test digits, but the dataset is "
+                        f"named {name}; pass --dataset mnist")  # fmt: skip
+
+
+def check_learnable(ds: Dataset) -> None:
+    """A DataError when every training pixel has one value: its standard deviation, by which
+    the inputs are normalised, is 0 (or float32 rounding), and the first step's loss NaN."""
+    if ds.x_train.min() == ds.x_train.max():
+        level = int(ds.x_train.flat[0])
+        raise DataError(f"{ds.source}: every training pixel is {level}; there is nothing to "
+                        "learn from (blank or mis-scaled images?); check the files")  # fmt: skip
 
 
 OFFICIAL_TEST_SET = "MNIST's official test set (t10k)"
@@ -246,6 +277,7 @@ def load_dataset(
         ds = load_sample_split(spec)
     if test_data_dir is not None:
         ds = with_test_split(ds, *load_test_split(spec, test_data_dir))
+    check_learnable(ds)
     if verbose:
         print(ds.summary(), flush=True)
     return ds
@@ -344,10 +376,18 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
                 f"{path}: not an IDX file (magic number 0x{magic:08x}); is it the right file?"
             )
         if expected_magic is not None and magic != expected_magic:
+            other = {IMAGES_MAGIC: LABELS_MAGIC, LABELS_MAGIC: IMAGES_MAGIC}.get(expected_magic)
+            if magic == other:
+                raise DataError(
+                    f"{path}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                    f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'}); are the files "
+                    "swapped?"
+                )
+            want = "grey images (N, H, W)" if expected_magic == IMAGES_MAGIC else "labels (N,)"
             raise DataError(
-                f"{path}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
-                f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'}); are the files "
-                "swapped?"
+                f"{path}: holds {np.dtype(_IDX_DTYPES[dtype_code]).name} data of {ndim} "
+                f"dimension(s) (magic number 0x{magic:08x}); the loader reads uint8 {want}: "
+                "convert the file to that"
             )
         dims_raw = f.read(4 * ndim)
         if len(dims_raw) < 4 * ndim:
@@ -462,12 +502,11 @@ def with_test_split(ds: Dataset, x_test: np.ndarray, y_test: np.ndarray, source:
             f"training images {'x'.join(map(str, ds.x_train.shape[1:]))}; give a test set of "
             "the training set's image shape"
         )
-    unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(ds.y_train).tolist()))
-    if unseen:
-        raise DataError(f"the test labels in {source} include {unseen}, which no training image "
-                        "has; give a test set with the training set's classes")  # fmt: skip
+    check_test_classes(ds.y_train, y_test, f"the test labels in {source}")
+    test_set = describe_test_set(x_test, y_test, source)
+    check_named(ds.name, test_set)
     return dataclasses.replace(ds, x_test=x_test, y_test=y_test.astype(np.int64),
-                               test_set=describe_test_set(x_test, y_test, source))  # fmt: skip
+                               test_set=test_set)  # fmt: skip
 
 
 def _find_one(folder: Path, base: str) -> Path | None:

@@ -22,6 +22,11 @@ class CNNConfig:
     hidden: int = 128
     dropout: float = 0.5
 
+    def __post_init__(self):
+        if self.image_size < 4:  # two 2x2 max-pools leave at least 1x1
+            raise UserError(f"cnn needs images of at least 4x4 (it max-pools twice by 2), got "
+                            f"{self.image_size}x{self.image_size}")  # fmt: skip
+
     @property
     def pooled_size(self) -> int:
         return self.image_size // 4  # two 2x2 max-pools, flooring an odd size like torch
@@ -56,9 +61,11 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
+            fits = [n for n, c in VIT_PRESETS.items() if self.image_size % c.patch_size == 0]
             raise UserError(
                 f"ViT patch size {self.patch_size} does not divide the image size "
-                f"{self.image_size}; pick a divisor (4 or 7 for 28x28)"
+                f"{self.image_size}; "
+                + (f"use --preset {' or '.join(fits)}" if fits else "no preset's patch size does")
             )
         if self.dim % self.heads:
             raise UserError(f"ViT dim {self.dim} is not divisible by heads {self.heads}")

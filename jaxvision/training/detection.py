@@ -39,10 +39,11 @@ class DetectorTrainer(Trainer):
     evaluation is detection plus the shared readout."""
 
     def __init__(self, model: nnx.Module, config: TrainConfig, data: Dataset, mesh=None):
-        boxes, ink = detection.ink_boxes(data.x_train, config.box_margin)
+        boxes, ink, self.test_boxes, self.test_ink = detection.split_boxes(
+            data.x_train, data.x_test, config.box_margin
+        )
         self.train_index = np.flatnonzero(ink)  # blank images have no box: skipped
         self.skipped_train = int(data.n_train - len(self.train_index))
-        self.test_boxes, self.test_ink = detection.ink_boxes(data.x_test, config.box_margin)
         super().__init__(model, config, data, mesh)
         if self.skipped_train and config.progress:
             print(f"skipped {self.skipped_train} blank training images (no ink, so no box)")
