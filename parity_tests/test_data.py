@@ -146,6 +146,13 @@ def test_tfds_data_dir_is_never_dropped(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"--data-dir \(IDX files\) and --tfds-data-dir"):
         data.load_dataset("mnist", data_dir=tmp_path, tfds_data_dir=tmp_path, verbose=False)
 
+    def broken():
+        raise DataError("TFDS is not importable (no module named tensorflow_datasets); pip ...")
+
+    monkeypatch.setattr(data, "_import_tfds", broken)  # a broken install is its own error
+    with pytest.raises(DataError, match=r"^TFDS is not importable"):
+        data.load_dataset("mnist", tfds_data_dir=tmp_path, verbose=False)
+
 
 def test_the_sample_for_another_dataset_names_where_its_files_are(tmp_path, monkeypatch):
     fashion = data.DATASETS["fashion_mnist"]
@@ -194,9 +201,17 @@ def test_splits_that_cannot_train_or_score_are_refused_at_load(tmp_path, sample)
     assert data.load_dataset("mnist", data_dir=folder, verbose=False).test_set == (
         data.OFFICIAL_TEST_SET
     )
-    with pytest.raises(DataError, match=r"MNIST's official test digits, but the dataset is named "
-                                        r"kmnist; pass --dataset mnist"):  # fmt: skip
+    named = r"official test digits, but the dataset is named kmnist; give kmnist's test files, or"
+    with pytest.raises(DataError, match=named + r" --dataset mnist$"):
         data.load_dataset("kmnist", data_dir=folder, verbose=False)
+    empty = tmp_path / "empty-t10k"
+    empty.mkdir()
+    data.write_idx(empty / FILES[2], x[:0])
+    data.write_idx(empty / FILES[3], y[:0])
+    with pytest.raises(DataError, match=r"the test split holds no images"):  # --test-data-dir
+        data.load_dataset("mnist", source="sample-split", test_data_dir=empty, verbose=False)
+    with pytest.raises(DataError, match=r"the test split holds no images"):  # as evaluate.py
+        data.make_dataset("mnist", "t10k", x[:0, ..., None], y[:0], x[:0, ..., None], y[:0], 10)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import UserError, exit_code
 from jaxvision.core.model_configs import DETECTORS
 
+JOIN_TIMEOUT_S = 300  # jax.distributed.initialize's own default
+
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
@@ -45,16 +47,17 @@ class Launch:
         default=None, metadata=flags.flag("this process's rank", group=config.DEVICES)
     )
     join_timeout: int | None = dataclasses.field(default=None, metadata=flags.flag(
-        "seconds to wait for every process to join, then stop with one line [300]",
+        f"seconds to wait for every process to join, then stop with one line [{JOIN_TIMEOUT_S}]",
         group=config.DEVICES))  # fmt: skip
 
     def distributed_args(self) -> tuple | None:
         """init_distributed's arguments, or None for a single-process run."""
         args = (self.coordinator_address, self.num_processes, self.process_id)
         if self.distributed or any(a is not None for a in args):
-            if self.join_timeout is not None and self.join_timeout < 1:
-                raise UserError(f"--join-timeout must be at least 1, got {self.join_timeout}")
-            return (*args, self.join_timeout)
+            timeout = JOIN_TIMEOUT_S if self.join_timeout is None else self.join_timeout
+            if not 1 <= timeout <= 86_400:
+                raise UserError(f"--join-timeout must be 1 to 86400 seconds, got {timeout}")
+            return (*args, timeout)
         if self.join_timeout is not None:
             raise UserError("--join-timeout does not apply here: it is for --distributed runs")
         return None

@@ -160,16 +160,14 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
             )
         if len(x) != len(y):
             raise DataError(f"{source}: {split} has {len(x)} images but {len(y)} labels")
-        if not len(x):
-            raise DataError(f"{source}: the {split} split holds no images; give it at least one")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise DataError(
                 f"{source}: {split} label {int(y.max() if y.max() >= num_classes else y.min())} "
                 f"is outside 0..{num_classes - 1}"
             )
-    check_test_classes(y_train, y_test, f"the test labels of {source}")
-    test_set = test_set or describe_test_set(x_test, y_test, source)
-    check_named(name, test_set)
+    if not len(x_train) and len(x_test):
+        raise DataError(f"{source}: the train split holds no images; give it at least one")
+    test_set = check_test_split(name, y_train, x_test, y_test, source, test_set)
     x01 = x_train.astype(np.float32) / 255.0
     mean = tuple(float(m) for m in x01.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in x01.std(axis=(0, 1, 2)))
@@ -188,21 +186,23 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
     )
 
 
-def check_test_classes(y_train: np.ndarray, y_test: np.ndarray, what: str) -> None:
-    """A DataError when the test labels hold a class no training image has: a model cannot
-    learn it, and its accuracy would measure the split, not the model."""
+def check_test_split(name, y_train, x_test, y_test, source: str, test_set: str | None = None):
+    """A test split's checks against its training split; returns its description (`test_set`,
+    or `describe_test_set`'s). DataErrors: an empty split; a class no training image has (a model
+    cannot learn it: the accuracy would measure the split, not the model); MNIST's official test
+    digits named as another dataset (its class names, KMNIST's or Fashion-MNIST's, would label
+    every figure)."""
+    if not len(y_test):
+        raise DataError(f"{source}: the test split holds no images; give it at least one")
     unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
     if unseen:
-        raise DataError(f"{what} include {unseen}, which no training image has; give a test set "
-                        "with the training set's classes")  # fmt: skip
-
-
-def check_named(name: str, test_set: str) -> None:
-    """A DataError when the test split is recognisably MNIST's but named another dataset (its
-    class names, KMNIST's or Fashion-MNIST's, would label every figure)."""
+        raise DataError(f"the test labels of {source} include {unseen}, which no training image "
+                        "has; give a test set with the training set's classes")  # fmt: skip
+    test_set = test_set or describe_test_set(x_test, y_test, source)
     if test_set == OFFICIAL_TEST_SET and name != "mnist":
         raise DataError(f"the test images are MNIST's official test digits, but the dataset is "
-                        f"named {name}; pass --dataset mnist")  # fmt: skip
+                        f"named {name}; give {name}'s test files, or --dataset mnist")  # fmt: skip
+    return test_set
 
 
 def check_learnable(ds: Dataset) -> None:
@@ -287,6 +287,7 @@ def _resolve_auto(spec: DatasetSpec, data_dir, tfds_data_dir) -> str:
     if data_dir is not None:
         return "idx"
     if tfds_data_dir is not None:  # asked for by name: its prepared copy, never the sample
+        _import_tfds()  # a broken install is its own error, not "no prepared copy"
         if _tfds_prepared(spec, tfds_data_dir):
             return "tfds"
         raise DataError(f"--tfds-data-dir {tfds_data_dir} holds no prepared {spec.tfds_name!r}; "
@@ -502,9 +503,7 @@ def with_test_split(ds: Dataset, x_test: np.ndarray, y_test: np.ndarray, source:
             f"training images {'x'.join(map(str, ds.x_train.shape[1:]))}; give a test set of "
             "the training set's image shape"
         )
-    check_test_classes(ds.y_train, y_test, f"the test labels in {source}")
-    test_set = describe_test_set(x_test, y_test, source)
-    check_named(ds.name, test_set)
+    test_set = check_test_split(ds.name, ds.y_train, x_test, y_test, source)
     return dataclasses.replace(ds, x_test=x_test, y_test=y_test.astype(np.int64),
                                test_set=test_set)  # fmt: skip
 

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxvision.core.errors import UserError
+from jaxvision.core.errors import DataError, UserError
 
 BACKGROUND = 0  # the detector's label 0; digit d is label d + 1
 
 
 def split_boxes(x_train: np.ndarray, x_test: np.ndarray, margin: int = 0):
     """`ink_boxes` of both splits: (train boxes, train has_ink, test boxes, test has_ink). A
-    UserError when a split has no inked image: nothing to train on, or nothing to score."""
+    DataError when a split has no inked image: nothing to train on, or nothing to score."""
     boxes, ink = ink_boxes(x_train, margin)
     test_boxes, test_ink = ink_boxes(x_test, margin)
     for split, has_ink in (("training", ink), ("test", test_ink)):
         if not has_ink.any():
-            raise UserError(f"every {split} image is blank (no ink, so no box for the detector); "
+            raise DataError(f"every {split} image is blank (no ink, so no box for the detector); "
                             "check the data")  # fmt: skip
     return boxes, ink, test_boxes, test_ink
 

@@ -37,25 +37,25 @@ from jax.sharding import PartitionSpec as P
 from jaxvision.core.errors import UserError
 
 DATA_AXIS = "data"
-JOIN_TIMEOUT_S = 300  # seconds for every process to join (jax.distributed.initialize's default)
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
-                     join_timeout: int | None = None):  # fmt: skip
+                     join_timeout: int):  # fmt: skip
     """Joins a multi-process JAX run. Call once, before anything touches a device.
 
-    Says what it waits for. When not every process has joined after `join_timeout` seconds
-    (default JOIN_TIMEOUT_S), the process stops with one `error:` line and exit code 2: JAX's own
-    timeout aborts the process from C++, with a stack trace, so a watchdog stops it first."""
+    Says what it waits for. When not every process has joined after `join_timeout` seconds, the
+    process stops with one `error:` line and exit code 2: JAX's own timeout aborts the process
+    from C++, with a stack trace, so a watchdog stops it first."""
     if coordinator is not None:
         check_coordinator(coordinator, "--coordinator-address")
     elif "JAX_COORDINATOR_ADDRESS" in os.environ:
         check_coordinator(os.environ["JAX_COORDINATOR_ADDRESS"], "JAX_COORDINATOR_ADDRESS")
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # CPU hosts: all-reduce via gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeout = join_timeout or JOIN_TIMEOUT_S
-    who = f"process {process_id} of {num_processes}" if None not in (process_id, num_processes) \
-        else "this process"  # fmt: skip
+    timeout = join_timeout
+    rank = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    count = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    who = f"process {rank} of {count}" if None not in (rank, count) else "this process"
     where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the coordinator JAX finds"
     print(f"joining the multi-process run at {where} as {who}; waiting up to {timeout} s for "
           "every process", file=sys.stderr, flush=True)  # fmt: skip
