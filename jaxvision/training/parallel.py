@@ -46,24 +46,23 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     Says what it waits for. When not every process has joined after `join_timeout` seconds, the
     process stops with one `error:` line and exit code 2: JAX's own timeout aborts the process
     from C++, with a stack trace, so a watchdog stops it first."""
-    if coordinator is not None:
-        check_coordinator(coordinator, "--coordinator-address")
-    elif "JAX_COORDINATOR_ADDRESS" in os.environ:
-        check_coordinator(os.environ["JAX_COORDINATOR_ADDRESS"], "JAX_COORDINATOR_ADDRESS")
+    address = coordinator if coordinator is not None else os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address is not None:
+        named = "--coordinator-address" if coordinator is not None else "JAX_COORDINATOR_ADDRESS"
+        check_coordinator(address, named)
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # CPU hosts: all-reduce via gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeout = join_timeout
     rank = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
     count = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
     who = f"process {rank} of {count}" if None not in (rank, count) else "this process"
-    where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the coordinator JAX finds"
-    print(f"joining the multi-process run at {where} as {who}; waiting up to {timeout} s for "
+    where = address or "the coordinator JAX finds"
+    print(f"joining the multi-process run at {where} as {who}; waiting up to {join_timeout} s for "
           "every process", file=sys.stderr, flush=True)  # fmt: skip
     joined = threading.Event()
 
     def give_up():  # the blocking join releases the GIL, so this thread runs while it waits
-        if not joined.wait(timeout):
-            print(f"error: not every process joined the run at {where} within {timeout} s; "
+        if not joined.wait(join_timeout):
+            print(f"error: not every process joined the run at {where} within {join_timeout} s; "
                   "start every process with the same --coordinator-address and --num-processes "
                   "and its own --process-id, or raise --join-timeout",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -72,7 +71,7 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     threading.Thread(target=give_up, name="join-timeout", daemon=True).start()
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=timeout + 60)  # fmt: skip
+                                   initialization_timeout=join_timeout + 60)  # fmt: skip
     except (RuntimeError, ValueError) as e:
         raise UserError(
             f"jax.distributed.initialize failed ({str(e).splitlines()[0]}); check "
