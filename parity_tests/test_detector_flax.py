@@ -476,7 +476,8 @@ def test_evaluation_losses_on_the_packed_box_head_are_the_dense_ones(
     sampled and the third image's rows are packed into their place."""
     digits = sample.x_test[:3]
     x = np.repeat(digits / np.float32(255), 3, -1)
-    levels = random_detector.backbone(random_detector.transform(x))[:-1]
+    # the feature maps' shapes only (run eagerly, the backbone took 20 s of op-by-op dispatch)
+    levels = nnx.eval_shape(lambda m, x: m.backbone(m.transform(x))[:-1], random_detector, x)
     per_roi = sum(int(np.prod(f.shape[1:])) for f in levels) * 4  # as box_outputs counts
     monkeypatch.setattr(detector_module, "ROI_CHUNK_BYTES", 24 * per_roi)
     boxes, ink = detection.ink_boxes(digits)

@@ -188,8 +188,9 @@ def test_mistakes_mosaic_shows_each_image_at_its_own_scale(tmp_path, sample, cou
     x, y = sample.x_test[:n], sample.y_test[:n]
     probs = np.full((n, 10), 0.01)
     probs[np.arange(n), (y + 1) % 10] = 0.91  # every digit confidently wrong
-    index = worst_mistakes(y, probs)[:count]
-    path = save_mistakes(x, y, probs, index, sample.classes, tmp_path / "m.png", "test")
+    preds, confidence = probs.argmax(-1), probs.max(-1)
+    index = worst_mistakes(y, preds, confidence)[:count]
+    path = save_mistakes(x, y, preds, confidence, index, sample.classes, tmp_path / "m.png", "test")
     with Image.open(path) as im:
         width, height = im.size
     rows = max(1, -(-count // 8))

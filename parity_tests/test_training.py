@@ -66,6 +66,19 @@ def test_reported_metrics_are_sklearns_on_the_predictions(short_runs, sample, ba
     )
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_evaluations_confidence_is_the_trained_models_probability(short_runs, sample,
+                                                                       backend):  # fmt: skip
+    """mistakes.png ranks and captions with the last evaluation's confidence: the softmax
+    probability of each prediction, as a separate pass of the trained model computes it."""
+    r = short_runs[backend]
+    probs = backends.get(backend).predict_proba(r.model, sample.x_test, sample)  # (N, K)
+    assert r.confidence.shape == (sample.n_test,) and r.confidence.dtype == np.float32
+    np.testing.assert_array_equal(r.predictions, probs.argmax(-1))
+    np.testing.assert_allclose(r.confidence, probs.max(-1), rtol=1e-5, atol=1e-7)
+    assert r.confidence.min() >= 0.1 and 0.5 < r.confidence.mean() < 1  # 10 classes, trained
+
+
 def test_same_seed_same_jax_run(sample):
     def once():
         config = TrainConfig(arch="cnn", preset="tiny", epochs=1, progress=False, seed=11)
@@ -221,9 +234,10 @@ def test_a_run_resumed_after_its_target_trains_no_more(capsys):
 
     def evaluate():
         calls.append(1)
-        return {"preds": np.arange(3)}
+        return {"preds": range(3), "confidence": [0.5, 0.75, 1.0]}
 
     config = TrainConfig(arch="cnn", epochs=5, eval_every=1, target_accuracy=0.99, progress=False)
-    history, preds = run_epochs(config, 10, train_epoch, evaluate, Saved())
-    assert history == saved and calls == [1] and preds.tolist() == [0, 1, 2]
+    history, last = run_epochs(config, 10, train_epoch, evaluate, Saved())
+    assert history == saved and calls == [1]
+    assert last["preds"].tolist() == [0, 1, 2] and last["confidence"].tolist() == [0.5, 0.75, 1.0]
     assert "already reached --target-accuracy 99.00%" in capsys.readouterr().out

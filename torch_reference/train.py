@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from jaxvision.core.archs import arch_of
-from jaxvision.core.config import TrainConfig, lr_factor
+from jaxvision.core.config import EVAL_BATCH_SIZE, TrainConfig, lr_factor
 from jaxvision.core.data import Dataset, epoch_permutation
 from jaxvision.core.loop import LossTracker, Position, run_epochs
 from jaxvision.core.results import RunResult
@@ -140,13 +140,14 @@ class Trainer:
     def evaluate(self) -> dict:
         self.model.eval()
         e = self.config.eval_batch_size
-        losses, preds = [], []
+        losses, preds, confidence = [], [], []
         for i in range(0, self.data.n_test, e):
             x = self.norm(self.x_test[i : i + e].float() / 255.0)
             with torch.autocast(**self.autocast):
                 logits = self.model(x).float()  # (E, K)
             losses.append(F.cross_entropy(logits, self.y_test[i : i + e], reduction="none"))
             preds.append(logits.argmax(-1))
+            confidence.append(torch.softmax(logits, -1).amax(-1))  # the prediction's probability
         loss, pred = torch.cat(losses), torch.cat(preds)
         k = self.data.num_classes
         return {
@@ -154,6 +155,7 @@ class Trainer:
             "accuracy": metrics.accuracy(self.y_test, pred).item(),
             "f1_macro": metrics.f1_macro(self.y_test, pred, k).item(),
             "preds": pred.cpu().numpy(),
+            "confidence": torch.cat(confidence).cpu().numpy(),
         }
 
     # --- the loop --------------------------------------------------------------------------------
@@ -185,11 +187,11 @@ class Trainer:
         if self.config.checkpoint_dir:
             model_cfg = self.config.model_config(self.data)
             checkpoints = TorchCheckpoints(self.config, self.data, model_cfg, self)
-        history, preds = run_epochs(
+        history, last = run_epochs(
             self.config, self.steps, self.train_epoch, self.evaluate, checkpoints
         )
         return RunResult(history, count_params(self.model), describe_device(self.device), 0.0,
-                         preds, self.model)  # fmt: skip
+                         last["preds"], self.model, confidence=last.get("confidence"))  # fmt: skip
 
     def sync(self):
         if self.device.type == "cuda":
@@ -197,7 +199,8 @@ class Trainer:
 
 
 @torch.inference_mode()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000):
+def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std,
+                  batch_size: int = EVAL_BATCH_SIZE):  # fmt: skip
     """Eval-mode class probabilities (N, K) of (N, H, W, C) uint8 images, normalised as the
     model was trained (`mean`, `std`: the training set's statistics)."""
     model.eval()

@@ -87,9 +87,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     title = f"{meta['arch']} ({meta['preset']}), {backend.name}, {ds.name}: {path}"
     cm = np.asarray(record["confusion_matrix"])
     figures.save_confusion(cm, ds.classes, out / "confusion.png", title)
-    index = figures.worst_mistakes(ds.y_test, probs)
-    figures.save_mistakes(ds.x_test, ds.y_test, probs, index, ds.classes, out / "mistakes.png",
-                          title)  # fmt: skip
+    preds, confidence = probs.argmax(-1), probs.max(-1)
+    index = figures.worst_mistakes(ds.y_test, preds, confidence)
+    figures.save_mistakes(ds.x_test, ds.y_test, preds, confidence, index, ds.classes,
+                          out / "mistakes.png", title)  # fmt: skip
     print(
         f"{path}: accuracy {record['test_accuracy']:.2%} | F1 {record['test_f1_macro']:.4f} | "
         f"loss {record['test_loss']:.4f} on {ds.n_test:,} test images: {ds.test_set}"

@@ -113,17 +113,19 @@ def save_attention(
     )
 
 
-def write_figures(config, backend, dataset, result, out_dir: Path) -> list[Path]:
-    """confusion.png, and (classifiers) mistakes.png: the most confidently wrong test images."""
+def write_figures(config, dataset, result, out_dir: Path) -> list[Path]:
+    """confusion.png, and (classifiers) mistakes.png: the most confidently wrong test images,
+    from the last evaluation's predictions and their probabilities (no second pass)."""
     classes = dataset.classes
     title = f"{config.arch} ({config.resolved_preset}), {config.backend}, {dataset.name}"
     cm = figures.confusion_matrix(dataset.y_test, result.predictions, dataset.num_classes)
     paths = [figures.save_confusion(cm, classes, out_dir / "confusion.png", title)]
     if not config.arch_spec.detector:
-        probs = backend.predict_proba(result.model, dataset.x_test, dataset)
-        index = figures.worst_mistakes(dataset.y_test, probs)
-        paths.append(figures.save_mistakes(dataset.x_test, dataset.y_test, probs, index, classes,
-                                           out_dir / "mistakes.png", title))  # fmt: skip
+        preds, confidence = result.predictions, result.confidence
+        index = figures.worst_mistakes(dataset.y_test, preds, confidence)
+        path = out_dir / "mistakes.png"
+        paths.append(figures.save_mistakes(dataset.x_test, dataset.y_test, preds, confidence,
+                                           index, classes, path, title))  # fmt: skip
     return paths
 
 
@@ -165,7 +167,7 @@ def train(config: TrainConfig) -> dict:
     if line := results.target_line(record):
         print(line)
     print(f"wrote {path}")
-    for figure in write_figures(config, backend, dataset, result, out_dir):
+    for figure in write_figures(config, dataset, result, out_dir):
         print(f"wrote {figure}")
     if config.save_attention:
         print(f"wrote {save_attention(config, dataset, result, out_dir)}")

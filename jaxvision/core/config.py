@@ -25,6 +25,10 @@ SCANS = {"jax": True, "torch": False}  # runs --log-every steps per compiled cal
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
+# Images per inference call, in training's evaluations and in predict.py / evaluate.py. On 2 CPU
+# cores 1,000 was 1.2-2.6x slower for an evaluation, and 1.0-1.6x for a prediction pass of every
+# arch in both frameworks (docs/performance.md).
+EVAL_BATCH_SIZE = 100
 
 # Help groups, in the order --help shows them.
 MODEL = "model"
@@ -98,7 +102,7 @@ class TrainConfig:
     epochs: int | None = _field(None, "epochs", TRAINING)
     batch_size: int | None = _field(None, "training batch size", TRAINING)
     eval_batch_size: int = _field(
-        100,
+        EVAL_BATCH_SIZE,
         "evaluation batch size (on 2 CPU cores, 1,000 made an evaluation 1.2-2.6x slower: "
         "docs/performance.md)",
         TRAINING,

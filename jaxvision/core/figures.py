@@ -14,13 +14,13 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def worst_mistakes(labels: np.ndarray, probs: np.ndarray, n: int = 32) -> np.ndarray:
+def worst_mistakes(labels: np.ndarray, preds: np.ndarray, confidence: np.ndarray,
+                   n: int = 32) -> np.ndarray:  # fmt: skip
     """Indices of the (up to) `n` misclassified images whose predicted class has the highest
-    probability, most confident first. probs: (N, K)."""
-    preds = probs.argmax(-1)
-    wrong = np.flatnonzero(preds != labels)
-    confidence = probs[wrong, preds[wrong]]
-    return wrong[np.argsort(-confidence, kind="stable")[:n]]
+    probability, most confident first. preds, confidence: (N,), each image's predicted class
+    and that class's probability."""
+    wrong = np.flatnonzero(np.asarray(preds) != labels)
+    return wrong[np.argsort(-np.asarray(confidence)[wrong], kind="stable")[:n]]
 
 
 def _pyplot():
@@ -68,9 +68,11 @@ def _tile(image) -> np.ndarray:
     return np.repeat(grey[..., None], 3, -1)
 
 
-def save_mistakes(images, labels, probs, index, classes, path: Path, title: str) -> Path:
+def save_mistakes(images, labels, preds, confidence, index, classes, path: Path,
+                  title: str) -> Path:  # fmt: skip
     """mistakes.png: the images `index` (from `worst_mistakes`), each titled with its true
-    label, the predicted one and that prediction's probability. images: (N, H, W[, C]).
+    label, the predicted one `preds` and that prediction's probability `confidence`.
+    images: (N, H, W[, C]).
 
     Drawn as one mosaic with its captions in a single axes: an axes per image (and
     tight_layout over 32 of them) took a second more of every run."""
@@ -89,8 +91,7 @@ def save_mistakes(images, labels, probs, index, classes, path: Path, title: str)
         r, c = divmod(n, cols)
         y, x = r * cell_h + top, c * cell_w
         mosaic[y : y + h, x : x + w] = _tile(images[i])
-        pred = int(probs[i].argmax())
-        caption = f"true {classes[labels[i]]}\npred {classes[pred]} {probs[i, pred]:.0%}"
+        caption = f"true {classes[labels[i]]}\npred {classes[preds[i]]} {confidence[i]:.0%}"
         ax.text(x + w / 2, y - 1, caption, ha="center", va="bottom", fontsize=7, color="red")
     ax.imshow(mosaic)  # matplotlib's default: nearest where tiles are enlarged, smoothed shrunk
     ax.axis("off")

@@ -144,15 +144,16 @@ def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoin
     """The epoch loop both backends share: a progress bar per epoch, then a test-set line.
 
     train_epoch(epoch, bar, start: Position) -> (mean train loss, seconds); evaluate() -> dict
-    with loss, accuracy, f1_macro and preds. `checkpoints` (a
-    `jaxvision.core.checkpoint.Checkpoints`) resumes the run, saves it after every epoch and on
-    Ctrl-C. Returns the history and the last predictions.
+    with loss, accuracy, f1_macro and preds (a classifier's also confidence, each prediction's
+    probability). `checkpoints` (a `jaxvision.core.checkpoint.Checkpoints`) resumes the run,
+    saves it after every epoch and on Ctrl-C. Returns the history and the last evaluation, its
+    preds and confidence as numpy.
     """
     start, history = checkpoints.start() if checkpoints else (Position(), [])
     if any(reached(h, config.target_accuracy) for h in history):  # resumed after the target
         print(f"note: the checkpoint already reached --target-accuracy "
               f"{config.target_accuracy:.2%}; nothing more to train")  # fmt: skip
-        return history, np.asarray(evaluate()["preds"])
+        return history, _as_numpy(evaluate())
     with stop_on_ctrl_c():
         for epoch in range(start.epoch, config.epochs):
             position = start if epoch == start.epoch else Position(epoch)
@@ -165,7 +166,11 @@ def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoin
                     tqdm.write(f"reached --target-accuracy {config.target_accuracy:.2%}: "
                                f"stopping after epoch {epoch + 1}")  # fmt: skip
                 break
-    return history, np.asarray(ev["preds"])
+    return history, _as_numpy(ev)
+
+
+def _as_numpy(ev: dict) -> dict:
+    return {**ev, **{k: np.asarray(ev[k]) for k in ("preds", "confidence") if k in ev}}
 
 
 def _interrupted(checkpoints, position: Position, steps: int, history) -> Interrupted:

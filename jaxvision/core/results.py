@@ -41,6 +41,8 @@ class RunResult:
     predictions: np.ndarray | None = None  # the last evaluation's predicted test labels
     model: object = None  # the trained model (Flax, in eval mode, or torch), for inspection
     extras: dict | None = None  # arch-specific figures for metrics.json (faster_rcnn: detection)
+    # classifiers: the softmax probability of each of `predictions`, from the same evaluation
+    confidence: np.ndarray | None = None
 
     @property
     def final(self) -> EpochStats:

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from jaxvision.core.archs import arch_of
-from jaxvision.core.config import TrainConfig
+from jaxvision.core.config import EVAL_BATCH_SIZE, TrainConfig
 from jaxvision.core.data import Dataset, epoch_permutation
 from jaxvision.core.loop import LossTracker, Position, run_epochs
 from jaxvision.core.results import RunResult
@@ -252,10 +252,11 @@ class Trainer:
             y = parallel.shard_batch(jax.lax.dynamic_slice_in_dim(y_pad, i * e, e))  # (E,)
             logits = model(x.astype(self.compute_dtype)).astype(jnp.float32)  # (E, K)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            return parallel.gather(loss), parallel.gather(logits.argmax(-1))
+            confidence = jax.nn.softmax(logits, axis=-1).max(-1)  # the prediction's probability
+            return tuple(parallel.gather(a) for a in (loss, logits.argmax(-1), confidence))
 
-        losses, preds = jax.lax.map(one_batch, jnp.arange(self.n_eval_batches))  # (nb, E) each
-        losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]  # (nb*E,) -> (N,)
+        out = jax.lax.map(one_batch, jnp.arange(self.n_eval_batches))  # (nb, E) each
+        losses, preds, confidence = (a.reshape(-1)[:n] for a in out)  # (nb*E,) -> (N,)
         labels = y_pad[:n]
         k = self.data.num_classes
         return {
@@ -263,6 +264,7 @@ class Trainer:
             "accuracy": metrics.accuracy(labels, preds),
             "f1_macro": metrics.f1_macro(labels, preds, k),
             "preds": preds,
+            "confidence": confidence,
         }
 
     # --- the host side ---------------------------------------------------------------------------
@@ -332,7 +334,7 @@ class Trainer:
         return nnx.merge(graphdef, self.state.params, self.state.frozen, self.state.rest)
 
 
-def predictor(model: nnx.Module, mean, std, batch_size: int = 1000):
+def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
     """f((N, H, W, C) uint8 images) -> their eval-mode class probabilities (N, K), normalised as
     the model was trained (`mean`, `std`: the training set's statistics). Compiled once per
     batch shape; the weights are put on this process's first device once."""
@@ -379,7 +381,7 @@ def run(trainer: Trainer, model: nnx.Module) -> RunResult:
     if config.checkpoint_dir:
         checkpoints = JaxCheckpoints(config, data, model.config, trainer)
     compile_s = trainer.compile()
-    history, preds = run_epochs(
+    history, last = run_epochs(
         config, trainer.steps, trainer.train_epoch, trainer.evaluate, checkpoints
     )
     return RunResult(
@@ -387,6 +389,7 @@ def run(trainer: Trainer, model: nnx.Module) -> RunResult:
         count_params(model),
         describe_device(trainer.mesh.size),
         compile_s,
-        preds,
+        last["preds"],
         trainer.model(train=False),
+        confidence=last.get("confidence"),
     )
