@@ -40,7 +40,8 @@ def run(arch: str, devices: int) -> dict:
     sharding = trainer.state.params  # every parameter replicated over the whole mesh
     assert all(len(a.sharding.device_set) == devices for a in jax.tree.leaves(sharding))
     return {"losses": np.array(losses), "accuracy": ev["accuracy"], "test_loss": ev["loss"],
-            "preds": ev["preds"], **{f"param {k}": v for k, v in params.items()}}  # fmt: skip
+            "preds": ev["preds"], "confidence": ev["confidence"],
+            **{f"param {k}": v for k, v in params.items()}}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def test_same_global_metrics(trained):
     """Evaluation on 100 images, padded to 104 for 8 devices: the padding is masked out."""
     _, one, many = trained
     np.testing.assert_array_equal(many["preds"], one["preds"])
-    assert many["preds"].shape == (100,)
+    assert many["preds"].shape == many["confidence"].shape == (100,)
+    np.testing.assert_allclose(many["confidence"], one["confidence"], rtol=1e-5)
     assert many["accuracy"] == one["accuracy"]
     np.testing.assert_allclose(many["test_loss"], one["test_loss"], rtol=1e-6)
 

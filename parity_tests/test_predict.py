@@ -144,6 +144,20 @@ def test_evaluate_scores_a_checkpoint_on_the_official_test_set(trained, tmp_path
         tmp_path / "ev" / "mistakes.png"
     ).exists()
     assert "accuracy" in capsys.readouterr().out
+    # another --batch-size: the same predictions, the loss to float32 rounding
+    assert evaluate.main(["--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "ev1000"),
+                          "--quiet", "--batch-size", "1000"]) == 0  # fmt: skip
+    other = json.loads((tmp_path / "ev1000" / "metrics.json").read_text())
+    assert other["confusion_matrix"] == record["confusion_matrix"]
+    assert other["test_loss"] == pytest.approx(record["test_loss"], rel=1e-6)
+
+
+def test_evaluate_refuses_a_batch_size_below_one_before_loading(tmp_path, capsys):
+    from jaxvision.apps import evaluate
+
+    code = evaluate.main(["--checkpoint", str(tmp_path / "none"), "--batch-size", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: --batch-size must be at least 1, not 0\n", err
 
 
 def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys):

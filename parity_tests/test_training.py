@@ -76,7 +76,8 @@ def test_the_evaluations_confidence_is_the_trained_models_probability(short_runs
     assert r.confidence.shape == (sample.n_test,) and r.confidence.dtype == np.float32
     np.testing.assert_array_equal(r.predictions, probs.argmax(-1))
     np.testing.assert_allclose(r.confidence, probs.max(-1), rtol=1e-5, atol=1e-7)
-    assert r.confidence.min() >= 0.1 and 0.5 < r.confidence.mean() < 1  # 10 classes, trained
+    right = r.predictions == sample.y_test  # a trained model is surer where it is right
+    assert r.confidence[right].mean() > r.confidence[~right].mean() + 0.1
 
 
 def test_same_seed_same_jax_run(sample):

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxvision.core import checkpoint
 from jaxvision.core.archs import get_arch
-from jaxvision.core.config import BACKENDS, TrainConfig
+from jaxvision.core.config import BACKENDS, EVAL_BATCH_SIZE, TrainConfig
 from jaxvision.core.data import Dataset
 from jaxvision.core.errors import UserError
 from jaxvision.core.results import RunResult
@@ -69,9 +69,9 @@ class Backend(Protocol):
     def load_model(self, path: Path, meta: dict):
         """The model in checkpoint folder DIR/<step>, in eval mode."""
 
-    def classifier(self, path: Path, meta: dict):
+    def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
         """f((N, H, W, C) uint8 images) -> (N, K) probabilities, with the checkpoint's model and
-        its own normalisation."""
+        its own normalisation, `batch_size` images a call."""
 
     def torch_state_dict(self, model) -> dict:
         """The model's weights as a torch state_dict (the format both frameworks exchange)."""

@@ -19,7 +19,7 @@ from jax._src import xla_bridge  # JAX's own; `jax_started` says why
 
 from jaxvision.core import archs
 from jaxvision.core.bench import BenchWorker, median_time
-from jaxvision.core.config import TrainConfig
+from jaxvision.core.config import EVAL_BATCH_SIZE, TrainConfig
 from jaxvision.core.data import Dataset
 from jaxvision.core.results import RunResult
 from jaxvision.models import build_model, initializers
@@ -150,8 +150,9 @@ class JaxBackend:
     def load_model(self, path: Path, meta: dict) -> nnx.Module:
         return checkpoint.load_flax_model(path, meta)
 
-    def classifier(self, path: Path, meta: dict):
-        return trainer.predictor(self.load_model(path, meta), meta["mean"], meta["std"])
+    def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
+        model = self.load_model(path, meta)
+        return trainer.predictor(model, meta["mean"], meta["std"], batch_size)
 
     def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
         return trainer.predictor(model, data.mean, data.std)(images)

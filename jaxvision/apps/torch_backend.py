@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from jaxvision.core.bench import BenchWorker, median_time
-from jaxvision.core.config import TrainConfig
+from jaxvision.core.config import EVAL_BATCH_SIZE, TrainConfig
 from jaxvision.core.data import Dataset
 from jaxvision.core.detection import ink_boxes
 from jaxvision.core.errors import UserError
@@ -74,9 +74,9 @@ class TorchBackend:
     def load_model(self, path: Path, meta: dict) -> torch.nn.Module:
         return checkpoint.load_model(path, meta)
 
-    def classifier(self, path: Path, meta: dict):
+    def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
         model = self.load_model(path, meta)
-        return lambda x: train.predict_proba(model, x, meta["mean"], meta["std"])
+        return lambda x: train.predict_proba(model, x, meta["mean"], meta["std"], batch_size)
 
     def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
         return train.predict_proba(model, images, data.mean, data.std)

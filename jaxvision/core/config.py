@@ -25,9 +25,9 @@ SCANS = {"jax": True, "torch": False}  # runs --log-every steps per compiled cal
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
-# Images per inference call, in training's evaluations and in predict.py / evaluate.py. On 2 CPU
-# cores 1,000 was 1.2-2.6x slower for an evaluation, and 1.0-1.6x for a prediction pass of every
-# arch in both frameworks (docs/performance.md).
+# Images per inference call: training's evaluations, predict.py, and evaluate.py's default. On 2
+# CPU cores 1,000 made an evaluation 1.2-2.6x slower, and a prediction pass up to 2.3x slower
+# (torch's AlexNet alone 2% faster): docs/performance.md. A GPU may want more (--batch-size).
 EVAL_BATCH_SIZE = 100
 
 # Help groups, in the order --help shows them.
