@@ -74,7 +74,12 @@ def test_the_evaluations_confidence_is_the_trained_models_probability(short_runs
     r = short_runs[backend]
     probs = backends.get(backend).predict_proba(r.model, sample.x_test, sample)  # (N, K)
     assert r.confidence.shape == (sample.n_test,) and r.confidence.dtype == np.float32
-    np.testing.assert_array_equal(r.predictions, probs.argmax(-1))
+    # The two passes normalise and batch alike but are separate programs: a top-two pair within
+    # float32 rounding may order either way (none did here); every other prediction is the same.
+    second, first = np.sort(probs, -1)[:, -2:].T
+    clear = first - second > 1e-5
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(r.predictions[clear], probs.argmax(-1)[clear])
     np.testing.assert_allclose(r.confidence, probs.max(-1), rtol=1e-5, atol=1e-7)
     right = r.predictions == sample.y_test  # a trained model is surer where it is right
     assert r.confidence[right].mean() > r.confidence[~right].mean() + 0.1
