@@ -144,11 +144,14 @@ def test_evaluate_scores_a_checkpoint_on_the_official_test_set(trained, tmp_path
         tmp_path / "ev" / "mistakes.png"
     ).exists()
     assert "accuracy" in capsys.readouterr().out
-    # another --batch-size: the same predictions, the loss to float32 rounding
+    # another --batch-size, another compiled program: the loss to float32 rounding, and the same
+    # predictions but for a top-two pair within rounding, which either may order (one moves two
+    # counts of the confusion matrix; here none did)
     assert evaluate.main(["--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "ev1000"),
                           "--quiet", "--batch-size", "1000"]) == 0  # fmt: skip
     other = json.loads((tmp_path / "ev1000" / "metrics.json").read_text())
-    assert other["confusion_matrix"] == record["confusion_matrix"]
+    moved = np.abs(np.subtract(other["confusion_matrix"], record["confusion_matrix"])).sum()
+    assert moved <= 2, moved
     assert other["test_loss"] == pytest.approx(record["test_loss"], rel=1e-6)
 
 
