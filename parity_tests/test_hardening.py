@@ -8,18 +8,21 @@ import json
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from jaxvision.apps import backends, export, predict
 from jaxvision.apps import train as cli
-from jaxvision.core import checkpoint, data, images, results
+from jaxvision.core import checkpoint, data, errors, images, results
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import DamagedCheckpoint, DataError, UserError
 
@@ -494,3 +497,76 @@ def test_non_finite_parameters_are_damage_not_a_learning_rate_problem(run, tmp_p
     with pytest.raises(DamagedCheckpoint, match=r"holds non-finite numbers \(NaN or inf\) in "
                                                 r"fc1.*not a learning-rate problem"):  # fmt: skip
         load(copy)
+
+
+# --- out of memory -----------------------------------------------------------------------------
+
+# Past the 47-bit user address space: refused at once, whatever the machine's overcommit setting.
+BEYOND_ANY_ADDRESS_SPACE = 2**48
+
+
+def raised(allocate) -> BaseException:
+    with pytest.raises((MemoryError, RuntimeError)) as info:
+        allocate()
+    return info.value
+
+
+def test_each_frameworks_out_of_memory_error_is_recognised_with_its_size():
+    import jax.numpy as jnp
+    import torch
+
+    n = BEYOND_ANY_ADDRESS_SPACE
+    numpy_error = raised(lambda: np.empty(n, np.uint8))
+    torch_error = raised(lambda: torch.empty(n, dtype=torch.uint8))
+    xla_error = raised(lambda: jnp.zeros(n, jnp.uint8).block_until_ready())
+    assert errors.failed_allocation(numpy_error) == "could not allocate 256.00 TiB"
+    assert errors.failed_allocation(torch_error) == "could not allocate 262144.00 GiB"
+    assert errors.failed_allocation(xla_error) == "could not allocate 262144.00 GiB"
+    # torch's CUDA allocator, as torch.OutOfMemoryError words it (no GPU here to raise it)
+    cuda = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.19 GiB "
+        "of which 3.06 MiB is free."
+    )
+    assert errors.failed_allocation(cuda) == "could not allocate 20.00 MiB"
+    for other in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("memory"),
+                  raised(lambda: torch.ones(2) @ torch.ones(3))):  # fmt: skip
+        assert errors.failed_allocation(other) is None
+
+
+def test_out_of_memory_is_one_line_and_other_errors_pass_through(capsys):
+    def allocate():
+        np.empty(BEYOND_ANY_ADDRESS_SPACE, np.uint8)
+
+    assert errors.exit_code(allocate, out_of_memory_fix="use fewer") == 1
+    assert capsys.readouterr().err == (
+        "error: out of memory: could not allocate 256.00 TiB; use fewer\n"
+    )
+
+    def fail():
+        raise RuntimeError("a bug, not memory")
+
+    with pytest.raises(RuntimeError, match="a bug, not memory"):  # a traceback, as a bug should
+        errors.exit_code(fail)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_run_too_large_for_memory_stops_with_one_line_naming_its_sizes(tmp_path, backend):
+    """AlexNet at 2048 px, batch 64, under a 4 GB address-space limit: the step needs more
+    (JAX 7 GiB of activations, torch a 1 GiB input among others), on any machine."""
+    limit = 4 * 10**9
+    code = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, resource.RLIM_INFINITY)); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    args = ["--arch", "alexnet", "--backend", backend, "--no-pretrained", "--image-size", "2048",
+            "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert re.fullmatch(
+        r"error: out of memory: could not allocate \d+\.\d\d GiB; use a smaller --batch-size "
+        r"\(this run: 64\) or --eval-batch-size \(100\), or --image-size \(2048\)\n",
+        r.stderr,
+    ), r.stderr
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ from jaxvision.core import data, flags
 from jaxvision.core.archs import ARCHS, get_arch
 from jaxvision.core.bench import peak_host_mb
 from jaxvision.core.config import BACKEND_NAMES, TrainConfig
-from jaxvision.core.errors import RunFailed, UserError, exit_code
+from jaxvision.core.errors import RunFailed, UserError, exit_code, failed_allocation
 from jaxvision.core.results import describe_host, probe_writable_file
 
 BACKENDS = tuple(backends.REGISTRY)
@@ -131,8 +131,12 @@ def _worker(spec: Spec, conn) -> None:
         memory = (peak_host_mb(), bench.peak_device_mb())
         conn.send(("memory", (*memory, setting(bench), bench.matmul_peak())))
     except Exception as e:  # reported in the table; the other workers go on
-        message = str(e).splitlines()[0] if str(e) else ""
-        conn.send(("error", f"{type(e).__name__}: {message}"[:200]))
+        if what := failed_allocation(e):
+            message = f"out of memory: {what}; use a smaller --batch-size ({spec.batch_size})"
+        else:
+            first = str(e).splitlines()[0] if str(e) else ""
+            message = f"{type(e).__name__}: {first}"
+        conn.send(("error", message[:200]))
     finally:
         conn.close()
 

@@ -128,4 +128,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: evaluate(args))
+    fix = f"use a smaller --batch-size (this run: {args.batch_size})"
+    return exit_code(lambda: evaluate(args), out_of_memory_fix=fix)

@@ -4,7 +4,8 @@ Every flag is a `TrainConfig` field (`jaxvision.core.config`), or one of the lau
 below; `--help` is generated from them, with each arch's recipe value in brackets.
 
 Exit codes: 0 success; 2 bad input (unknown arch or backend, unreadable data, ...); 1 training
-diverged (NaN/inf loss); 130 interrupted. Every failure the user can act on is one line on stderr.
+diverged (NaN/inf loss) or ran out of memory; 130 interrupted. Every failure the user can act on
+is one line on stderr.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jaxvision.apps import backends
 from jaxvision.core import attention, config, data, figures, flags, results
 from jaxvision.core.archs import get_arch
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.errors import UserError, exit_code
+from jaxvision.core.errors import UserError, exit_code, out_of_memory
 from jaxvision.core.model_configs import DETECTORS
 
 JOIN_TIMEOUT_S = 300  # jax.distributed.initialize's own default
@@ -135,6 +136,17 @@ def write_torch_weights(config: TrainConfig, result: results.RunResult, out_dir:
     return backends.get(config.backend).save_torch_weights(result.model, out_dir / "model.pth")
 
 
+def out_of_memory_fix(config: TrainConfig) -> str:
+    """What a run that ran out of memory can ask for less of, with the values it asked for."""
+    fix = (f"use a smaller --batch-size (this run: {config.batch_size}) or --eval-batch-size "
+           f"({config.eval_batch_size})")  # fmt: skip
+    if config.image_size is not None:
+        fix += f", or --image-size ({config.image_size})"
+    elif config.arch_spec.imagenet or config.arch_spec.detector:
+        fix += ", or set a small --image-size"
+    return fix
+
+
 def train(config: TrainConfig) -> dict:
     """Loads the data, trains, writes metrics.json, prints the results row; returns the record."""
     for note in config.notes:
@@ -157,7 +169,8 @@ def train(config: TrainConfig) -> dict:
     )
     if config.checkpoint_dir:  # a checkpoint that does not fit fails before any model is built
         backends.plan_checkpoint(config, dataset)
-    result = backend.train_and_evaluate(config, dataset)
+    with out_of_memory(out_of_memory_fix(config)):
+        result = backend.train_and_evaluate(config, dataset)
     record = results.metrics_record(config, dataset, result)
     if not backend.is_primary():  # multi-host: process 0 writes the outputs
         return record

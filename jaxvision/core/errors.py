@@ -5,8 +5,10 @@ non-zero exit code, never as a traceback (`exit_code` runs a command's body this
 names the thing that is wrong and the fix.
 """
 
+import contextlib
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class UserError(Exception):
@@ -39,11 +41,58 @@ class RunFailed(UserError):
     exit_code = 1
 
 
-def exit_code(body: Callable[[], object]) -> int:
-    """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
-    stderr, 130 after Ctrl-C."""
+class OutOfMemory(UserError):
+    """A framework could not allocate host or device memory; the fix is a smaller request."""
+
+    exit_code = 1
+
+
+_BYTES = re.compile(r"allocat\w* (\d+) bytes")  # XLA (CPU and GPU), torch's CPU allocator
+_SIZE = re.compile(r"allocate (\d+(?:\.\d*)?) ([KMGTPE]i?B)")  # numpy ("256. TiB"), torch CUDA
+
+
+def failed_allocation(e: BaseException) -> str | None:
+    """'could not allocate 28.03 GiB' when `e` is numpy's, XLA's or torch's out-of-memory error;
+    None for any other exception. Told apart by type and message, so that this framework-free
+    layer imports neither framework."""
+    text = str(e)
+    if isinstance(e, RuntimeError):
+        low = text.lower()
+        xla = "RESOURCE_EXHAUSTED" in text and "memory" in low
+        torch = "out of memory" in low or "DefaultCPUAllocator" in text  # CUDA / MPS; the CPU
+        if not (xla or torch):
+            return None
+    elif not isinstance(e, MemoryError):
+        return None
+    if m := _BYTES.search(text):
+        return f"could not allocate {int(m[1]) / 2**30:.2f} GiB"
+    if m := _SIZE.search(text):
+        return f"could not allocate {float(m[1]):.2f} {m[2]}"
+    return "could not allocate memory"
+
+
+@contextlib.contextmanager
+def out_of_memory(fix: str) -> Iterator[None]:
+    """Turns an out-of-memory error inside the block into one `OutOfMemory` line that ends in
+    `fix` (what to ask for less of)."""
     try:
-        body()
+        yield
+    except (MemoryError, RuntimeError) as e:
+        what = failed_allocation(e)
+        if what is None:
+            raise
+        raise OutOfMemory(f"out of memory: {what}; {fix}") from e
+
+
+GENERIC_FIX = "free memory, or ask for less (fewer or smaller images at a time)"
+
+
+def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) -> int:
+    """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
+    stderr (out of memory included: `out_of_memory_fix` says what to lower), 130 after Ctrl-C."""
+    try:
+        with out_of_memory(out_of_memory_fix):
+            body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
