@@ -501,13 +501,26 @@ def test_non_finite_parameters_are_damage_not_a_learning_rate_problem(run, tmp_p
 
 # --- out of memory -----------------------------------------------------------------------------
 
+
+def under_limit(limit: str, value: int, *args: str, **kw) -> subprocess.CompletedProcess:
+    """scripts/train.py `args` in a subprocess under resource limit `limit` (RLIMIT_FSIZE: a
+    write past `value` bytes fails with EFBIG, as on a full disk; RLIMIT_AS: memory)."""
+    code = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.{limit}, ({value}, resource.RLIM_INFINITY)); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, **kw)  # fmt: skip
+
+
 # Past the 47-bit user address space: refused at once, whatever the machine's overcommit setting.
 BEYOND_ANY_ADDRESS_SPACE = 2**48
 
 
-def raised(allocate) -> BaseException:
-    with pytest.raises((MemoryError, RuntimeError)) as info:
-        allocate()
+def raised(f, kinds=(MemoryError, RuntimeError)) -> BaseException:
+    with pytest.raises(kinds) as info:
+        f()
     return info.value
 
 
@@ -553,16 +566,9 @@ def test_out_of_memory_is_one_line_and_other_errors_pass_through(capsys):
 def test_a_run_too_large_for_memory_stops_with_one_line_naming_its_sizes(tmp_path, backend):
     """AlexNet at 2048 px, batch 64, under a 4 GB address-space limit: the step needs more
     (JAX 7 GiB of activations, torch a 1 GiB input among others), on any machine."""
-    limit = 4 * 10**9
-    code = (
-        "import resource, runpy, sys; "
-        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, resource.RLIM_INFINITY)); "
-        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
     args = ["--arch", "alexnet", "--backend", backend, "--no-pretrained", "--image-size", "2048",
             "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    r = under_limit("RLIMIT_AS", 4 * 10**9, *args)
     assert r.returncode == 1, r.stderr
     assert re.fullmatch(
         r"error: out of memory: could not allocate \d+\.\d\d GiB; use a smaller --batch-size "
@@ -570,3 +576,53 @@ def test_a_run_too_large_for_memory_stops_with_one_line_naming_its_sizes(tmp_pat
         r.stderr,
     ), r.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- a disk that fills up ----------------------------------------------------------------------
+
+
+def test_the_reasons_a_write_failed_are_told_apart():
+    missing = raised(lambda: open("/nonexistent-folder/x", "w"), OSError)  # noqa: SIM115
+    assert errors.failed_write(missing) == "No such file or directory"
+    tensorstore = ValueError('OUT_OF_RANGE: Error writing "conv1.bias.value/0" in OCDBT database '
+                             "at local file ...: File too large [os_error_code='27']")  # fmt: skip
+    assert errors.failed_write(tensorstore) == "File too large"
+    torch_zip = RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 5184 vs 5136"
+    )
+    assert (
+        errors.failed_write(torch_zip) == "torch.save's writer failed: unexpected pos 5184 vs 5136"
+    )
+    for other in (ValueError("bad value"), RuntimeError("Event loop is closed"), KeyError("x")):
+        assert errors.failed_write(other) is None
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_one_to_resume(
+    tmp_path, train_cli, backend
+):
+    """Epoch 1 saved; epoch 2's save fails. Orbax's threads and torch's zip writer fail in their
+    own ways; both end in one line, and no step folder is left that --resume would have to skip.
+    (Orbax's C++ writers can still be flushing into its temporary folder when it is removed; one
+    that comes back is never taken for a checkpoint, and the next run there removes it.)"""
+    ckpt = tmp_path / "ckpt"
+    args = [*TINY, "--backend", backend, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path)]
+    assert train_cli(*args, "--epochs", "1").returncode == 0
+    r = under_limit("RLIMIT_FSIZE", 2000, *args, "--epochs", "2", "--resume")
+    assert r.returncode == 1, r.stderr
+    assert re.fullmatch(
+        rf"error: cannot write {re.escape(str(ckpt))}/16 \((File too large|torch.save's writer "
+        rf"failed: .+)\); free disk space and continue with --resume \(from "
+        rf"{re.escape(str(ckpt))}/8, after epoch 1\)\n",
+        r.stderr,
+    ), r.stderr
+    assert [p.name for p in ckpt.iterdir() if not p.name.endswith(".orbax-checkpoint-tmp")] == ["8"]
+
+
+def test_a_figure_that_cannot_be_written_is_one_line_and_removed(tmp_path):
+    out = tmp_path / "run"
+    r = under_limit("RLIMIT_FSIZE", 20_000, *TINY, "--epochs", "1", "--out", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == (f"error: cannot write {out / 'confusion.png'} (File too large); free disk "
+                        "space, or choose another --out\n")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]

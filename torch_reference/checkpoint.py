@@ -65,6 +65,9 @@ class TorchCheckpoints(Checkpoints):
         for old in self._steps()[:-KEEP]:
             shutil.rmtree(self.path(old))
 
+    def _partial(self, step: int) -> list[Path]:
+        return list(self.directory.glob(f"{TMP_PREFIX}{step}-*"))
+
     def _restore(self, step: int) -> None:
         t = self.trainer
         state = load_state(self.path(step))

@@ -35,7 +35,13 @@ from jaxvision.core import data, flags
 from jaxvision.core.archs import ARCHS, get_arch
 from jaxvision.core.bench import peak_host_mb
 from jaxvision.core.config import BACKEND_NAMES, TrainConfig
-from jaxvision.core.errors import RunFailed, UserError, exit_code, failed_allocation
+from jaxvision.core.errors import (
+    RunFailed,
+    UserError,
+    exit_code,
+    failed_allocation,
+    writing,
+)
 from jaxvision.core.results import describe_host, probe_writable_file
 
 BACKENDS = tuple(backends.REGISTRY)
@@ -384,7 +390,8 @@ def benchmark(args: argparse.Namespace) -> None:
     print(markdown(records))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+        with writing(Path(args.json), "free disk space, or choose another --json"):
+            Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     failed = [r for r in records if "error" in r]
     if failed:

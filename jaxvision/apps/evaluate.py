@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from jaxvision.apps import backends
 from jaxvision.core import data, figures, flags
 from jaxvision.core.config import EVAL_BATCH_SIZE
 from jaxvision.core.errors import UserError, exit_code
-from jaxvision.core.results import describe_host, probe_writable
+from jaxvision.core.results import describe_host, probe_writable, write_metrics
 
 
 def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
@@ -86,8 +85,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_metrics(record, out)
     title = f"{meta['arch']} ({meta['preset']}), {backend.name}, {ds.name}: {path}"
     cm = np.asarray(record["confusion_matrix"])
     figures.save_confusion(cm, ds.classes, out / "confusion.png", title)

@@ -11,12 +11,13 @@ parity tests check.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from jaxvision.apps import backends
 from jaxvision.core import flags, results
 from jaxvision.core.archs import get_arch
-from jaxvision.core.errors import UserError, exit_code
+from jaxvision.core.errors import UserError, exit_code, writing
 from torch_reference.checkpoint import save_state_dict
 
 
@@ -34,10 +35,13 @@ def export(src: str | Path, dst: str | Path) -> Path:
     else:
         results.probe_writable(dst, "DST")
     state_dict = source.torch_state_dict(source.load_model(path, meta))
+    fix = "free disk space, or give another DST"
     if dst.suffix in (".pth", ".pt"):
-        return save_state_dict(state_dict, dst)
+        with writing(dst, fix):
+            return save_state_dict(state_dict, dst)
     meta = {**meta, "items": ["model", "meta"], "converted_from": str(path)}
-    return backends.other(source.name).write_weights(dst, int(path.name), state_dict, meta)
+    with writing(dst, fix, discard=lambda: shutil.rmtree(dst)):  # new or empty: checked above
+        return backends.other(source.name).write_weights(dst, int(path.name), state_dict, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

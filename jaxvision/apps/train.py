@@ -20,7 +20,7 @@ from jaxvision.apps import backends
 from jaxvision.core import attention, config, data, figures, flags, results
 from jaxvision.core.archs import get_arch
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.errors import UserError, exit_code, out_of_memory
+from jaxvision.core.errors import UserError, exit_code, out_of_memory, writing
 from jaxvision.core.model_configs import DETECTORS
 
 JOIN_TIMEOUT_S = 300  # jax.distributed.initialize's own default
@@ -133,7 +133,9 @@ def write_figures(config, dataset, result, out_dir: Path) -> list[Path]:
 def write_torch_weights(config: TrainConfig, result: results.RunResult, out_dir: Path) -> Path:
     """model.pth: the trained weights as a torch state_dict, whichever backend trained them, so
     that torchvision (or torch_reference) loads them with `load_state_dict`."""
-    return backends.get(config.backend).save_torch_weights(result.model, out_dir / "model.pth")
+    path = out_dir / "model.pth"
+    with writing(path):
+        return backends.get(config.backend).save_torch_weights(result.model, path)
 
 
 def out_of_memory_fix(config: TrainConfig) -> str:

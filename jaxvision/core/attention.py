@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvision.core.errors import writing
+
 
 def attention_rollout(attns: list[np.ndarray]) -> np.ndarray:
     """attns: per layer (B, heads, T, T) -> (B, T, T), rows summing to 1."""
@@ -67,6 +69,7 @@ def save_attention_grid(
     axes[1, 0].set_ylabel("rollout", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with writing(path):
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

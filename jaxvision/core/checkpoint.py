@@ -32,10 +32,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.errors import DamagedCheckpoint, UserError
+from jaxvision.core.errors import DamagedCheckpoint, UserError, writing
 from jaxvision.core.loop import Position
 from jaxvision.core.results import EpochStats
 
@@ -160,7 +161,8 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
 class Checkpoints:
     """The framework-free half: which checkpoint to start from, and when one is saved.
 
-    A backend supplies `read_meta(path)`, `_write(step, meta)` and `_restore(step)`.
+    A backend supplies `read_meta(path)`, `_write(step, meta)`, `_restore(step)` and
+    `_partial(step)` (the temporary folders a failed `_write` of `step` leaves).
     """
 
     @staticmethod
@@ -249,8 +251,22 @@ class Checkpoints:
             meta = checkpoint_meta(
                 self.config, self.data, self.model_cfg, position, history, self.steps
             )
-            self._write(step, meta)
+            with writing(self.path(step), self._after_failed_save,
+                         discard=lambda: self._discard_partial(step)):  # fmt: skip
+                self._write(step, meta)
         return self.path(step)
+
+    def _after_failed_save(self) -> str:
+        if not intact_steps(self.directory)[0]:
+            return "free disk space (or choose another --checkpoint-dir) and run again"
+        return f"free disk space and continue with --resume (from {self.describe_latest()})"
+
+    def _partial(self, step: int) -> list[Path]:
+        raise NotImplementedError
+
+    def _discard_partial(self, step: int) -> None:
+        for folder in self._partial(step):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def describe_latest(self) -> str:
         """The newest intact checkpoint, for messages."""

@@ -6,9 +6,11 @@ names the thing that is wrong and the fix.
 """
 
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -87,15 +89,73 @@ def out_of_memory(fix: str) -> Iterator[None]:
 GENERIC_FIX = "free memory, or ask for less (fewer or smaller images at a time)"
 
 
+class WriteFailed(UserError):
+    """A file could not be written: a full disk, a quota, a file-size limit, a lost permission."""
+
+    exit_code = 1
+
+
+_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")  # torch's C++ check prefix
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # tensorstore's (orbax's) I/O errors
+
+
+def failed_write(e: BaseException) -> str | None:
+    """Why a write failed, in the operating system's words where the error carries them, when `e`
+    is an I/O error: an OSError, tensorstore's (orbax's) wrapped errno, or torch.save's zip
+    writer (which keeps no errno); None for any other exception."""
+    text = str(e)
+    if isinstance(e, OSError):
+        return e.strerror or text or type(e).__name__
+    if isinstance(e, RuntimeError | ValueError) and (m := _OS_ERROR_CODE.search(text)):
+        return os.strerror(int(m[1]))
+    torch_writer = "PytorchStreamWriter" in text or "inline_container" in text
+    if isinstance(e, RuntimeError) and torch_writer:  # "[enforce fail at ...] . unexpected pos"
+        said = _ENFORCE.sub("", text.strip().splitlines()[0])[:160]
+        return f"torch.save's writer failed: {said}"
+    return None
+
+
+DISK_FIX = "free disk space, or choose another --out"
+
+
+@contextlib.contextmanager
+def writing(
+    path: Path,
+    fix: str | Callable[[], str] = DISK_FIX,
+    discard: Callable[[], object] | None = None,
+) -> Iterator[None]:
+    """Turns a failed write of `path` inside the block into one `WriteFailed` line naming it,
+    why, and `fix` (a string, or a function that makes it once the write has failed). What was
+    partly written is removed first: `discard()`, or `path` itself when it is a file."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:
+        why = failed_write(e)
+        if why is None:
+            raise
+        with contextlib.suppress(OSError):
+            if discard is not None:
+                discard()
+            elif path.is_file():
+                path.unlink()
+        fix = fix if isinstance(fix, str) else fix()
+        raise WriteFailed(f"cannot write {path} ({why}); {fix}") from e
+
+
 def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) -> int:
     """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
-    stderr (out of memory included: `out_of_memory_fix` says what to lower), 130 after Ctrl-C."""
+    stderr (out of memory included: `out_of_memory_fix` says what to lower), 1 after one line for
+    an OSError no caller named (a full disk, say), 130 after Ctrl-C."""
     try:
         with out_of_memory(out_of_memory_fix):
             body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the file system's: a full disk, a permission, a vanished folder
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {failed_write(e)}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

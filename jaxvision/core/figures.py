@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvision.core.errors import writing
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, K) int64 counts, rows the true classes, columns the predictions."""
@@ -50,7 +52,8 @@ def save_confusion(cm: np.ndarray, classes, path: Path, title: str) -> Path:
     accuracy = np.trace(cm) / max(cm.sum(), 1)
     ax.set_title(f"{title}\naccuracy {accuracy:.2%} on {cm.sum():,} test images", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with writing(path):
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -98,6 +101,7 @@ def save_mistakes(images, labels, preds, confidence, index, classes, path: Path,
     if len(index) == 0:
         ax.text(0.5, 0.5, "no mistakes", fontsize=10, transform=ax.transAxes)
     fig.suptitle(f"{title}: the {len(index)} most confident mistakes", fontsize=9)
-    fig.savefig(path, dpi=120)
+    with writing(path):
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from jaxvision.core.errors import UserError
+from jaxvision.core.errors import UserError, writing
 from jaxvision.core.results import data_label
 
 COLUMNS = (
@@ -172,7 +172,8 @@ def plot(table: list[dict], path: Path, title: str = "") -> Path:
     ax.legend(title="backend", markerscale=0.5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with writing(path):
+        fig.savefig(path)
     plt.close(fig)
     return path
 
@@ -186,7 +187,9 @@ def write_report(runs: list[dict], out_dir: Path, title: str = "") -> dict[str, 
     if hosts:
         md += "\n\nMeasured on " + "; ".join(hosts) + "."
     paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv"}
-    paths["md"].write_text(md + "\n")
-    paths["csv"].write_text(to_csv(table))
+    with writing(paths["md"]):
+        paths["md"].write_text(md + "\n")
+    with writing(paths["csv"]):
+        paths["csv"].write_text(to_csv(table))
     paths["png"] = plot(table, out_dir / "comparison.png", title)
     return paths

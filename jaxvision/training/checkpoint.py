@@ -8,7 +8,14 @@ trained, frozen or neither), `train` (the optimiser state and the run's RNG key)
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import jax
@@ -106,6 +113,9 @@ class JaxCheckpoints(Checkpoints):
         model, train = self._items(self.trainer.state)
         self.manager.save(step, model, train, {**meta, "items": ["model", "train", "meta"]})
 
+    def _partial(self, step: int) -> list[Path]:
+        return list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+
     def _restore(self, step: int) -> None:
         state = self.trainer.state
         model, train = self._items(state)
@@ -159,6 +169,61 @@ def _merge(into: dict, other: dict) -> None:
             into[k] = v
 
 
+def _orbax_noise(unraisable) -> bool:
+    """An unraisable error from orbax's unwinding of a failed save: tensorstore's late callbacks
+    onto orbax's closed event loops, or its abandoned coroutines, collected at exit."""
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+@contextlib.contextmanager
+def _hushed_orbax():
+    """A failed orbax write as one error, not pages: orbax's threads log it, tracebacks and
+    all, through absl and asyncio, while the save unwinds and after it; its abandoned event
+    loops and coroutines raise unraisable errors and warnings until the process exits. The
+    save's own error carries the cause and becomes the command's one line. The loggers are
+    restored after a save that succeeded; after one that failed, orbax's noise stays filtered for
+    the rest of the process (other unraisable errors still reach the previous hook)."""
+    levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orbax_noise(unraisable):
+            previous(unraisable)
+
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = hook
+    before = set(threading.enumerate())
+    try:
+        yield
+    except Exception:
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        _join_new_threads(before)
+        raise
+    sys.unraisablehook = previous
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _join_new_threads(before: set, timeout: float = 10.0) -> None:
+    """Waits for the threads started since `before` (the save's, still writing the other items
+    after the first failed one) to end, so that the caller's cleanup is not written into."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = [t for t in threading.enumerate()
+                   if t not in before and t is not threading.current_thread()]  # fmt: skip
+        if not pending:
+            return
+        if pending[0].is_alive():
+            pending[0].join(timeout=max(deadline - time.monotonic(), 0))
+        else:  # created, not yet running
+            time.sleep(0.01)
+
+
 class _Manager:
     """An orbax CheckpointManager with this project's three items."""
 
@@ -169,8 +234,9 @@ class _Manager:
         items = dict(model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta))
         if train is not None:
             items["train"] = ocp.args.StandardSave(train)
-        self.manager.save(step, args=ocp.args.Composite(**items))
-        self.manager.wait_until_finished()
+        with _hushed_orbax():  # a failed write is the caller's one line, not pages of logs
+            self.manager.save(step, args=ocp.args.Composite(**items))
+            self.manager.wait_until_finished()
         if jax.process_index() == 0:  # orbax has finished every process's part by now
             write_manifest(Path(self.manager.directory) / str(step))  # last: it seals the folder
 
