@@ -271,6 +271,15 @@ def test_detect_is_torchvisions_eval_forward_plus_the_class_scores(sample):
     # a detection's score is its class's softmax score for one proposal: never above the best
     for d, s in zip(dets, class_scores, strict=True):
         assert (d["scores"] <= s[d["labels"]] + 1e-6).all()
+    # given the RPN's own proposals, the same computation
+    with torch.no_grad():
+        batch, _ = model.transform(list(images))
+        proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
+        given, given_scores = detect(model, images, proposals)
+    torch.testing.assert_close(given_scores, class_scores, rtol=0, atol=0)
+    for d, g in zip(dets, given, strict=True):
+        for k in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(g[k], d[k], rtol=0, atol=0)
 
 
 def test_detector_loss_leaves_rng_and_batchnorm_alone(sample):

@@ -20,6 +20,7 @@ import torch
 import torchvision
 from flax import nnx
 from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops.boxes import clip_boxes_to_image
 
 from jaxvision.core import detection
 from jaxvision.core.config import TrainConfig
@@ -70,19 +71,50 @@ def close(stage: str, got, want, atol: float) -> None:
     assert err <= atol, f"{stage}: max abs difference {err:.3g} > {atol:g}"
 
 
-def same_up_to_ties(stage, boxes, scores, want_boxes, want_scores, labels=None, want_labels=None):
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    w = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    h = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def same_up_to_ties(stage, boxes, scores, want_boxes, want_scores, labels=None, want_labels=None,
+                    nms=None):  # fmt: skip
     """Two score-sorted lists hold the same boxes (1e-3 px) with the same scores (1e-5), in the
     same order wherever no scores tie: a box out of place must match one whose score is tied
-    (within 1e-6) with its own. Labels, when given, must match box for box."""
+    (within 1e-6) with its own. Labels, when given, must match box for box.
+
+    With `nms` (threshold, torchvision's candidate boxes before NMS, their scores), the lists
+    came out of NMS at that IoU, and a tie can also have been broken the other way before it: of
+    two boxes whose scores are tied and that overlap by more than the threshold, NMS keeps
+    whichever ranks first, so each framework may keep a different one. Such a pair is accepted
+    at the same position, at most twice per list, when both scores are tied, both boxes overlap
+    by more than the threshold, and torchvision had the Flax box among its own candidates with
+    that score (so the box is right, and only the tie went the other way). Returns how many such
+    pairs there were."""
     boxes, scores, want_boxes, want_scores = map(
         np.asarray, (boxes, scores, want_boxes, want_scores)
     )
     close(f"{stage}.scores", scores, want_scores, SCORE_ATOL)
-    err, swapped, used = 0.0, 0, set()
+    err, swapped, resolved, used = 0.0, 0, 0, set()
     for j in range(len(want_boxes)):
         tied = np.flatnonzero(np.abs(want_scores - want_scores[j]) <= 1e-6)
         candidates = [t for t in [j, *tied] if t not in used]  # each box matches once
         diffs = [np.abs(boxes[t] - want_boxes[j]).max() for t in candidates] or [np.inf]
+        if min(diffs) > BOX_ATOL and nms is not None and j not in used and resolved < 2:
+            threshold, their_boxes, their_scores = nms
+            theirs = (np.abs(their_boxes - boxes[j]).max(1) <= BOX_ATOL) & (
+                np.abs(their_scores - scores[j]) <= 1e-6
+            )
+            if (
+                abs(scores[j] - want_scores[j]) <= 1e-6
+                and iou(boxes[j], want_boxes[j]) > threshold
+                and theirs.any()
+            ):
+                used.add(j)
+                resolved += 1
+                continue
         assert min(diffs) <= BOX_ATOL, f"{stage}[{j}]: no box within {BOX_ATOL} px of torchvision's"
         t = candidates[int(np.argmin(diffs))]
         used.add(t)
@@ -91,7 +123,11 @@ def same_up_to_ties(stage, boxes, scores, want_boxes, want_scores, labels=None, 
                 f"{stage}[{j}]: label {labels[t]} != {want_labels[j]}"
             )
         err, swapped = max(err, min(diffs)), swapped + (t != j)
-    print(f"{stage}.boxes: max abs difference {err:.2g}; {swapped} tied pairs in another order")
+    print(
+        f"{stage}.boxes: max abs difference {err:.2g}; {swapped} tied pairs in another order"
+        + (f"; {resolved} tied pairs that NMS resolved the other way" if resolved else "")
+    )
+    return resolved
 
 
 def as_float64(fm: nnx.Module) -> nnx.Module:
@@ -162,8 +198,18 @@ def run_stages(tm, fm, images, det, out, size):
     n = [len(p) for p in proposals]
     assert np.asarray(out["proposals.valid"]).sum(1).tolist() == n, "proposals: counts"
     for i, (p, ps) in enumerate(zip(proposals, prop_scores, strict=True)):
-        same_up_to_ties(f"proposals[{i}]", out["proposals"][i, : n[i]],
-                        out["proposals.scores"][i, : n[i]], p, ps)  # fmt: skip
+        candidates = (detector_module.RPN_NMS_THRESH,
+                      clip_boxes_to_image(decoded[i], batch.image_sizes[i]).numpy(),
+                      torch.sigmoid(obj.reshape(len(x), -1)[i]).numpy())  # fmt: skip
+        resolved = same_up_to_ties(f"proposals[{i}]", out["proposals"][i, : n[i]],
+                                   out["proposals.scores"][i, : n[i]], p, ps,
+                                   nms=candidates)  # fmt: skip
+        if resolved:  # the detection stage compared on the same input: the Flax proposals
+            with torch.no_grad():
+                own = [torch.from_numpy(out["proposals"][k, : n[k]].copy()) if k == i else q
+                       for k, q in enumerate(proposals)]  # fmt: skip
+                dets, class_scores = detect(tm, timg, own)
+            want_det[i], want_class_scores[i] = dets[i], class_scores[i]
     # the RoI pooling and box head on torchvision's own proposals, zero-padded to one length
     padded = np.zeros((len(x), max(n), 4), images.dtype)
     for i, p in enumerate(proposals):
@@ -668,3 +714,27 @@ def test_sample_takes_a_balanced_fixed_count_from_the_eligible_only():
         draws.append(neg)
     other = np.asarray(box_ops.sample(jax.random.key(9), labels, 256, 0.5)[1])
     assert (other != draws[0]).any()
+
+
+def test_a_tie_that_nms_resolved_the_other_way_is_told_from_a_wrong_box():
+    """`same_up_to_ties` accepts a kept box that differs from torchvision's only where both
+    scores tie, the two boxes overlap past NMS's threshold, and torchvision had that box among
+    its candidates. Without any one of the three it is a failure."""
+    want = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    scores = np.array([0.9, 0.5], np.float32)
+    other = np.array([[0, 0, 10, 10], [20, 20, 30, 30.5]], np.float32)  # IoU 0.95 with want[1]
+    moved = np.array([[0, 0, 10, 10], [22, 22, 32, 32]], np.float32)  # IoU 0.47
+
+    def candidates(got):  # noqa: E306
+        return 0.7, np.concatenate([want, got[1:]]), np.array([0.9, 0.5, 0.5], np.float32)
+
+    assert same_up_to_ties("tie", other, scores, want, scores, nms=candidates(other)) == 1
+    failures = [
+        (other, scores, None),  # no NMS stage
+        (other, scores, (0.7, want, scores)),  # torchvision never had the Flax box
+        (moved, scores, candidates(moved)),  # no overlap past the threshold: a wrong box
+        (other, scores + np.float32([0, 2e-6]), candidates(other)),  # scores not tied
+    ]
+    for got, got_scores, nms in failures:
+        with pytest.raises(AssertionError, match=r"tie\[1\]: no box within"):
+            same_up_to_ties("tie", got, got_scores, want, scores, nms=nms)

@@ -2,9 +2,11 @@
 tests (hypothesis) of the IDX reader, the image reader and checkpoint loading, and the flag and
 output checks of issue 15."""
 
+import errno
 import gzip
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -510,8 +512,10 @@ def under_limit(limit: str, value: int, *args: str, **kw) -> subprocess.Complete
         f"resource.setrlimit(resource.{limit}, ({value}, resource.RLIM_INFINITY)); "
         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # glibc's arenas grow with the host's cores
     return subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, **kw)  # fmt: skip
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+                          **kw)  # fmt: skip
 
 
 # Past the 47-bit user address space: refused at once, whatever the machine's overcommit setting.
@@ -565,7 +569,8 @@ def test_out_of_memory_is_one_line_and_other_errors_pass_through(capsys):
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_a_run_too_large_for_memory_stops_with_one_line_naming_its_sizes(tmp_path, backend):
     """AlexNet at 2048 px, batch 64, under a 4 GB address-space limit: the step needs more
-    (JAX 7 GiB of activations, torch a 1 GiB input among others), on any machine."""
+    (JAX one 7 GiB buffer, torch a 1 GiB input among others) than the limit leaves after the
+    frameworks' own reservations (CI's 2 cores; many more cores reserve more)."""
     args = ["--arch", "alexnet", "--backend", backend, "--no-pretrained", "--image-size", "2048",
             "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
     r = under_limit("RLIMIT_AS", 4 * 10**9, *args)
@@ -581,42 +586,55 @@ def test_a_run_too_large_for_memory_stops_with_one_line_naming_its_sizes(tmp_pat
 # --- a disk that fills up ----------------------------------------------------------------------
 
 
-def test_the_reasons_a_write_failed_are_told_apart():
-    missing = raised(lambda: open("/nonexistent-folder/x", "w"), OSError)  # noqa: SIM115
-    assert errors.failed_write(missing) == "No such file or directory"
+def test_a_full_disks_failed_writes_are_told_apart_from_other_errors():
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/metrics.json")
+    assert errors.failed_write(full) == "No space left on device"
     tensorstore = ValueError('OUT_OF_RANGE: Error writing "conv1.bias.value/0" in OCDBT database '
                              "at local file ...: File too large [os_error_code='27']")  # fmt: skip
     assert errors.failed_write(tensorstore) == "File too large"
-    torch_zip = RuntimeError(
-        "[enforce fail at inline_container.cc:672] . unexpected pos 5184 vs 5136"
-    )
-    assert (
-        errors.failed_write(torch_zip) == "torch.save's writer failed: unexpected pos 5184 vs 5136"
-    )
-    for other in (ValueError("bad value"), RuntimeError("Event loop is closed"), KeyError("x")):
+    torch_zip = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 51 vs 50")
+    assert errors.failed_write(torch_zip) == "torch.save's writer failed: unexpected pos 51 vs 50"
+    # not a full disk's: a traceback, as before (train.py probes its folders up front)
+    missing = raised(lambda: open("/nonexistent-folder/x", "w"), OSError)  # noqa: SIM115
+    denied = ValueError("PERMISSION_DENIED: ... [os_error_code='13']")
+    for other in (missing, denied, ValueError("bad value"), RuntimeError("Event loop is closed")):
         assert errors.failed_write(other) is None
+    with pytest.raises(FileNotFoundError):
+        errors.exit_code(lambda: open("/nonexistent-folder/x", "w"))  # noqa: SIM115
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_one_to_resume(
-    tmp_path, train_cli, backend
-):
-    """Epoch 1 saved; epoch 2's save fails. Orbax's threads and torch's zip writer fail in their
-    own ways; both end in one line, and no step folder is left that --resume would have to skip.
-    (Orbax's C++ writers can still be flushing into its temporary folder when it is removed; one
-    that comes back is never taken for a checkpoint, and the next run there removes it.)"""
+CHECKPOINT_FAILED = (r"error: cannot write {ckpt}/(\d+) \((File too large|torch.save's writer "
+                     r"failed: .+)\); free disk space ")  # fmt: skip
+
+
+def test_an_orbax_checkpoint_that_cannot_be_written_is_one_line_and_removed(tmp_path):
+    """Orbax's writer threads fail in their own ways (logs, tracebacks, unraisable errors on
+    closed event loops); the run ends in one line, and no step folder is left that --resume
+    would have to skip. (tensorstore's C++ writers can still be flushing into orbax's temporary
+    folder when it is removed; one that comes back is never taken for a checkpoint, and the next
+    run there removes it.)"""
     ckpt = tmp_path / "ckpt"
-    args = [*TINY, "--backend", backend, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path)]
+    r = under_limit("RLIMIT_FSIZE", 2000, *TINY, "--epochs", "1", "--checkpoint-dir", str(ckpt),
+                    "--out", str(tmp_path / "run"))  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    pattern = CHECKPOINT_FAILED.format(ckpt=re.escape(str(ckpt)))
+    assert re.fullmatch(pattern + r"\(or choose another --checkpoint-dir\) and run again\n",
+                        r.stderr), r.stderr  # fmt: skip
+    assert [p.name for p in ckpt.iterdir() if not p.name.endswith(".orbax-checkpoint-tmp")] == []
+
+
+def test_a_torch_checkpoint_that_cannot_be_written_names_the_one_to_resume(tmp_path, train_cli):
+    """Epoch 1 saved; epoch 2's save fails (torch's zip writer keeps no errno): one line naming
+    the intact checkpoint, and nothing of epoch 2's left."""
+    ckpt = tmp_path / "ckpt"
+    args = [*TINY, "--backend", "torch", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path)]
     assert train_cli(*args, "--epochs", "1").returncode == 0
     r = under_limit("RLIMIT_FSIZE", 2000, *args, "--epochs", "2", "--resume")
     assert r.returncode == 1, r.stderr
-    assert re.fullmatch(
-        rf"error: cannot write {re.escape(str(ckpt))}/16 \((File too large|torch.save's writer "
-        rf"failed: .+)\); free disk space and continue with --resume \(from "
-        rf"{re.escape(str(ckpt))}/8, after epoch 1\)\n",
-        r.stderr,
-    ), r.stderr
-    assert [p.name for p in ckpt.iterdir() if not p.name.endswith(".orbax-checkpoint-tmp")] == ["8"]
+    pattern = CHECKPOINT_FAILED.format(ckpt=re.escape(str(ckpt)))
+    resume = rf"and continue with --resume \(from {re.escape(str(ckpt))}/8, after epoch 1\)\n"
+    assert re.fullmatch(pattern + resume, r.stderr), r.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["8"]
 
 
 def test_a_figure_that_cannot_be_written_is_one_line_and_removed(tmp_path):

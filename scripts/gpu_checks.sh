@@ -30,7 +30,8 @@
 # left (less a 15 s reserve for the summary); one that does not is skipped, never started cut
 # short, and summary.md ends with the command that runs the skipped ones. $OUT (default runs/gpu)
 # gets summary.md, bench.json, logs.txt, runs.tgz (every metrics.json) and lab.png, rewritten after
-# each step. Wheels in .whl/ (mlxtend, which the GPU image lacks) are installed to /tmp/site first.
+# each step. Wheels in .whl/ (mlxtend, which the GPU image lacks; flax 0.12.12, tested with jax
+# 0.11.2 here, where flax 0.12.8 does not import) are installed to /tmp/site first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -73,8 +74,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset JAX_COMPILATION_CACHE_DIR  # every compile time is a real one, the --deterministic pair's too
 if ls .whl/*.whl >/dev/null 2>&1; then
+  WHEELS=(.whl/*.whl)
+  # flax 0.12.9 and later need jax >= 0.11.1: its wheel is left out under an older jax
+  if ! python3 -c 'import jax, sys; v = tuple(int(p) for p in jax.__version__.split(".")[:3])
+sys.exit(v < (0, 11, 1))' 2>/dev/null; then
+    WHEELS=($(printf '%s\n' "${WHEELS[@]}" | grep -v '/flax-'))
+  fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    --target /tmp/site "${WHEELS[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # The CPU parity tests run beside the GPU steps, on their own cores: the lower half runs the
 # timed steps, the upper half the tests (only where there are 8 cores or more).

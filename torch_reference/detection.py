@@ -69,18 +69,22 @@ def make_targets(boxes: torch.Tensor, labels: torch.Tensor) -> list[dict]:
 
 
 @torch.no_grad()
-def detect(model, images: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
+def detect(
+    model, images: torch.Tensor, proposals: list[torch.Tensor] | None = None
+) -> tuple[list[dict], torch.Tensor]:
     """Eval-mode detections, and each image's best softmax score per class over its proposals.
 
     The same computation as `model(list(images))` in eval mode (a test checks it), opened up at
     the box head so that its class scores are kept for the no-detection fallback.
-    Returns detections (per image: boxes in input pixels, scores, labels) and class_scores
-    (B, K + 1), column 0 background.
+    `proposals` (per image, (P, 4) in the transformed image's pixels) replaces the RPN's, for
+    comparing the box head's stage alone. Returns detections (per image: boxes in input pixels,
+    scores, labels) and class_scores (B, K + 1), column 0 background.
     """
     original_sizes = [tuple(img.shape[-2:]) for img in images]
     batch, _ = model.transform(list(images))
     features = model.backbone(batch.tensors)
-    proposals, _ = model.rpn(batch, features)
+    if proposals is None:
+        proposals, _ = model.rpn(batch, features)
     heads = model.roi_heads
     box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
     class_logits, box_regression = heads.box_predictor(box_features)

@@ -265,7 +265,9 @@ class Checkpoints:
         raise NotImplementedError
 
     def _discard_partial(self, step: int) -> None:
-        for folder in self._partial(step):
+        """Removes what a failed save of `step` left: the backend's temporary folders, and
+        `DIR/<step>` itself if it got that far unsealed (`save` writes only a new step)."""
+        for folder in [*self._partial(step), self.path(step)]:
             shutil.rmtree(folder, ignore_errors=True)
 
     def describe_latest(self) -> str:

@@ -6,6 +6,7 @@ names the thing that is wrong and the fix.
 """
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -67,7 +68,12 @@ def failed_allocation(e: BaseException) -> str | None:
     elif not isinstance(e, MemoryError):
         return None
     if m := _BYTES.search(text):
-        return f"could not allocate {int(m[1]) / 2**30:.2f} GiB"
+        n = int(m[1])
+        return (
+            f"could not allocate {n / 2**30:.2f} GiB"
+            if n >= 2**30
+            else f"could not allocate {n / 2**20:.1f} MiB"
+        )
     if m := _SIZE.search(text):
         return f"could not allocate {float(m[1]):.2f} {m[2]}"
     return "could not allocate memory"
@@ -99,15 +105,21 @@ _ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")  # torch's C++ check
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # tensorstore's (orbax's) I/O errors
 
 
+# What a write fails with when the disk fills up: no space, a quota, a file-size limit. Other
+# OSErrors (a permission, a missing folder, a bug's EINVAL) keep their traceback: `train.py`
+# probes its output folders up front, so those are not a full disk's doing.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def failed_write(e: BaseException) -> str | None:
-    """Why a write failed, in the operating system's words where the error carries them, when `e`
-    is an I/O error: an OSError, tensorstore's (orbax's) wrapped errno, or torch.save's zip
-    writer (which keeps no errno); None for any other exception."""
+    """Why a write failed, in the operating system's words, when `e` is a full disk's error: an
+    OSError, or tensorstore's (orbax's) wrapped errno, of `DISK_FULL`, or torch.save's zip writer
+    failing (it keeps no errno); None for any other exception."""
     text = str(e)
     if isinstance(e, OSError):
-        return e.strerror or text or type(e).__name__
+        return e.strerror if e.errno in DISK_FULL else None
     if isinstance(e, RuntimeError | ValueError) and (m := _OS_ERROR_CODE.search(text)):
-        return os.strerror(int(m[1]))
+        return os.strerror(int(m[1])) if int(m[1]) in DISK_FULL else None
     torch_writer = "PytorchStreamWriter" in text or "inline_container" in text
     if isinstance(e, RuntimeError) and torch_writer:  # "[enforce fail at ...] . unexpected pos"
         said = _ENFORCE.sub("", text.strip().splitlines()[0])[:160]
@@ -124,9 +136,11 @@ def writing(
     fix: str | Callable[[], str] = DISK_FIX,
     discard: Callable[[], object] | None = None,
 ) -> Iterator[None]:
-    """Turns a failed write of `path` inside the block into one `WriteFailed` line naming it,
-    why, and `fix` (a string, or a function that makes it once the write has failed). What was
-    partly written is removed first: `discard()`, or `path` itself when it is a file."""
+    """Turns a full disk's failed write of `path` inside the block into one `WriteFailed` line
+    naming it, why, and `fix` (a string, or a function that makes it once the write has failed).
+    What was partly written is removed first: `discard()`, or `path` itself when it is a file
+    (one the write had opened and truncated: a full disk's errors come from writing, not from
+    opening)."""
     try:
         yield
     except (OSError, RuntimeError, ValueError) as e:
@@ -138,23 +152,30 @@ def writing(
                 discard()
             elif path.is_file():
                 path.unlink()
-        fix = fix if isinstance(fix, str) else fix()
+        if not isinstance(fix, str):
+            try:
+                fix = fix()
+            except Exception:  # noqa: BLE001  (the fix's wording must not hide the failure)
+                fix = "free disk space and run again"
         raise WriteFailed(f"cannot write {path} ({why}); {fix}") from e
 
 
 def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) -> int:
     """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
     stderr (out of memory included: `out_of_memory_fix` says what to lower), 1 after one line for
-    an OSError no caller named (a full disk, say), 130 after Ctrl-C."""
+    a full disk's OSError that no caller named, 130 after Ctrl-C."""
     try:
         with out_of_memory(out_of_memory_fix):
             body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # the file system's: a full disk, a permission, a vanished folder
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {failed_write(e)}{where}", file=sys.stderr)
+    except OSError as e:  # a full disk that no caller named the file of
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; free disk space and run again",
+              file=sys.stderr)  # fmt: skip
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

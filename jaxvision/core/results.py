@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import OFFICIAL_TEST_SET, Dataset
-from jaxvision.core.errors import UserError
+from jaxvision.core.errors import UserError, WriteFailed
 from jaxvision.core.figures import confusion_matrix
 
 
@@ -176,8 +176,8 @@ def write_metrics(record: dict, out_dir: Path) -> Path:
         path.write_text(text)
     except OSError as e:
         print(text, file=sys.stderr, end="")
-        raise UserError(f"cannot write {path} ({e.strerror}); the metrics are above, on stderr, "
-                        "as JSON") from None  # fmt: skip
+        raise WriteFailed(f"cannot write {path} ({e.strerror}); the metrics are above, on stderr, "
+                          "as JSON") from None  # fmt: skip
     return path
 
 

@@ -169,14 +169,32 @@ def _merge(into: dict, other: dict) -> None:
             into[k] = v
 
 
+def _from_orbax(tb) -> bool:
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
 def _orbax_noise(unraisable) -> bool:
     """An unraisable error from orbax's unwinding of a failed save: tensorstore's late callbacks
     onto orbax's closed event loops, or its abandoned coroutines, collected at exit."""
     e = unraisable.exc_value
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
         return True
-    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+    return _from_orbax(unraisable.exc_traceback)
+
+
+class _OrbaxFailureLogs(logging.Filter):
+    """Drops the absl and asyncio records of orbax's threads about a failed write (their
+    tracebacks run through orbax's files, or name its writer)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _from_orbax(record.exc_info[2]):
+            return False
+        return "orbax" not in record.getMessage() and "OCDBT" not in record.getMessage()
+
+
+_FILTER = _OrbaxFailureLogs()
+_LOGGERS = ("absl", "asyncio")
 
 
 @contextlib.contextmanager
@@ -184,43 +202,52 @@ def _hushed_orbax():
     """A failed orbax write as one error, not pages: orbax's threads log it, tracebacks and
     all, through absl and asyncio, while the save unwinds and after it; its abandoned event
     loops and coroutines raise unraisable errors and warnings until the process exits. The
-    save's own error carries the cause and becomes the command's one line. The loggers are
-    restored after a save that succeeded; after one that failed, orbax's noise stays filtered for
-    the rest of the process (other unraisable errors still reach the previous hook)."""
-    levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+    save's own error carries the cause and becomes the command's one line. During a save, and
+    for the rest of the process after one that failed, those records, unraisable errors and
+    warnings are dropped; nothing else is (other records, other unraisable errors and warnings
+    go through as before)."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
         if not _orbax_noise(unraisable):
             previous(unraisable)
 
-    for name in levels:
-        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(_FILTER)
     sys.unraisablehook = hook
     before = set(threading.enumerate())
+    failed = False
     try:
         yield
     except Exception:
-        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        failed = True
+        warnings.filterwarnings("ignore", "coroutine 'async_serialize", RuntimeWarning)
         _join_new_threads(before)
         raise
-    sys.unraisablehook = previous
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+    finally:
+        if not failed:  # after a failure the filters stay: orbax's threads have more to say
+            sys.unraisablehook = previous
+            for name in _LOGGERS:
+                logging.getLogger(name).removeFilter(_FILTER)
 
 
 def _join_new_threads(before: set, timeout: float = 10.0) -> None:
-    """Waits for the threads started since `before` (the save's, still writing the other items
-    after the first failed one) to end, so that the caller's cleanup is not written into."""
+    """Waits, up to `timeout` seconds, for the Python threads started since `before` (the save's,
+    still writing the other items after the first failed one) to end, so that the caller's
+    cleanup is not written into. (tensorstore's own C++ writers cannot be waited for.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = [t for t in threading.enumerate()
-                   if t not in before and t is not threading.current_thread()]  # fmt: skip
+                   if t not in before and t is not threading.current_thread()
+                   and type(t).__name__ != "_DummyThread"]  # fmt: skip
         if not pending:
             return
-        if pending[0].is_alive():
-            pending[0].join(timeout=max(deadline - time.monotonic(), 0))
-        else:  # created, not yet running
+        try:
+            if pending[0].is_alive():
+                pending[0].join(timeout=max(deadline - time.monotonic(), 0))
+            else:  # created, not yet running
+                time.sleep(0.01)
+        except RuntimeError:
             time.sleep(0.01)
 
 
