@@ -69,11 +69,8 @@ def failed_allocation(e: BaseException) -> str | None:
         return None
     if m := _BYTES.search(text):
         n = int(m[1])
-        return (
-            f"could not allocate {n / 2**30:.2f} GiB"
-            if n >= 2**30
-            else f"could not allocate {n / 2**20:.1f} MiB"
-        )
+        size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+        return f"could not allocate {size}"
     if m := _SIZE.search(text):
         return f"could not allocate {float(m[1]):.2f} {m[2]}"
     return "could not allocate memory"
@@ -96,7 +93,7 @@ GENERIC_FIX = "free memory, or ask for less (fewer or smaller images at a time)"
 
 
 class WriteFailed(UserError):
-    """A file could not be written: a full disk, a quota, a file-size limit, a lost permission."""
+    """A file could not be written because the disk is full: no space, a quota, a size limit."""
 
     exit_code = 1
 
