@@ -1,9 +1,31 @@
 """Shared fixtures. Parity runs in float32 at the highest matmul precision (no TF32 on GPUs)."""
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+
+def _own_share_of_the_cores() -> list[int]:
+    """Pins this xdist worker, and the scripts it runs, to its own share of the host's cores;
+    returns them all. Two workers on two cores otherwise run two thread pools each (torch's
+    OpenMP, XLA's) over the same cores, and torch's threads wait on each other: its training
+    steps ran 2-4x slower beside the other worker than alone, and the suite took 760 s rather
+    than 610 s. Done before torch or JAX load, as both size their pools to the cores they see.
+    `pytest -n 0` (no worker) runs on every core."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity to set
+        return list(range(os.cpu_count() or 1))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and 1 < count <= len(cores):
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: count])
+    return cores
+
+
+HOST_CORES = _own_share_of_the_cores()
 
 import jax
 import numpy as np
@@ -34,12 +56,28 @@ def like_this_process() -> dict:
     return {**os.environ, OURS: "(none: XLA_FLAGS is the caller's)"}
 
 
-def split_device(batch_size: int) -> str:
-    """The `device` a CLI run of the CNN or the ViT reports at `batch_size` under the default
-    split (a CPU device per core, the most that divide the batch): 'cpu' or 'cpu xN'."""
-    from jaxvision.apps.jax_backend import host_cores
+@contextlib.contextmanager
+def on_every_core(wanted: bool = True):
+    """The subprocesses started inside run on every core of the host, not on this worker's
+    share: for the tests of the CNN's and the ViT's default split (a CPU device per core), which
+    the share would hide on a 2-core machine. The calling thread, whose mask a child inherits,
+    holds every core until the block ends (a `preexec_fn` would make subprocess fork)."""
+    if not (wanted and hasattr(os, "sched_getaffinity")):
+        yield
+        return
+    share = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, HOST_CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, share)
 
-    n = max(k for k in range(1, host_cores() + 1) if batch_size % k == 0)
+
+def split_device(batch_size: int) -> str:
+    """The `device` a CLI run of the CNN or the ViT on every core (`on_every_core`) reports at
+    `batch_size` under the default split (a CPU device per core, the most that divide the
+    batch): 'cpu' or 'cpu xN'."""
+    n = max(k for k in range(1, len(HOST_CORES) + 1) if batch_size % k == 0)
     return "cpu" if n == 1 else f"cpu x{n}"
 
 
@@ -86,12 +124,14 @@ def write_split(folder: Path, sample, suffix: str = "", n_train: int = 300, n_te
 
 @pytest.fixture
 def train_cli():
-    """Runs scripts/train.py in a subprocess, as a user would; returns the CompletedProcess."""
+    """Runs scripts/train.py in a subprocess, as a user would (on this worker's cores, or with
+    `every_core=True` on all of them); returns the CompletedProcess."""
 
-    def run(*args: str, timeout: int = 600, env: dict | None = None):
-        return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
-                              capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, **(env or {})})  # fmt: skip
+    def run(*args: str, timeout: int = 600, env: dict | None = None, every_core: bool = False):
+        with on_every_core(every_core):
+            return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
+                                  capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                                  env={**os.environ, **(env or {})})  # fmt: skip
 
     return run
 

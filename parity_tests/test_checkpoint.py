@@ -109,7 +109,7 @@ def test_resume_on_another_device_count(runs, train_cli):
     ckpt, out = tmp / "split-resumed", tmp / "run-split-resumed"
     shutil.copytree(tmp / "after-one", ckpt)
     p = train_cli(*CNN, "--epochs", "2", "--resume", "--checkpoint-dir", str(ckpt),
-                  "--out", str(out))  # fmt: skip
+                  "--out", str(out), every_core=True)  # fmt: skip
     assert p.returncode == 0, p.stderr
     split, straight = json.loads((out / "metrics.json").read_text()), runs["straight"][1]
     assert straight["device"] == "cpu" and split["device"] == split_device(128)

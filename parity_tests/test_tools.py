@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import split_device
+from conftest import HOST_CORES, on_every_core, split_device
 
 from jaxvision.apps import benchmark
 from jaxvision.apps.jax_backend import default_xla_flags
@@ -20,14 +20,15 @@ from jaxvision.core.archs import get_arch
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def script(name: str, *args: str, timeout: int = 600):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
+def script(name: str, *args: str, timeout: int = 600, every_core: bool = False):
+    with on_every_core(every_core):
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / name), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
 
 
 def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
@@ -48,6 +49,7 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
         "2",
         "--json",
         str(out),
+        every_core=True,  # the CNN's split, which a worker's share of the cores would hide
     )
     assert r.returncode == 0, r.stderr
     records = json.loads(out.read_text())
@@ -70,7 +72,7 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
         # each worker holds its own framework only, and says what it ran under
         assert x["frameworks_loaded"] == [x["backend"]], x["frameworks_loaded"]
         # a JAX worker sets its arch's defaults in place of this process's (see conftest)
-        mine = (default_xla_flags(get_arch(x["arch"])) if x["backend"] == "jax"
+        mine = (default_xla_flags(get_arch(x["arch"]), len(HOST_CORES)) if x["backend"] == "jax"
                 else os.environ["XLA_FLAGS"])  # fmt: skip
         assert x["xla_flags"] == mine
         assert isinstance(x["threads"], int) and x["threads"] >= 1
@@ -90,7 +92,7 @@ def test_benchmark_tiny_mode_writes_records_with_the_schema(tmp_path):
     assert by["cnn", "jax"]["flops_per_image"] == 2 * (3 * (conv1 + conv2 + fc) - conv1)
     assert f"| cnn | jax | {by['cnn', 'jax']['device']} | 8 |" in r.stdout
     assert "| cnn |" in r.stdout.split("JAX ÷ torch, train")[1]  # the ratio table
-    assert f"XLA_FLAGS: `{default_xla_flags(get_arch('cnn'))}`." in r.stdout
+    assert f"XLA_FLAGS: `{default_xla_flags(get_arch('cnn'), len(HOST_CORES))}`." in r.stdout
 
 
 def test_benchmark_summary_names_each_jax_workers_flags_where_they_differ():

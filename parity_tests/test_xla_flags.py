@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import HOST_CORES, on_every_core
 
 from jaxvision.apps import jax_backend
 from jaxvision.apps.jax_backend import OURS, default_xla_flags
@@ -78,12 +79,13 @@ if len(sys.argv) > 1:
 
 
 def flags_after_start(env_flags, arch=None, ours=None):
-    """XLA_FLAGS in a fresh process once the JAX backend is created, then (with `arch`) once a
-    run of that arch has started."""
+    """XLA_FLAGS in a fresh process on every core once the JAX backend is created, then (with
+    `arch`) once a run of that arch has started."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", OURS)}
     env.update({k: v for k, v in (("XLA_FLAGS", env_flags), (OURS, ours)) if v is not None})
-    r = subprocess.run([sys.executable, "-c", FLAGS_AFTER_START, *([arch] if arch else [])],
-                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    with on_every_core():
+        r = subprocess.run([sys.executable, "-c", FLAGS_AFTER_START, *([arch] if arch else [])],
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return [eval(line) for line in r.stdout.splitlines()]
 
@@ -98,6 +100,8 @@ def test_jax_runs_default_to_the_ynn_flag_unless_the_user_sets_xla_flags():
 
 def test_each_arch_takes_its_defaults_the_small_ones_a_cpu_device_per_core(monkeypatch):
     cnn = get_arch("cnn")
+    # this worker may hold a share of the cores (conftest); the rule is checked for the host's
+    monkeypatch.setattr(jax_backend, "host_cores", lambda: len(HOST_CORES))
     split = default_xla_flags(cnn)
     assert default_xla_flags(cnn, cores=1) == YNN  # one core: nothing to split
     four = f"{YNN} --xla_force_host_platform_device_count=4"
