@@ -10,18 +10,22 @@ from pathlib import Path
 def _own_share_of_the_cores() -> list[int]:
     """Pins this xdist worker, and the scripts it runs, to its own share of the host's cores;
     returns them all. Two workers on two cores otherwise run two thread pools each (torch's
-    OpenMP, XLA's) over the same cores, and torch's threads wait on each other: its training
-    steps ran 2-4x slower beside the other worker than alone, and the suite took 760 s rather
+    OpenMP, XLA's) over the same cores, and torch's threads wait on each other: its
+    tests ran 2-7x slower beside the other worker than alone, and the suite took 760 s rather
     than 610 s. Done before torch or JAX load, as both size their pools to the cores they see.
-    `pytest -n 0` (no worker) runs on every core."""
+    `pytest -n 0` (no worker) runs on every core: the way to run one file, which `--dist
+    loadfile` would give to one worker."""
     try:
         cores = sorted(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows: no affinity to set
         return list(range(os.cpu_count() or 1))
-    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker and 1 < count <= len(cores):
-        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: count])
+    try:  # "gw0", "gw1", ...; a worker that replaces a crashed one counts on: gw2 takes gw0's
+        index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+        count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    except (KeyError, ValueError):  # no worker (-n 0), or one named otherwise: every core
+        return cores
+    if 1 < count <= len(cores):
+        os.sched_setaffinity(0, cores[index % count :: count])
     return cores
 
 

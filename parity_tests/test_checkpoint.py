@@ -1,16 +1,20 @@
-"""Checkpoints, resume, determinism, Ctrl-C, NaN and export, through the real command line.
+"""Checkpoints, resume, determinism, Ctrl-C and SIGTERM, NaN and export, through the real command
+line.
 
 The CNN runs on the bundled sample (31 steps an epoch at batch 128). Most runs call
 `jaxvision.apps.train.main` in-process; the ones that need a signal or a killed process run
 scripts/train.py in a subprocess.
 """
 
+import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +31,7 @@ from conftest import (
 
 from jaxvision.apps import backends
 from jaxvision.apps import train as cli
-from jaxvision.core import checkpoint
+from jaxvision.core import checkpoint, errors, loop
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import load_dataset, make_dataset, write_idx
 from jaxvision.training.checkpoint import load_flax_model
@@ -211,32 +215,105 @@ def _train_subprocess(*args, env=None):
                             env=env)  # fmt: skip
 
 
-def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path):
-    """Batch 32: 125 steps an epoch, so the signal, sent once epoch 1 is saved, lands in epoch 2."""
-    small = [*CNN[:-1], "--batch-size", "32", "--epochs", "2"]
+SMALL = [*CNN[:-1], "--batch-size", "32", "--epochs", "2"]  # 125 steps an epoch
+
+
+def _signal_in_epoch_two(tmp_path, signum: int) -> tuple[int, str, Path]:
+    """A run of SMALL sent `signum` once epoch 1 is saved, in epoch 2: its exit code, the last
+    line of its stderr, and its checkpoint folder, which must hold epoch 1's and epoch 2's
+    partial checkpoints."""
     ckpt = tmp_path / "ckpt"
-    p = _train_subprocess(*small, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "run"),
+    p = _train_subprocess(*SMALL, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "run"),
                           env=like_this_process())  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (ckpt / "125").exists() and p.poll() is None and time.monotonic() < deadline:
+    sealed = ckpt / "125" / checkpoint.MANIFEST  # written last: epoch 1's save is done
+    while not sealed.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.2)  # epoch 1 is saved; epoch 2 is training
-    p.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # epoch 2 is training
+    p.send_signal(signum)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted at epoch 2, step"), last
-    assert "continue with --resume" in last, last
     saved = checkpoint.step_folders(ckpt)
-    assert saved[0] == 125 and len(saved) == 2 and 125 < saved[1] < 250, saved
-    assert cli.main([*small, "--no-progress", "--checkpoint-dir", str(ckpt), "--resume",
+    assert saved[0] == 125 and len(saved) == 2 and 125 < saved[1] < 250, (saved, err)
+    last = err.strip().splitlines()[-1]
+    assert last.endswith(f"saved {ckpt / str(saved[1])}; continue with --resume"), last
+    return p.returncode, last, ckpt
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path):
+    """Ctrl-C in epoch 2 saves a partial epoch; resumed from it, the run ends bit for bit as the
+    straight run does."""
+    code, last, ckpt = _signal_in_epoch_two(tmp_path, signal.SIGINT)
+    assert code == 130, last
+    assert last.startswith("error: interrupted at epoch 2, step"), last
+    assert cli.main([*SMALL, "--no-progress", "--checkpoint-dir", str(ckpt), "--resume",
                      "--out", str(tmp_path / "resumed")]) == 0  # fmt: skip
-    assert cli.main([*small, "--no-progress", "--checkpoint-dir", str(tmp_path / "straight"),
+    assert cli.main([*SMALL, "--no-progress", "--checkpoint-dir", str(tmp_path / "straight"),
                      "--out", str(tmp_path / "straight-run")]) == 0  # fmt: skip
     assert_identical(latest_params(ckpt), latest_params(tmp_path / "straight"))
     resumed, straight = (json.loads((tmp_path / d / "metrics.json").read_text())
                          for d in ("resumed", "straight-run"))  # fmt: skip
     assert figures(resumed) == figures(straight)
+
+
+def test_sigterm_saves_mid_epoch_like_ctrl_c_and_exits_143(tmp_path):
+    """What a scheduler sends before it preempts a job: the same stop after the step and the same
+    checkpoint as Ctrl-C (whose resume is checked above), and 128 + SIGTERM as the exit code."""
+    code, last, _ = _signal_in_epoch_two(tmp_path, signal.SIGTERM)
+    assert code == 143, last
+    assert last.startswith("error: stopped by SIGTERM at epoch 2, step"), last
+
+
+def test_a_second_sigterm_is_ignored_a_second_ctrl_c_is_not_and_the_handlers_are_put_back(
+    capsys,
+):
+    """In this process: the first SIGTERM asks for a stop; a second one (Slurm sends one more
+    before its SIGKILL) changes nothing, while a Ctrl-C would end the process at once; leaving
+    restores the caller's handlers. A multi-process run leaves SIGTERM alone."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with loop.stop_on_signal():
+        assert signal.getsignal(signal.SIGTERM) not in (before[signal.SIGTERM], signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert loop._stop.is_set() and loop._stopped_by == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)  # this process lives on, still stopping
+        assert loop._stop.is_set() and loop._stopped_by == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        interrupted = loop._interrupted(None, loop.Position(1, 7), 125, [])
+    said = capsys.readouterr().err.splitlines()
+    assert said[-2:] == ["SIGTERM: stopping after this step (Ctrl-C or SIGKILL to quit now)",
+                         "SIGTERM again: already stopping after this step"], said  # fmt: skip
+    assert str(interrupted) == (
+        "stopped by SIGTERM at epoch 2, step 7/125; nothing saved (no --checkpoint-dir)"
+    )
+    assert interrupted.exit_code == 143
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert not loop._stop.is_set() and not loop._stopped_by
+    with loop.stop_on_signal(sigterm=False):  # --distributed: SIGTERM stays the caller's
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
+
+
+def test_a_signal_after_the_last_epoch_lets_the_finished_run_finish(capsys):
+    """A stop asked for during the last epoch's evaluation or save: the run is complete, so it
+    returns its history (and writes its figures) instead of asking for a resume that would have
+    nothing to train."""
+    config = TrainConfig(arch="cnn", epochs=2, eval_every=1, progress=False)
+
+    def train_epoch(epoch, bar, start):
+        return 1.0, 0.0
+
+    def evaluate():
+        if len(history_seen) == 1:  # the last epoch's evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        history_seen.append(1)
+        return {"loss": 1.0, "accuracy": 0.5, "f1_macro": 0.5, "preds": np.zeros(3, int)}
+
+    history_seen: list = []
+    history, last = loop.run_epochs(config, 10, train_epoch, evaluate)
+    assert [h.epoch for h in history] == [1, 2] and last["accuracy"] == 0.5
+    # the same signal with an epoch still to train: a stop, at the end of the evaluated epoch
+    history_seen.clear()
+    with pytest.raises(errors.Interrupted, match="stopped by SIGTERM at the end of epoch 2"):
+        loop.run_epochs(dataclasses.replace(config, epochs=3), 10, train_epoch, evaluate)
 
 
 KILL_IN_SECOND_SAVE = """

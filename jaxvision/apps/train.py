@@ -4,8 +4,9 @@ Every flag is a `TrainConfig` field (`jaxvision.core.config`), or one of the lau
 below; `--help` is generated from them, with each arch's recipe value in brackets.
 
 Exit codes: 0 success; 2 bad input (unknown arch or backend, unreadable data, ...); 1 training
-diverged (NaN/inf loss), ran out of memory, or filled the disk; 130 interrupted. Every failure the
-user can act on is one line on stderr.
+diverged (NaN/inf loss), ran out of memory, or filled the disk; 130 interrupted (Ctrl-C); 143
+stopped by SIGTERM (a scheduler's preemption; with --checkpoint-dir both save first). Every
+failure the user can act on is one line on stderr.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,7 +161,7 @@ def writing(
 def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) -> int:
     """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
     stderr (out of memory included: `out_of_memory_fix` says what to lower), 1 after one line for
-    a full disk's OSError that no caller named, 130 after Ctrl-C."""
+    a full disk's OSError that no caller named, 130 after a Ctrl-C that nothing caught."""
     try:
         with out_of_memory(out_of_memory_fix):
             body()
@@ -181,6 +182,11 @@ def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) 
 
 
 class Interrupted(UserError):
-    """Ctrl-C stopped training; the message says what was saved."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped training; the message says what was
+    saved."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + signum

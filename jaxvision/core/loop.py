@@ -1,5 +1,5 @@
 """The epoch loop both backends share, framework-free: progress bars, the running loss and its
-NaN check, Ctrl-C handling, checkpoints after every epoch, and what a run returns.
+NaN check, Ctrl-C and SIGTERM handling, checkpoints after every epoch, and what a run returns.
 
 A backend supplies `train_epoch(epoch, bar, start) -> (mean loss, seconds)` and `evaluate() ->
 dict`; `run_epochs` does the rest.
@@ -45,7 +45,7 @@ class Position:
 
 
 class StopRequested(Exception):
-    """Ctrl-C was pressed; raised between two optimiser steps, with the position reached."""
+    """Ctrl-C or SIGTERM arrived; raised between two optimiser steps, with the position reached."""
 
     def __init__(self, position: Position):
         super().__init__(position)
@@ -53,28 +53,48 @@ class StopRequested(Exception):
 
 
 _stop = threading.Event()
+_stopped_by: list[int] = []  # the signal that set _stop
 
 
-class stop_on_ctrl_c:
-    """Within it, the first Ctrl-C asks training to stop after the current step (so a checkpoint
-    of a consistent state can be saved); a second one interrupts at once."""
+class stop_on_signal:
+    """Within it, the first Ctrl-C (SIGINT), or a SIGTERM (what a scheduler or `kill` sends
+    before it preempts a job), asks training to stop after the current step, so that a checkpoint
+    of a consistent state can be saved. A second Ctrl-C ends the process at once; a second SIGTERM
+    is ignored (Slurm sends one more before its SIGKILL), so the save it asked for can finish.
+
+    `sigterm=False` (a multi-process run) leaves SIGTERM to whoever handles it: each process
+    would otherwise stop after its own step while the others wait in that step's collectives."""
+
+    def __init__(self, sigterm: bool = True):
+        self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
     def __enter__(self):
         _stop.clear()
+        _stopped_by.clear()
         self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def _handle(self, signum, frame):
         _stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second press
-        print("\nstopping after this step (Ctrl-C again to quit now)", file=sys.stderr)
+        _stopped_by.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        if signal.SIGTERM in self.signals:
+            signal.signal(signal.SIGTERM, self._again)
+        quit_now = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C or SIGKILL"
+        print(f"\n{signal.Signals(signum).name}: stopping after this step ({quit_now} to quit "
+              "now)", file=sys.stderr)  # fmt: skip
+
+    def _again(self, signum, frame):
+        print("SIGTERM again: already stopping after this step", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self.installed:
-            signal.signal(signal.SIGINT, self.previous)
+            for s, previous in self.previous.items():
+                signal.signal(s, previous)
         _stop.clear()
+        _stopped_by.clear()
 
 
 class LossTracker:
@@ -82,8 +102,8 @@ class LossTracker:
 
     Step losses stay on the device; every `log_every` steps they are fetched in one go (the only
     host sync inside an epoch), checked for NaN/inf, and shown on the bar. A resumed epoch starts
-    from its checkpointed `Position`. After a Ctrl-C, `add` checks the pending losses and raises
-    `StopRequested`.
+    from its checkpointed `Position`. After a Ctrl-C or SIGTERM, `add` checks the pending losses
+    and raises `StopRequested`.
     """
 
     def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None,
@@ -140,26 +160,29 @@ class LossTracker:
         return self.total / max(self.seen, 1)
 
 
-def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoints=None):
+def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoints=None,
+               sigterm: bool = True):  # fmt: skip
     """The epoch loop both backends share: a progress bar per epoch, then a test-set line.
 
     train_epoch(epoch, bar, start: Position) -> (mean train loss, seconds); evaluate() -> dict
     with loss, accuracy, f1_macro and preds (a classifier's also confidence, each prediction's
     probability). `checkpoints` (a `jaxvision.core.checkpoint.Checkpoints`) resumes the run,
-    saves it after every epoch and on Ctrl-C. Returns the history and the last evaluation, its
-    preds and confidence as numpy.
+    saves it after every epoch and on Ctrl-C or SIGTERM (`sigterm=False`: Ctrl-C only).
+    Returns the history and the last evaluation, its preds and confidence as numpy.
     """
     start, history = checkpoints.start() if checkpoints else (Position(), [])
     if any(reached(h, config.target_accuracy) for h in history):  # resumed after the target
         print(f"note: the checkpoint already reached --target-accuracy "
               f"{config.target_accuracy:.2%}; nothing more to train")  # fmt: skip
         return history, _as_numpy(evaluate())
-    with stop_on_ctrl_c():
+    with stop_on_signal(sigterm):
         for epoch in range(start.epoch, config.epochs):
             position = start if epoch == start.epoch else Position(epoch)
             ev = _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints,
                                            position, history, tqdm)  # fmt: skip
-            if _stop.is_set():  # Ctrl-C during evaluation or saving: the epoch is saved
+            # A signal during evaluation or saving: the epoch is saved. After the last epoch the
+            # run is complete, and finishes (a resume would have nothing left to train).
+            if _stop.is_set() and epoch + 1 < config.epochs:
                 raise _interrupted(checkpoints, Position(epoch + 1), steps, history)
             if ev is not None and reached(history[-1], config.target_accuracy):
                 if config.progress:
@@ -177,10 +200,12 @@ def _interrupted(checkpoints, position: Position, steps: int, history) -> Interr
     where = f"epoch {position.epoch + 1}, step {position.step}/{steps}"
     if position.step == 0:
         where = f"the end of epoch {position.epoch}"
+    signum = _stopped_by[0] if _stopped_by else signal.SIGINT
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if checkpoints is None:
-        return Interrupted(f"interrupted at {where}; nothing saved (no --checkpoint-dir)")
+        return Interrupted(f"{what} at {where}; nothing saved (no --checkpoint-dir)", signum)
     path = checkpoints.save(position, history)
-    return Interrupted(f"interrupted at {where}; saved {path}; continue with --resume")
+    return Interrupted(f"{what} at {where}; saved {path}; continue with --resume", signum)
 
 
 def _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints, position,

@@ -382,8 +382,9 @@ def run(trainer: Trainer, model: nnx.Module) -> RunResult:
         checkpoints = JaxCheckpoints(config, data, model.config, trainer)
     compile_s = trainer.compile()
     history, last = run_epochs(
-        config, trainer.steps, trainer.train_epoch, trainer.evaluate, checkpoints
-    )
+        config, trainer.steps, trainer.train_epoch, trainer.evaluate, checkpoints,
+        sigterm=not jax.distributed.is_initialized(),  # a --distributed run: JAX's own notice
+    )  # fmt: skip
     return RunResult(
         history,
         count_params(model),
