@@ -62,8 +62,9 @@ class stop_on_signal:
     of a consistent state can be saved. A second Ctrl-C ends the process at once; a second SIGTERM
     is ignored (Slurm sends one more before its SIGKILL), so the save it asked for can finish.
 
-    `sigterm=False` (a multi-process run) leaves SIGTERM to whoever handles it: each process
-    would otherwise stop after its own step while the others wait in that step's collectives."""
+    `sigterm=False` (a `--distributed` run, where `jax.distributed` installs its own preemption
+    notice) leaves SIGTERM to whoever handles it: each process would otherwise stop after its own
+    step while the others wait in that step's collectives."""
 
     def __init__(self, sigterm: bool = True):
         self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
