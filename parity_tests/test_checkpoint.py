@@ -268,7 +268,7 @@ def test_a_second_sigterm_is_ignored_a_second_ctrl_c_is_not_and_the_handlers_are
 ):
     """In this process: the first SIGTERM asks for a stop; a second one (Slurm sends one more
     before its SIGKILL) changes nothing, while a Ctrl-C would end the process at once; leaving
-    restores the caller's handlers. A multi-process run leaves SIGTERM alone."""
+    restores the caller's handlers."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with loop.stop_on_signal():
         assert signal.getsignal(signal.SIGTERM) not in (before[signal.SIGTERM], signal.SIG_DFL)
@@ -287,9 +287,45 @@ def test_a_second_sigterm_is_ignored_a_second_ctrl_c_is_not_and_the_handlers_are
     assert interrupted.exit_code == 143
     assert {s: signal.getsignal(s) for s in before} == before
     assert not loop._stop.is_set() and not loop._stopped_by
-    with loop.stop_on_signal(sigterm=False):  # --distributed: SIGTERM stays the caller's
-        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
-        assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
+
+
+def test_a_distributed_run_stops_where_its_sync_point_says_and_passes_ctrl_c_on(capsys):
+    """--distributed: SIGTERM stays with JAX's preemption notice (here a stand-in handler), a
+    Ctrl-C is passed on to it instead of stopping this process alone, and the loop stops at the
+    dispatch where the sync point (every process's, in a real run) comes true."""
+    notices, counts = [], []
+    fire_at = 3
+
+    def reached(count):
+        counts.append(count)
+        return bool(notices) and count == fire_at
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: notices.append(1))  # JAX's notifier
+    try:
+        notifier = signal.getsignal(signal.SIGTERM)
+        with loop.stop_on_signal(loop.SyncPoint(reached)):
+            assert signal.getsignal(signal.SIGTERM) is notifier
+            os.kill(os.getpid(), signal.SIGINT)
+            assert notices == [1] and not loop._stop.is_set()
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            tracker = loop.LossTracker(TrainConfig(arch="cnn", log_every=100), 0, 10, list)
+            tracker.add(0.5)
+            tracker.add(0.5)  # the sync point is not reached yet: training goes on
+            with pytest.raises(loop.StopRequested) as stop:
+                tracker.add(0.5)
+            assert stop.value.position.step == 3 and counts == [1, 2, 3]
+            assert str(loop._interrupted(None, stop.value.position, 10, [])).startswith(
+                "interrupted at epoch 1, step 3/10"
+            )
+            loop._stopped_by.clear()  # another process, which had no signal, says why it stopped
+            assert str(loop._interrupted(None, stop.value.position, 10, [])).startswith(
+                "stopped with the whole run (a SIGTERM or Ctrl-C to one of its processes) at "
+                "epoch 1, step 3/10"
+            )
+        assert signal.getsignal(signal.SIGTERM) is notifier and not loop._sync_point
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "SIGINT: stopping every process after the same step" in capsys.readouterr().err
 
 
 def test_a_signal_after_the_last_epoch_lets_the_finished_run_finish(capsys):

@@ -7,8 +7,10 @@ and an 8-device ('data',) mesh and saves the step losses, the evaluation and the
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -184,16 +186,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
-    """Multi-host on one machine: 2 processes x 2 CPU devices, joined by --distributed, give the
-    1-device run's figures; process 0 writes metrics.json, both write the orbax checkpoint."""
-    args = [sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "cnn", "--preset",
-            "tiny", "--epochs", "2", "--no-progress"]  # fmt: skip
-    two = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+TWO_PROCESSES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+def start_two_processes(args: list[str], tmp_path) -> tuple[list[subprocess.Popen], int]:
+    """train.py ARGS as processes 0 and 1 of a --distributed run on this machine, 2 CPU devices
+    each, process i writing to tmp_path/multi<i>; and the coordinator's port."""
     port = free_port()
     procs = [
         subprocess.Popen(
             [
+                sys.executable,
+                str(REPO / "scripts" / "train.py"),
                 *args,
                 "--distributed",
                 "--coordinator-address",
@@ -204,10 +208,8 @@ def test_two_processes_train_like_one(tmp_path):
                 str(i),
                 "--out",
                 str(tmp_path / f"multi{i}"),
-                "--checkpoint-dir",
-                str(tmp_path / "ckpt"),
             ],
-            env=two,
+            env=TWO_PROCESSES,
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -215,6 +217,14 @@ def test_two_processes_train_like_one(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
+    return procs, port
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Multi-host on one machine: 2 processes x 2 CPU devices, joined by --distributed, give the
+    1-device run's figures; process 0 writes metrics.json, both write the orbax checkpoint."""
+    args = ["--arch", "cnn", "--preset", "tiny", "--epochs", "2", "--no-progress"]
+    procs, port = start_two_processes([*args, "--checkpoint-dir", str(tmp_path / "ckpt")], tmp_path)
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     for i, (_, err) in enumerate(outs):  # a process left waiting for the others says so
@@ -223,7 +233,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert not (tmp_path / "multi1").exists()  # only process 0 writes
     multi = json.loads((tmp_path / "multi0" / "metrics.json").read_text())
     assert multi["device"] == "cpu x4"
-    assert cli.main([*args[2:], "--devices", "1", "--out", str(tmp_path / "single")]) == 0
+    assert cli.main([*args, "--devices", "1", "--out", str(tmp_path / "single")]) == 0
     one = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert multi["test_accuracy"] == one["test_accuracy"]
     for k in ("train_loss", "test_loss"):
@@ -231,3 +241,37 @@ def test_two_processes_train_like_one(tmp_path):
     steps = 5000 // 64  # the default data and the CNN's default batch
     assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [steps, 2 * steps]
     checkpoint.verify(tmp_path / "ckpt" / str(2 * steps))  # sealed once, by process 0
+
+
+def test_a_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """A scheduler's SIGTERM to process 1 alone, in epoch 2: JAX's preemption sync stops both
+    processes after the same step, where they save one checkpoint and exit 143 with the same line
+    (one process stopping alone would leave the other waiting in that step's all-reduce). The
+    checkpoint resumes, here in one process on one device."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--arch", "cnn", "--preset", "tiny", "--batch-size", "32", "--no-progress",
+            "--checkpoint-dir", str(ckpt)]  # fmt: skip
+    steps = 5000 // 32
+    procs, _ = start_two_processes([*args, "--epochs", "6"], tmp_path)
+    sealed = ckpt / str(steps) / checkpoint.MANIFEST  # epoch 1 is saved: epoch 2 is training
+    deadline = time.monotonic() + 240
+    while not sealed.exists() and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240) for p in procs]
+    saved = checkpoint.step_folders(ckpt)
+    assert [p.returncode for p in procs] == [143, 143], (
+        saved,
+        outs[0][1][-2000:],
+        outs[1][1][-2000:],
+    )
+    assert saved[0] == steps and len(saved) == 2 and steps < saved[1] < 6 * steps, saved
+    epoch, step = divmod(saved[1], steps)
+    line = (f"error: stopped with the whole run (a SIGTERM or Ctrl-C to one of its processes) at "
+            f"epoch {epoch + 1}, step {step}/{steps}; saved {ckpt / str(saved[1])}; continue with "
+            "--resume")  # fmt: skip
+    assert [err.strip().splitlines()[-1] for _, err in outs] == [line, line]
+    checkpoint.verify(ckpt / str(saved[1]))
+    assert cli.main([*args, "--epochs", str(epoch + 1), "--devices", "1", "--resume",
+                     "--out", str(tmp_path / "resumed")]) == 0  # fmt: skip
+    assert checkpoint.step_folders(ckpt)[-1] == (epoch + 1) * steps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -53,7 +54,24 @@ class StopRequested(Exception):
 
 
 _stop = threading.Event()
-_stopped_by: list[int] = []  # the signal that set _stop
+_stopped_by: list[int] = []  # the signal that this process received
+
+
+class SyncPoint:
+    """A multi-process run's agreement on where to stop: `reached(n)` is called with 1, 2, 3, ...
+    at every dispatch of a training step, by every process in the same order, and is true at
+    the same call in all of them once any process has had a preemption notice
+    (`jax.experimental.multihost_utils.reached_preemption_sync_point`)."""
+
+    def __init__(self, reached):
+        self.reached, self.calls = reached, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.reached(self.calls)
+
+
+_sync_point: list[SyncPoint] = []  # while a --distributed run trains
 
 
 class stop_on_signal:
@@ -62,27 +80,34 @@ class stop_on_signal:
     of a consistent state can be saved. A second Ctrl-C ends the process at once; a second SIGTERM
     is ignored (Slurm sends one more before its SIGKILL), so the save it asked for can finish.
 
-    `sigterm=False` (a `--distributed` run, where `jax.distributed` installs its own preemption
-    notice) leaves SIGTERM to whoever handles it: each process would otherwise stop after its own
-    step while the others wait in that step's collectives."""
+    With a `sync_point` (a `--distributed` run) every process must stop after the same step, or
+    the others would wait in that step's collectives. SIGTERM is left to the preemption notice
+    that `jax.distributed` installs, Ctrl-C is passed on to it, and training stops where the
+    sync point says."""
 
-    def __init__(self, sigterm: bool = True):
-        self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
+    def __init__(self, sync_point: SyncPoint | None = None):
+        self.sync_point = sync_point
+        self.signals = (signal.SIGINT,) if sync_point else (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
         _stop.clear()
         _stopped_by.clear()
+        _sync_point[:] = [self.sync_point] if self.sync_point else []
         self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
             self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def _handle(self, signum, frame):
-        _stop.set()
         _stopped_by.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
-        if signal.SIGTERM in self.signals:
-            signal.signal(signal.SIGTERM, self._again)
+        if self.sync_point:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notice, which tells every process
+            print("\nSIGINT: stopping every process after the same step (Ctrl-C again to quit "
+                  "now)", file=sys.stderr)  # fmt: skip
+            return
+        _stop.set()
+        signal.signal(signal.SIGTERM, self._again)
         quit_now = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C or SIGKILL"
         print(f"\n{signal.Signals(signum).name}: stopping after this step ({quit_now} to quit "
               "now)", file=sys.stderr)  # fmt: skip
@@ -96,6 +121,14 @@ class stop_on_signal:
                 signal.signal(s, previous)
         _stop.clear()
         _stopped_by.clear()
+        _sync_point.clear()
+
+
+def _stop_requested() -> bool:
+    """Whether training stops after the step just dispatched. Called once per dispatch."""
+    if _sync_point and not _stop.is_set() and _sync_point[0]():
+        _stop.set()
+    return _stop.is_set()
 
 
 class LossTracker:
@@ -123,13 +156,14 @@ class LossTracker:
         self.pending.append(loss)
         self.counts.append(n)
         self.n_pending += n
+        stop = _stop_requested()
         if (
             self.n_pending >= self.config.log_every
             or self.seen + self.n_pending == self.steps
-            or _stop.is_set()
+            or stop
         ):
             self.flush()
-        if _stop.is_set() and self.seen < self.steps:
+        if stop and self.seen < self.steps:
             raise StopRequested(self.position())
 
     def position(self) -> Position:
@@ -162,13 +196,14 @@ class LossTracker:
 
 
 def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoints=None,
-               sigterm: bool = True):  # fmt: skip
+               sync_point: SyncPoint | None = None):  # fmt: skip
     """The epoch loop both backends share: a progress bar per epoch, then a test-set line.
 
     train_epoch(epoch, bar, start: Position) -> (mean train loss, seconds); evaluate() -> dict
     with loss, accuracy, f1_macro and preds (a classifier's also confidence, each prediction's
     probability). `checkpoints` (a `jaxvision.core.checkpoint.Checkpoints`) resumes the run,
-    saves it after every epoch and on Ctrl-C or SIGTERM (`sigterm=False`: Ctrl-C only).
+    saves it after every epoch and on Ctrl-C or SIGTERM (a `--distributed` run: where its
+    `sync_point` says, on every process).
     Returns the history and the last evaluation, its preds and confidence as numpy.
     """
     start, history = checkpoints.start() if checkpoints else (Position(), [])
@@ -176,7 +211,7 @@ def run_epochs(config: TrainConfig, steps: int, train_epoch, evaluate, checkpoin
         print(f"note: the checkpoint already reached --target-accuracy "
               f"{config.target_accuracy:.2%}; nothing more to train")  # fmt: skip
         return history, _as_numpy(evaluate())
-    with stop_on_signal(sigterm):
+    with stop_on_signal(sync_point):
         for epoch in range(start.epoch, config.epochs):
             position = start if epoch == start.epoch else Position(epoch)
             ev = _train_and_evaluate_epoch(config, steps, train_epoch, evaluate, checkpoints,
@@ -201,8 +236,13 @@ def _interrupted(checkpoints, position: Position, steps: int, history) -> Interr
     where = f"epoch {position.epoch + 1}, step {position.step}/{steps}"
     if position.step == 0:
         where = f"the end of epoch {position.epoch}"
-    signum = _stopped_by[0] if _stopped_by else signal.SIGINT
-    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    # No signal here: a --distributed run's sync point, after a signal to another of its processes
+    signum = _stopped_by[0] if _stopped_by else signal.SIGTERM
+    what = f"stopped by {signal.Signals(signum).name}"
+    if signum == signal.SIGINT:
+        what = "interrupted"
+    elif not _stopped_by:
+        what = "stopped with the whole run (a SIGTERM or Ctrl-C to one of its processes)"
     if checkpoints is None:
         return Interrupted(f"{what} at {where}; nothing saved (no --checkpoint-dir)", signum)
     path = checkpoints.save(position, history)

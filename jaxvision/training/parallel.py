@@ -20,6 +20,8 @@ Multi-host: `init_distributed` calls `jax.distributed.initialize` before any JAX
 With no arguments JAX reads the coordinator from its environment (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) or detects the cluster (SLURM, Open MPI, Kubernetes, TPU pods).
 Every process loads the same data and seed, so every process builds the same replicas.
+A SIGTERM to any process (or a Ctrl-C) stops them all after the same step
+(`preemption_sync_point`), where the run is saved.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvision.core.errors import UserError
+from jaxvision.core.loop import SyncPoint
 
 DATA_AXIS = "data"
 
@@ -80,6 +84,21 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
         ) from None
     finally:
         joined.set()
+
+
+def preemption_sync_point() -> SyncPoint | None:
+    """In a multi-process (`--distributed`) run, where every process must stop after the same
+    step: JAX's preemption sync, which a SIGTERM to any process triggers. None otherwise.
+
+    With JAX's preemption service turned off (`jax_enable_preemption_service`), a sync point that
+    never fires: SIGTERM then ends the processes, as it would any program."""
+    if not jax.distributed.is_initialized():
+        return None
+    try:
+        multihost_utils.reached_preemption_sync_point(0)  # 0: the count every process starts at
+    except RuntimeError:  # the service is off
+        return SyncPoint(lambda calls: False)
+    return SyncPoint(multihost_utils.reached_preemption_sync_point)
 
 
 def check_coordinator(address: str, named: str) -> None:

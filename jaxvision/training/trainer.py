@@ -383,7 +383,7 @@ def run(trainer: Trainer, model: nnx.Module) -> RunResult:
     compile_s = trainer.compile()
     history, last = run_epochs(
         config, trainer.steps, trainer.train_epoch, trainer.evaluate, checkpoints,
-        sigterm=not jax.distributed.is_initialized(),  # a --distributed run: JAX's own notice
+        sync_point=parallel.preemption_sync_point(),
     )  # fmt: skip
     return RunResult(
         history,
