@@ -300,6 +300,7 @@ def test_a_distributed_run_stops_where_its_sync_point_says_and_passes_ctrl_c_on(
         counts.append(count)
         return bool(notices) and count == fire_at
 
+    sigint_before = signal.getsignal(signal.SIGINT)
     previous = signal.signal(signal.SIGTERM, lambda *a: notices.append(1))  # JAX's notifier
     try:
         notifier = signal.getsignal(signal.SIGTERM)
@@ -323,9 +324,30 @@ def test_a_distributed_run_stops_where_its_sync_point_says_and_passes_ctrl_c_on(
                 "epoch 1, step 3/10"
             )
         assert signal.getsignal(signal.SIGTERM) is notifier and not loop._sync_point
+        with loop.stop_on_signal(loop.SyncPoint(None)):  # JAX's preemption service is off
+            assert signal.getsignal(signal.SIGTERM) is notifier
+            assert signal.getsignal(signal.SIGINT) is sigint_before
+            assert not loop._stop_requested()
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert "SIGINT: stopping every process after the same step" in capsys.readouterr().err
+
+
+def test_orbax_saves_leave_jaxs_preemption_sync_to_the_loop(tmp_path, monkeypatch):
+    """Orbax's CheckpointManager asks JAX's preemption sync at every save, with the step it
+    saves. That moves the count the loop asks it with (`loop.SyncPoint`, one a dispatch): a
+    notice handled just after a save would set the stop at that step + 1, which a --scan or
+    resumed --distributed run reaches late or never. The manager here does not ask."""
+    from jax.experimental import multihost_utils
+
+    from jaxvision.training.checkpoint import JaxCheckpoints
+
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda step: asked.append(step) or False)  # fmt: skip
+    manager = JaxCheckpoints.open(tmp_path / "ckpt")
+    manager.save(156, {"w": np.ones(3, np.float32)}, None, {"step": 156})
+    assert checkpoint.step_folders(tmp_path / "ckpt") == [156] and asked == []
 
 
 def test_a_signal_after_the_last_epoch_lets_the_finished_run_finish(capsys):

@@ -243,13 +243,15 @@ def test_two_processes_train_like_one(tmp_path):
     checkpoint.verify(tmp_path / "ckpt" / str(2 * steps))  # sealed once, by process 0
 
 
-def test_a_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
-    """A scheduler's SIGTERM to process 1 alone, in epoch 2: JAX's preemption sync stops both
-    processes after the same step, where they save one checkpoint and exit 143 with the same line
-    (one process stopping alone would leave the other waiting in that step's all-reduce). The
-    checkpoint resumes, here in one process on one device."""
+@pytest.mark.parametrize("signum, to", [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(signum, to, tmp_path):
+    """A scheduler's SIGTERM, or a Ctrl-C, to one process alone, in epoch 2: JAX's preemption
+    sync stops both processes after the same step (one stopping alone would leave the other
+    waiting in that step's all-reduce), where they save one checkpoint and exit, 130 where the
+    Ctrl-C was and 143 elsewhere. Under --scan, so a dispatch is not a step and orbax's saves
+    must not move the sync's count. The checkpoint resumes, here in one process on one device."""
     ckpt = tmp_path / "ckpt"
-    args = ["--arch", "cnn", "--preset", "tiny", "--batch-size", "32", "--no-progress",
+    args = ["--arch", "cnn", "--preset", "tiny", "--batch-size", "32", "--scan", "--no-progress",
             "--checkpoint-dir", str(ckpt)]  # fmt: skip
     steps = 5000 // 32
     procs, _ = start_two_processes([*args, "--epochs", "6"], tmp_path)
@@ -257,20 +259,21 @@ def test_a_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_pa
     deadline = time.monotonic() + 240
     while not sealed.exists() and procs[0].poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    procs[1].send_signal(signal.SIGTERM)
+    assert sealed.exists(), [p.communicate(timeout=60)[1][-2000:] for p in procs]
+    procs[to].send_signal(signum)
     outs = [p.communicate(timeout=240) for p in procs]
     saved = checkpoint.step_folders(ckpt)
-    assert [p.returncode for p in procs] == [143, 143], (
-        saved,
-        outs[0][1][-2000:],
-        outs[1][1][-2000:],
-    )
+    codes = [130 if i == to and signum == signal.SIGINT else 143 for i in range(2)]
+    assert [p.returncode for p in procs] == codes, (saved, *(err[-2000:] for _, err in outs))
     assert saved[0] == steps and len(saved) == 2 and steps < saved[1] < 6 * steps, saved
     epoch, step = divmod(saved[1], steps)
-    line = (f"error: stopped with the whole run (a SIGTERM or Ctrl-C to one of its processes) at "
-            f"epoch {epoch + 1}, step {step}/{steps}; saved {ckpt / str(saved[1])}; continue with "
-            "--resume")  # fmt: skip
-    assert [err.strip().splitlines()[-1] for _, err in outs] == [line, line]
+    where = f"epoch {epoch + 1}, step {step}/{steps}" if step else f"the end of epoch {epoch}"
+    after = f" at {where}; saved {ckpt / str(saved[1])}; continue with --resume"
+    lines = ["error: stopped with the whole run (a SIGTERM or Ctrl-C to one of its processes)"
+             + after] * 2  # fmt: skip
+    if signum == signal.SIGINT:
+        lines[to] = "error: interrupted" + after
+    assert [err.strip().splitlines()[-1] for _, err in outs] == lines
     checkpoint.verify(ckpt / str(saved[1]))
     assert cli.main([*args, "--epochs", str(epoch + 1), "--devices", "1", "--resume",
                      "--out", str(tmp_path / "resumed")]) == 0  # fmt: skip

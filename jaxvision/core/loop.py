@@ -58,12 +58,15 @@ _stopped_by: list[int] = []  # the signal that this process received
 
 
 class SyncPoint:
-    """A multi-process run's agreement on where to stop: `reached(n)` is called with 1, 2, 3, ...
-    at every dispatch of a training step, by every process in the same order, and is true at
-    the same call in all of them once any process has had a preemption notice
-    (`jax.experimental.multihost_utils.reached_preemption_sync_point`)."""
+    """A multi-process run's agreement on where to stop. `reached(n)` is asked at every dispatch
+    of training steps, with n = 1, 2, 3, ... counted from the start of this process's run, by
+    every process alike, and comes true at the same n in all of them once any process has had a
+    preemption notice (`jax.experimental.multihost_utils.reached_preemption_sync_point`: the
+    notice fixes the count after the furthest one asked, so no count may be skipped, and nothing
+    else may ask it; `jaxvision.training.checkpoint` keeps orbax from asking). `reached=None`:
+    JAX's preemption service is off, and no signal is handled. JAX takes one notice a process."""
 
-    def __init__(self, reached):
+    def __init__(self, reached=None):
         self.reached, self.calls = reached, 0
 
     def __call__(self) -> bool:
@@ -87,7 +90,9 @@ class stop_on_signal:
 
     def __init__(self, sync_point: SyncPoint | None = None):
         self.sync_point = sync_point
-        self.signals = (signal.SIGINT,) if sync_point else (signal.SIGINT, signal.SIGTERM)
+        self.signals = (signal.SIGINT, signal.SIGTERM)
+        if sync_point:  # without JAX's notice (the service off), Ctrl-C ends the process
+            self.signals = (signal.SIGINT,) if sync_point.reached else ()
 
     def __enter__(self):
         _stop.clear()
@@ -125,8 +130,9 @@ class stop_on_signal:
 
 
 def _stop_requested() -> bool:
-    """Whether training stops after the step just dispatched. Called once per dispatch."""
-    if _sync_point and not _stop.is_set() and _sync_point[0]():
+    """Whether training stops after the steps just dispatched. Called once per dispatch."""
+    sync = _sync_point[0] if _sync_point else None
+    if sync and sync.reached and not _stop.is_set() and sync():
         _stop.set()
     return _stop.is_set()
 

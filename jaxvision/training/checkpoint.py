@@ -93,7 +93,7 @@ class JaxCheckpoints(Checkpoints):
                 enable_async_checkpointing=False,  # saved before the next epoch starts
                 cleanup_tmp_directories=True,  # what a killed save left: a temporary folder
             )
-        return _Manager(ocp.CheckpointManager(directory, options=options))
+        return _Manager(_CheckpointManager(directory, options=options))
 
     @staticmethod
     def read_meta(path: Path) -> dict:
@@ -249,6 +249,15 @@ def _join_new_threads(before: set, timeout: float = 10.0) -> None:
                 time.sleep(0.01)
         except RuntimeError:
             time.sleep(0.01)
+
+
+class _CheckpointManager(ocp.CheckpointManager):
+    """Orbax's, kept from asking JAX's preemption sync where to stop: `run_epochs` asks it at
+    every dispatch with a count of its own (`jaxvision.core.loop.SyncPoint`), which orbax's
+    asking with the step it saves would move, so that a stop came late, or never."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class _Manager:

@@ -90,14 +90,14 @@ def preemption_sync_point() -> SyncPoint | None:
     """In a multi-process (`--distributed`) run, where every process must stop after the same
     step: JAX's preemption sync, which a SIGTERM to any process triggers. None otherwise.
 
-    With JAX's preemption service turned off (`jax_enable_preemption_service`), a sync point that
-    never fires: SIGTERM then ends the processes, as it would any program."""
+    With JAX's preemption service turned off (`jax_enable_preemption_service`), a sync point
+    that handles no signal: SIGTERM and Ctrl-C then end a process as they would any program."""
     if not jax.distributed.is_initialized():
         return None
     try:
-        multihost_utils.reached_preemption_sync_point(0)  # 0: the count every process starts at
+        multihost_utils.reached_preemption_sync_point(0)  # asks nothing: every count starts at 0
     except RuntimeError:  # the service is off
-        return SyncPoint(lambda calls: False)
+        return SyncPoint(None)
     return SyncPoint(multihost_utils.reached_preemption_sync_point)
 
 
