@@ -47,6 +47,33 @@ def test_variance_scaling_is_jaxs(scale, mode, distribution):
         same(ours(key, shape), theirs(key, shape), f"{shape}")
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_normals_round_as_jax_0_12_does_where_it_does(exact, monkeypatch):
+    """jax 0.12 draws its normal initialisers as (sqrt(2) * scale) * erf_inv(u) (`SCALED_NORMAL`,
+    set by the installed jax; the other tests check the installed form). The other form, here
+    against that formula written out in JAX, by size class and at each parameter's own shape."""
+    monkeypatch.setattr(initializers, "SCALED_NORMAL", not initializers.SCALED_NORMAL)
+    monkeypatch.setattr(initializers, "EXACT", exact)
+    f32 = jnp.float32
+    low = np.nextafter(np.float32(-1), np.float32(0))
+
+    def formula(key, shape, scale):
+        if not initializers.SCALED_NORMAL:  # this jax is 0.12's: the earlier form
+            return (jnp.array(np.sqrt(2), f32) * jax.lax.erf_inv(
+                jax.random.uniform(key, shape, f32, low, 1.0))) * jnp.array(scale, f32)  # fmt: skip
+        u = jax.random.uniform(key, shape, f32, low, 1.0)
+        return (jnp.array(np.sqrt(2), f32) * jnp.array(scale, f32)) * jax.lax.erf_inv(u)
+
+    for i, shape in enumerate([(7,), (3, 3, 1, 32), (3136, 128)]):
+        key = jax.random.key(200 + i)
+        same(initializers.normal(0.02)(key, shape), formula(key, shape, 0.02), f"normal {shape}")
+        if len(shape) >= 2:
+            fan_in = np.prod(shape[:-1])
+            want = formula(key, shape, jnp.sqrt(jnp.array(2.0 / fan_in, f32)))
+            got = initializers.variance_scaling(2.0, "fan_in", "normal")(key, shape)
+            same(got, want, f"variance_scaling {shape}")
+
+
 def test_the_other_initialisers_are_jaxs():
     assert initializers.lecun_normal()(jax.random.key(0), (5, 3)).shape == (5, 3)
     for i, shape in enumerate(SHAPES):

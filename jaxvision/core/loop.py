@@ -142,8 +142,9 @@ class LossTracker:
 
     Step losses stay on the device; every `log_every` steps they are fetched in one go (the only
     host sync inside an epoch), checked for NaN/inf, and shown on the bar. A resumed epoch starts
-    from its checkpointed `Position`. After a Ctrl-C or SIGTERM, `add` checks the pending losses
-    and raises `StopRequested`.
+    from its checkpointed `Position`. After a Ctrl-C or SIGTERM (in a `--distributed` run: at
+    the dispatch its `SyncPoint` names), `add` checks the pending losses and raises
+    `StopRequested`.
     """
 
     def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None,
@@ -242,12 +243,9 @@ def _interrupted(checkpoints, position: Position, steps: int, history) -> Interr
     where = f"epoch {position.epoch + 1}, step {position.step}/{steps}"
     if position.step == 0:
         where = f"the end of epoch {position.epoch}"
-    # No signal here: a --distributed run's sync point, after a signal to another of its processes
     signum = _stopped_by[0] if _stopped_by else signal.SIGTERM
-    what = f"stopped by {signal.Signals(signum).name}"
-    if signum == signal.SIGINT:
-        what = "interrupted"
-    elif not _stopped_by:
+    what = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}[signum]
+    if not _stopped_by:  # a --distributed run's sync point: JAX had the SIGTERM, not Python
         what = "stopped with the whole run (a SIGTERM or Ctrl-C to one of its processes)"
     if checkpoints is None:
         return Interrupted(f"{what} at {where}; nothing saved (no --checkpoint-dir)", signum)

@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.nn import initializers as jax_initializers  # only to tell how it rounds
 
 FLOOR = 2**18  # draws of fewer elements share one program; 2**18 normals take ~3 ms on a CPU
 # Larger parameters are drawn at their own shape: a power of two would draw up to twice the values
@@ -29,15 +30,13 @@ FLOOR = 2**18  # draws of fewer elements share one program; 2**18 normals take ~
 CAP = 2**22
 EXACT = False  # True: draw at each parameter's own shape (JAX's way; the tests' reference)
 KINDS = ("normal", "uniform", "truncated_normal")
+DRAWS = (*KINDS, "erf_inv")  # what `draw` takes
 
-try:  # jax 0.12 draws its normal initialisers as (sqrt(2) * scale) * erf_inv(u), a rounding
-    # apart from 0.10's and 0.11's (sqrt(2) * erf_inv(u)) * scale (jax's note: XLA now
-    # reassociates the constants under jit). The project pins jax < 0.12: docs/performance.md.
-    from jax._src.nn.initializers import _scaled_normal  # noqa: F401  (only to tell which)
-
-    SCALED_NORMAL = True
-except ImportError:
-    SCALED_NORMAL = False
+# jax 0.12 draws its normal initialisers as (sqrt(2) * scale) * erf_inv(u), a rounding apart
+# from 0.10's and 0.11's (sqrt(2) * erf_inv(u)) * scale (jax's note: XLA now reassociates the
+# constants under jit), through a helper of its own; its presence tells which. The project pins
+# jax < 0.12 (docs/performance.md), and parity_tests/test_initializers.py checks both forms.
+SCALED_NORMAL = hasattr(jax_initializers, "_scaled_normal")
 
 
 def size_class(n: int) -> int:
@@ -60,6 +59,7 @@ def _sample(kind: str, key: jax.Array, shape: tuple, dtype, low, high) -> jax.Ar
     if kind == "normal":
         return jax.random.normal(key, shape, dtype)
     if kind == "erf_inv":  # a standard normal / sqrt(2), as jax.random.normal draws it
+        # (jax 0.12's normal initialisers scale this; `_scaled_normal`)
         low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
         return jax.lax.erf_inv(jax.random.uniform(key, shape, dtype, low, 1.0))
     if kind == "uniform":
@@ -77,13 +77,13 @@ def _threefry(key: jax.Array) -> bool:
 
 def draw(kind: str, key: jax.Array, shape, dtype, low=0.0, high=1.0) -> np.ndarray | jax.Array:
     """`jax.random.<kind>(key, shape, dtype, ...)`'s values: `normal`, `uniform` on [low, high),
-    or `truncated_normal` to (low, high).
+    or `truncated_normal` to (low, high); or `erf_inv`, a standard normal / sqrt(2).
 
     By size class, on the host, where that gives JAX's values; otherwise JAX's own draw at its
     own shape: under a trace (`nnx.eval_shape`, `jit`: one traced program either way), for a
     generator other than partitionable threefry, and past `CAP` values."""
-    if kind not in (*KINDS, "erf_inv"):
-        raise ValueError(f"unknown distribution {kind!r}; available: {', '.join(KINDS)}")
+    if kind not in DRAWS:
+        raise ValueError(f"unknown distribution {kind!r}; available: {', '.join(DRAWS)}")
     shape = as_shape(shape)
     n = math.prod(shape)
     exact = (EXACT or n > CAP or not jax.config.jax_threefry_partitionable

@@ -336,8 +336,9 @@ class Trainer:
 
 def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
     """f((N, H, W, C) uint8 images) -> their eval-mode class probabilities (N, K), normalised as
-    the model was trained (`mean`, `std`: the training set's statistics). Compiled once per
-    batch shape; the weights are put on this process's first device once."""
+    the model was trained (`mean`, `std`: the training set's statistics). One compilation: for
+    the N images when N <= `batch_size`, else for `batch_size` (the last batch padded). The
+    weights are put on this process's first device once."""
     graphdef, state = nnx.split(with_mode(model, train=False))
     # A mesh-replicated state, fetched and put on one local device, needs no other process.
     state = jax.device_put(jax.device_get(state), jax.local_devices()[0])
@@ -349,13 +350,17 @@ def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
         return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
 
     def probabilities(images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        return np.concatenate(
-            [
-                np.asarray(forward(state, images[i : i + batch_size]))
-                for i in range(0, n, batch_size)
-            ]
-        )
+        if len(images) <= batch_size:
+            return np.asarray(forward(state, images))
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size]
+            n = len(batch)  # the last batch, padded to the others' shape: no second compilation
+            batch = np.concatenate(
+                [batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)]
+            )
+            out.append(np.asarray(forward(state, batch))[:n])
+        return np.concatenate(out)
 
     return probabilities
 
