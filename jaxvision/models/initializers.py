@@ -22,7 +22,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.nn import initializers as jax_initializers  # only to tell how it rounds
 
 FLOOR = 2**18  # draws of fewer elements share one program; 2**18 normals take ~3 ms on a CPU
 # Larger parameters are drawn at their own shape: a power of two would draw up to twice the values
@@ -36,6 +35,10 @@ DRAWS = (*KINDS, "erf_inv")  # what `draw` takes
 # from 0.10's and 0.11's (sqrt(2) * erf_inv(u)) * scale (jax's note: XLA now reassociates the
 # constants under jit), through a helper of its own; its presence tells which. The project pins
 # jax < 0.12 (docs/performance.md), and parity_tests/test_initializers.py checks both forms.
+try:
+    from jax._src.nn import initializers as jax_initializers  # private: only to tell the form
+except ImportError:  # a jax that moved it
+    jax_initializers = None
 SCALED_NORMAL = hasattr(jax_initializers, "_scaled_normal")
 
 
