@@ -4,6 +4,8 @@ import dataclasses
 import gzip
 import hashlib
 import shutil
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -129,6 +131,25 @@ def test_tfds_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
     with pytest.raises(DataError, match=r"TFDS has no prepared 'mnist' .* is unreachable"):
         data.load_dataset("mnist", source="tfds", tfds_data_dir=tmp_path, verbose=False)
+
+
+def test_asking_tfds_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
+    """A TFDS builder for a dataset it has not prepared leaves an empty tmp*tfds folder in the
+    temp dir, once per run. The default source, which only asks whether TFDS holds MNIST, and
+    the offline error of --data-source tfds never build one where the data dir has no folder
+    for the dataset (nor, when TFDS was not loaded before, import TFDS)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # TFDS's default data dir
+    monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
+    loaded = "tensorflow_datasets" in sys.modules
+    assert data.load_dataset("mnist", verbose=False).data_source == "sample"
+    assert loaded or "tensorflow_datasets" not in sys.modules
+    for given in (None, tmp_path / "given"):
+        with pytest.raises(DataError, match=rf"no prepared 'mnist' under {tmp_path}/"):
+            data.load_dataset("mnist", source="tfds", tfds_data_dir=given, verbose=False)
+    assert not list(temp.iterdir())
 
 
 def test_tfds_data_dir_is_never_dropped(tmp_path, monkeypatch):

@@ -671,7 +671,29 @@ def _import_tfds():  # lazy: TFDS (and TensorFlow) are heavy, and only TFDS sour
     return tfds
 
 
+def _tfds_root(tfds_data_dir) -> str:
+    """The TFDS data dir a builder would use: the one given, else $TFDS_DATA_DIR, else
+    ~/tensorflow_datasets (TFDS's default)."""
+    if tfds_data_dir is not None:
+        return os.fspath(tfds_data_dir)
+    return os.environ.get(
+        "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+
+
+def _tfds_absent(spec: DatasetSpec, tfds_data_dir) -> bool:
+    """True when a local TFDS data dir has no folder for `spec` at all, told without TFDS.
+
+    A TFDS builder for a dataset it has not prepared leaves an empty /tmp/tmp*tfds folder
+    behind (`DatasetInfo.initialize_from_bucket`, tensorflow-datasets 4.9), so every run that
+    only asks would litter /tmp. A remote data dir (gs://...) is left to TFDS."""
+    root = _tfds_root(tfds_data_dir)
+    return "://" not in root and not (Path(root).expanduser() / spec.tfds_name).is_dir()
+
+
 def _tfds_prepared(spec: DatasetSpec, tfds_data_dir) -> bool:
+    if _tfds_absent(spec, tfds_data_dir):
+        return False
     try:
         tfds = _import_tfds()
         return bool(tfds.builder(spec.tfds_name, data_dir=tfds_data_dir).is_prepared())
@@ -701,18 +723,26 @@ def host_reachable(url: str, timeout: float = 3.0) -> bool:
     return bool(result)
 
 
+def _refuse_offline_tfds(spec: DatasetSpec, builder_cls, root) -> None:
+    """A DataError when TFDS would have to download `spec` and its host is unreachable."""
+    url = getattr(builder_cls, "URL", None) or "https://storage.googleapis.com/"
+    if not host_reachable(url):
+        raise DataError(
+            f"TFDS has no prepared {spec.tfds_name!r} under {root} and its download host "
+            f"{urllib.parse.urlparse(url).hostname} is unreachable; use --data-dir with IDX files"
+            + (", or the bundled sample (--data-source sample)" if spec.name == "mnist" else "")
+        )
+
+
 def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
     tfds = _import_tfds()
+    asked = _tfds_absent(spec, tfds_data_dir)  # then refused offline before a builder litters /tmp
+    if asked:
+        _refuse_offline_tfds(spec, tfds.builder_cls(spec.tfds_name), _tfds_root(tfds_data_dir))
     builder = tfds.builder(spec.tfds_name, data_dir=tfds_data_dir)
     if not builder.is_prepared():
-        url = getattr(type(builder), "URL", None) or "https://storage.googleapis.com/"
-        if not host_reachable(url):
-            raise DataError(
-                f"TFDS has no prepared {spec.tfds_name!r} under {builder.data_dir_root} and its "
-                f"download host {urllib.parse.urlparse(url).hostname} is unreachable; "
-                f"use --data-dir with IDX files"
-                + (", or the bundled sample (--data-source sample)" if spec.name == "mnist" else "")
-            )
+        if not asked:
+            _refuse_offline_tfds(spec, type(builder), builder.data_dir_root)
         try:
             import tensorflow  # noqa: F401  (TFDS builds MNIST-family datasets with tf.io.gfile)
         except ImportError:
