@@ -133,15 +133,24 @@ def test_tfds_offline_is_a_clear_error(tmp_path, monkeypatch):
         data.load_dataset("mnist", source="tfds", tfds_data_dir=tmp_path, verbose=False)
 
 
+def tfds_default_dir(monkeypatch, path) -> None:
+    """Makes `path` TFDS's default data dir: $TFDS_DATA_DIR, which TFDS reads when imported,
+    and, where it is imported already, the value it read."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(path))
+    if "tensorflow_datasets" in sys.modules:
+        constants = sys.modules["tensorflow_datasets"].core.constants
+        monkeypatch.setattr(constants, "DATA_DIR", str(path))
+
+
 def test_asking_tfds_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
     """A TFDS builder for a dataset it has not prepared leaves an empty tmp*tfds folder in the
     temp dir, once per run. The default source, which only asks whether TFDS holds MNIST, and
-    the offline error of --data-source tfds never build one where the data dir has no folder
-    for the dataset (nor, when TFDS was not loaded before, import TFDS)."""
+    the offline error of --data-source tfds never build one where no data dir has a folder for
+    the dataset (nor, when TFDS was not loaded before, import TFDS)."""
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # TFDS's default data dir
+    tfds_default_dir(monkeypatch, tmp_path / "tfds")
     monkeypatch.setattr(data, "host_reachable", lambda url, timeout=3.0: False)
     loaded = "tensorflow_datasets" in sys.modules
     assert data.load_dataset("mnist", verbose=False).data_source == "sample"
@@ -150,6 +159,36 @@ def test_asking_tfds_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=rf"no prepared 'mnist' under {tmp_path}/"):
             data.load_dataset("mnist", source="tfds", tfds_data_dir=given, verbose=False)
     assert not list(temp.iterdir())
+
+
+@pytest.mark.parametrize("tfds_loaded", [False, True])
+def test_a_tfds_folder_for_the_dataset_is_left_to_tfds_in_every_form(
+    tfds_loaded, tmp_path, monkeypatch
+):
+    """The check that spares the builder says "absent" only where no data dir TFDS would
+    search has the dataset's folder: a given dir as str, Path or relative path, the default
+    dir from $TFDS_DATA_DIR (or TFDS's own value once imported), a dir added with
+    `tfds.core.add_data_dir`; never for a remote dir."""
+    if tfds_loaded:
+        data._import_tfds()
+    else:  # the check reads $TFDS_DATA_DIR only while TFDS is not imported
+        monkeypatch.delitem(sys.modules, "tensorflow_datasets", raising=False)
+    mnist = data.DATASETS["mnist"]
+    tfds_default_dir(monkeypatch, tmp_path / "default")
+    monkeypatch.chdir(tmp_path)
+    for given in (None, tmp_path / "given", str(tmp_path / "given"), "given"):
+        assert data._tfds_absent(mnist, given), given
+    for folder in ("given", "default"):
+        (tmp_path / folder / "mnist").mkdir(parents=True)
+    for given in (None, tmp_path / "given", str(tmp_path / "given"), "given"):
+        assert not data._tfds_absent(mnist, given), given
+    assert not data._tfds_absent(mnist, "gs://bucket/tfds")
+    if tfds_loaded:  # a registered dir is searched too
+        (tmp_path / "default" / "mnist").rmdir()
+        assert data._tfds_absent(mnist, None)
+        file_utils = sys.modules["tensorflow_datasets"].core.utils.file_utils
+        monkeypatch.setattr(file_utils, "_REGISTERED_DATA_DIRS", {tmp_path / "given"})
+        assert not data._tfds_absent(mnist, None)
 
 
 def test_tfds_data_dir_is_never_dropped(tmp_path, monkeypatch):

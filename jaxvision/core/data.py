@@ -38,6 +38,7 @@ import hashlib
 import os
 import socket
 import struct
+import sys
 import threading
 import urllib.parse
 import zlib
@@ -671,24 +672,35 @@ def _import_tfds():  # lazy: TFDS (and TensorFlow) are heavy, and only TFDS sour
     return tfds
 
 
-def _tfds_root(tfds_data_dir) -> str:
-    """The TFDS data dir a builder would use: the one given, else $TFDS_DATA_DIR, else
-    ~/tensorflow_datasets (TFDS's default)."""
-    if tfds_data_dir is not None:
-        return os.fspath(tfds_data_dir)
-    return os.environ.get(
-        "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    )
+def _tfds_roots(tfds_data_dir) -> list[str] | None:
+    """The data dirs a TFDS builder would search, or None where that is not known here.
+
+    A given dir alone (TFDS takes an empty string for none, as here); else, with TFDS
+    imported, its own list (the default it read at import, and any `tfds.core.add_data_dir`);
+    else the default it will read: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    if tfds_data_dir:
+        return [os.fspath(tfds_data_dir)]
+    if "tensorflow_datasets" in sys.modules:
+        try:
+            file_utils = sys.modules["tensorflow_datasets"].core.utils.file_utils
+            return [os.fspath(d) for d in file_utils.list_data_dirs()]
+        except AttributeError:  # another TFDS layout: ask TFDS itself
+            return None
+    default = os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+    return [os.path.expanduser(default)]
 
 
 def _tfds_absent(spec: DatasetSpec, tfds_data_dir) -> bool:
-    """True when a local TFDS data dir has no folder for `spec` at all, told without TFDS.
+    """True when no TFDS data dir holds a folder for `spec` at all, told without a builder.
 
     A TFDS builder for a dataset it has not prepared leaves an empty /tmp/tmp*tfds folder
     behind (`DatasetInfo.initialize_from_bucket`, tensorflow-datasets 4.9), so every run that
-    only asks would litter /tmp. A remote data dir (gs://...) is left to TFDS."""
-    root = _tfds_root(tfds_data_dir)
-    return "://" not in root and not (Path(root).expanduser() / spec.tfds_name).is_dir()
+    only asks would litter /tmp. A remote data dir (gs://...) is left to TFDS; so is an
+    unreadable one, which TFDS reports as it will."""
+    roots = _tfds_roots(tfds_data_dir)
+    if roots is None or any("://" in r for r in roots):
+        return False
+    return not any(os.path.isdir(os.path.join(r, spec.tfds_name)) for r in roots)
 
 
 def _tfds_prepared(spec: DatasetSpec, tfds_data_dir) -> bool:
@@ -738,7 +750,8 @@ def load_tfds_dataset(spec: DatasetSpec, tfds_data_dir=None) -> Dataset:
     tfds = _import_tfds()
     asked = _tfds_absent(spec, tfds_data_dir)  # then refused offline before a builder litters /tmp
     if asked:
-        _refuse_offline_tfds(spec, tfds.builder_cls(spec.tfds_name), _tfds_root(tfds_data_dir))
+        where = ", ".join(_tfds_roots(tfds_data_dir))  # not None: TFDS is imported
+        _refuse_offline_tfds(spec, tfds.builder_cls(spec.tfds_name), where)
     builder = tfds.builder(spec.tfds_name, data_dir=tfds_data_dir)
     if not builder.is_prepared():
         if not asked:
