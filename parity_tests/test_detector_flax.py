@@ -752,21 +752,15 @@ def detector_gradients(model, images, gt, gt_labels, gt_valid, key=None, samples
     named intermediates, with the kinked activations' "sides" and "gaps" (`gradients_along`);
     given `sides`, each activation is taken along them instead."""
 
-    def total(model):
+    def loss(model):
         out = {}
         losses = model.losses(images, gt, gt_labels, gt_valid, key, samples=samples, out=out)
-        return sum(losses.values()), (losses, out)
+        return sum(losses.values()), {**out, "losses": losses}
 
-    def loss(model):
-        value, aux = total(model)
-        return value, {"aux": aux}
-
-    grads, aux = gradients_along(loss, model, sides)
-    losses, out = aux.pop("aux")
-    out.update(aux)
+    grads, out = gradients_along(loss, model, sides)
     holder = nnx.clone(model)  # the gradients in the parameters' places, converted to torch
     nnx.update(holder, grads)
-    return losses, convert.to_torch_state_dict(holder), out
+    return out.pop("losses"), convert.to_torch_state_dict(holder), out
 
 
 def torch_gradients(model, images, boxes, labels, rpn_sampler, roi_sampler):
