@@ -73,6 +73,19 @@ def test_resume_matches_an_uninterrupted_run(runs):
     assert len(resumed["history"]) == 2
 
 
+def test_only_ascii_digit_folders_are_steps(runs, tmp_path):
+    """'²' and '٣' are digits to str.isdigit, not to int: beside the checkpoints, or given as
+    the folder, they are no step."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(runs["tmp"] / "straight", copy)
+    for name in ("²", "٣", "12a"):
+        (copy / name).mkdir()
+    assert checkpoint.step_folders(copy) == [31, 62]
+    assert checkpoint.latest_step(copy)[0] == copy / "62"
+    with pytest.raises(errors.UserError, match="holds no finished checkpoint"):
+        checkpoint.latest_step(copy / "²")
+
+
 def test_checkpoint_holds_state_and_data_order(runs):
     tmp = runs["tmp"]
     assert checkpoint.step_folders(tmp / "straight") == [31, 62]  # one per epoch, by step
@@ -444,9 +457,10 @@ def vars_of(config):
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def test_export_between_frameworks(runs, tmp_path, digits):
-    """A JAX checkpoint -> a torch state_dict, and a torch checkpoint -> a JAX checkpoint, each
-    computing the same logits as the original."""
+def test_export_between_frameworks(runs, tmp_path, digits, monkeypatch):
+    """A JAX checkpoint -> a torch state_dict, and a torch checkpoint -> a JAX checkpoint (to a
+    relative path, as a user types it: orbax itself takes absolute paths only), each computing
+    the same logits as the original."""
     from flax import nnx
 
     from jaxvision.apps import export
@@ -465,7 +479,8 @@ def test_export_between_frameworks(runs, tmp_path, digits):
     np.testing.assert_allclose(theirs, np.asarray(flax_model(x)), rtol=1e-5, atol=1e-5)
 
     assert train(tmp_path, "t", "--backend", "torch", "--epochs", "1")[0] == 0
-    export.export(tmp_path / "t", tmp_path / "t-as-jax")
+    monkeypatch.chdir(tmp_path)
+    assert export.export("t", "t-as-jax") == Path("t-as-jax") / "31"
     path, meta = read_meta(tmp_path / "t-as-jax")
     assert meta["backend"] == "jax" and meta["items"] == ["model", "meta"]
     flax_model = load_flax_model(path, meta)
@@ -478,6 +493,30 @@ def test_export_between_frameworks(runs, tmp_path, digits):
         cli.train(cli.config_from_args(cli.build_parser().parse_args(
             [*CNN, "--checkpoint-dir", str(tmp_path / "t-as-jax"),
              "--resume"])))  # fmt: skip
+
+
+@pytest.mark.parametrize("dst", ["as-torch", "cnn.pth", "empty-folder"])
+def test_an_export_stopped_midway_leaves_dst_as_it_was(runs, tmp_path, monkeypatch, dst):
+    """A Ctrl-C (or any failure) during the write removes what was written, so that the same
+    command runs again; a folder that was there, empty, stays."""
+    from jaxvision.apps import export
+    from torch_reference import checkpoint as torch_checkpoint
+
+    def stopped(path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_state_dict", lambda _, path: stopped(path))
+    monkeypatch.setattr(torch_checkpoint, "write_folder", lambda d, *_: stopped(d / ".tmp-31-1"))
+    if dst == "empty-folder":
+        (tmp_path / dst).mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        export.export(runs["tmp"] / "straight", tmp_path / dst)
+    if dst == "empty-folder":
+        assert [p.name for p in tmp_path.iterdir()] == [dst] and not any((tmp_path / dst).iterdir())
+    else:
+        assert not any(tmp_path.iterdir())
 
 
 def test_export_refuses_a_destination_it_cannot_write(runs, tmp_path, capsys):

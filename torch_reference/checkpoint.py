@@ -21,6 +21,7 @@ from jaxvision.core.checkpoint import (
     TORCH_META,
     TORCH_STATE,
     Checkpoints,
+    check_meta,
     damaged_if_not_finite,
     fsync,
     write_manifest,
@@ -35,9 +36,10 @@ class TorchCheckpoints(Checkpoints):
     @staticmethod
     def read_meta(path: Path) -> dict:
         try:
-            return json.loads((path / TORCH_META).read_text())
+            meta = json.loads((path / TORCH_META).read_text())
         except (OSError, ValueError) as e:
             raise DamagedCheckpoint(f"cannot read {path / TORCH_META} ({e})") from None
+        return check_meta(meta, path)
 
     def __init__(self, config, data, model_cfg, trainer):
         super().__init__(config, data, model_cfg, trainer.steps)

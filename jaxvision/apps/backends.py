@@ -123,12 +123,9 @@ def plan_checkpoint(config: TrainConfig, data: Dataset) -> None:
 
 
 def for_classifier_checkpoint(directory: str | Path, app: str) -> tuple[Backend, Path, dict]:
-    """`for_checkpoint`, refusing what `app` (predict.py, evaluate.py) cannot classify with: a
-    folder that is no jaxvision checkpoint, or a detector's."""
+    """`for_checkpoint`, refusing a detector's checkpoint, which `app` (predict.py,
+    evaluate.py) cannot classify with."""
     backend, path, meta = for_checkpoint(directory)
-    if meta.get("format") != checkpoint.FORMAT:
-        raise UserError(f"{path} is not a jaxvision checkpoint; pass a folder that "
-                        "train.py --checkpoint-dir wrote")  # fmt: skip
     if get_arch(meta["arch"]).detector:
         raise UserError(f"{path} holds a {meta['arch']} detector; {app} classifies with cnn, "
                         "vit, vgg16 and alexnet checkpoints")  # fmt: skip
@@ -137,7 +134,7 @@ def for_classifier_checkpoint(directory: str | Path, app: str) -> tuple[Backend,
 
 def for_checkpoint(directory: str | Path) -> tuple[Backend, Path, dict]:
     """The backend that wrote `directory`'s latest checkpoint, that checkpoint's folder, and its
-    meta."""
+    meta (checked: `checkpoint.check_meta`)."""
     path, name = checkpoint.latest_step(directory)
     backend = get(name)
     return backend, path, backend.read_meta(path)

@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="input size for vgg16, alexnet, faster_rcnn (default: the arch's)",
+        help="input size for vgg16, alexnet, faster_rcnn; the others train at the data's "
+        "own (default: the arch's)",
     )
     p.add_argument("--preset", default=None, help="model preset (default: each arch's)")
     p.add_argument("--recipe", default="default",
@@ -376,6 +377,12 @@ def benchmark(args: argparse.Namespace) -> None:
                         f"{', '.join(archs)}")  # fmt: skip
     for spec in specs:  # a bad --preset, --recipe or --image-size, before any worker starts
         train_config(spec)
+    sized = [a for a in archs if get_arch(a).recipe(args.recipe).image_size is not None]
+    if args.image_size is not None and not sized:  # as train.py says it
+        trains = "trains" if len(archs) == 1 else "train"
+        takers = ", ".join(a for a in ARCHS if ARCHS[a].recipe("default").image_size)
+        raise UserError(f"--image-size does not apply here: --archs {','.join(archs)} {trains} "
+                        f"at the data's own size (it sizes the inputs of {takers})")  # fmt: skip
     if args.json:
         probe_writable_file(Path(args.json), "--json")
 

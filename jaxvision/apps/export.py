@@ -11,7 +11,9 @@ parity tests check.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxvision.apps import backends
@@ -35,13 +37,30 @@ def export(src: str | Path, dst: str | Path) -> Path:
     else:
         results.probe_writable(dst, "DST")
     state_dict = source.torch_state_dict(source.load_model(path, meta))
-    fix = "free disk space, or give another DST"
-    if dst.suffix in (".pth", ".pt"):
-        with writing(dst, fix):
+    with _removed_if_unfinished(dst), writing(dst, "free disk space, or give another DST"):
+        if dst.suffix in (".pth", ".pt"):
             return save_state_dict(state_dict, dst)
-    meta = {**meta, "items": ["model", "meta"], "converted_from": str(path)}
-    with writing(dst, fix, discard=lambda: shutil.rmtree(dst)):  # new or empty: checked above
+        meta = {**meta, "items": ["model", "meta"], "converted_from": str(path)}
         return backends.other(source.name).write_weights(dst, int(path.name), state_dict, meta)
+
+
+@contextlib.contextmanager
+def _removed_if_unfinished(dst: Path) -> Iterator[None]:
+    """Whatever a write that fails, or is interrupted, leaves at `dst` (a new path, or an empty
+    folder: `export` checks) is removed, so that the same command can run again."""
+    existed = dst.exists()
+    try:
+        yield
+    except BaseException:
+        if dst.is_dir():
+            for leftover in dst.iterdir() if existed else [dst]:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        elif dst.exists():
+            dst.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from jaxvision.core import archs
 from jaxvision.core.bench import BenchWorker, median_time
 from jaxvision.core.config import EVAL_BATCH_SIZE, TrainConfig
 from jaxvision.core.data import Dataset
+from jaxvision.core.errors import UserError
 from jaxvision.core.results import RunResult
 from jaxvision.models import build_model, initializers
 from jaxvision.training import checkpoint, detection, parallel, trainer
@@ -81,6 +82,22 @@ def use_default_xla_flags(arch: archs.Arch | None = None) -> None:
     os.environ["XLA_FLAGS"] = os.environ[OURS] = default_xla_flags(arch)
 
 
+def start_devices() -> None:
+    """Starts JAX's backends now, when the XLA_FLAGS of this run are set. A JAX_PLATFORMS that
+    names a platform this machine cannot start (`cuda` without a GPU, a typo) is one line here,
+    not an AssertionError or a RuntimeError from JAX's first use of a device."""
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS")
+        if not platforms:
+            raise
+        why = str(e).splitlines()[0] if str(e) else "no such device is visible"
+        raise UserError(f"JAX_PLATFORMS={platforms}: JAX cannot start it here ({why}); unset "
+                        "JAX_PLATFORMS to use what this machine has, or install the platform's "
+                        "jax plugin (CUDA: pip install -e '.[gpu]')") from None  # fmt: skip
+
+
 class JaxBackend:
     name = "jax"
 
@@ -108,6 +125,7 @@ class JaxBackend:
                 os.environ["XLA_FLAGS"] = f"{flags} {XLA_DETERMINISTIC}".strip()
         if distributed is not None:
             parallel.init_distributed(*distributed)
+        start_devices()
 
     def is_primary(self) -> bool:
         return parallel.is_primary()
@@ -145,9 +163,11 @@ class JaxBackend:
         checkpoint.JaxCheckpoints.plan(config, data)
 
     def read_meta(self, path: Path) -> dict:
+        start_devices()  # a checkpoint's first reader, in predict.py, evaluate.py and the export
         return checkpoint.JaxCheckpoints.read_meta(path)
 
     def load_model(self, path: Path, meta: dict) -> nnx.Module:
+        start_devices()
         return checkpoint.load_flax_model(path, meta)
 
     def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
@@ -170,6 +190,7 @@ class JaxBackend:
     def write_weights(self, dst: Path, step: int, state_dict: dict, meta: dict) -> Path:
         from jaxvision.interop import convert  # torch: see the module's docstring
 
+        start_devices()
         config = archs.config_from_dict(meta["arch"], meta["model_config"])
         pretrained = meta["config"].get("pretrained", False)
         # Abstract: the state_dict sets every variable (the detector's initialisation: 17 s).
@@ -186,6 +207,7 @@ class JaxBackend:
 
     def bench(self, config: TrainConfig, data: Dataset) -> JaxBench:
         use_default_xla_flags(config.arch_spec)
+        start_devices()
         return JaxBench(self, config, data)
 
 

@@ -30,13 +30,19 @@ from jaxvision.core.errors import RunFailed, UserError, exit_code
 REPO = Path(__file__).resolve().parents[2]
 
 
-def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> list[list[str]]:
+def commands(
+    archs, backends, out: Path, pretrained: bool, extra: list[str], checkpoints: Path | None = None
+) -> list[list[str]]:
+    """The train.py command of each run; its --out is last. With `checkpoints`, each run
+    checkpoints into its own folder there, named as its --out is."""
     recipe = "lab-pretrained" if pretrained else "lab-cpu"
     cmds = []
     for arch in archs:
         for backend in backends:
             if backend not in ARCHS[arch].backends:
                 continue
+            run = f"{arch}-{backend}"
+            own = ["--checkpoint-dir", str(checkpoints / run)] if checkpoints else []
             cmds.append(
                 [
                     sys.executable,
@@ -48,14 +54,17 @@ def commands(archs, backends, out: Path, pretrained: bool, extra: list[str]) -> 
                     "--recipe",
                     recipe,
                     *extra,
+                    *own,
                     "--out",
-                    str(out / f"{arch}-{backend}"),
+                    str(out / run),
                 ]
             )
     return cmds
 
 
-LAB_SETS = ("arch", "backend", "out")  # per run, from --archs, --backends and --out
+# Set per run from run_lab.py's own flags (a later flag after -- would win: a ViT trained into
+# the CNN's folder, or every run into one --checkpoint-dir, where the second is refused).
+LAB_SETS = ("arch", "backend", "out", "checkpoint_dir")
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -71,10 +80,15 @@ def check_extra(extra: list[str]) -> None:
     """A UserError when the flags after `--` set what the lab sets for each run (a later flag
     would win: a ViT trained into the CNN's folder)."""
     given = flags.values(_train_parser().parse_args(extra), TrainConfig)
-    owned = [name for name in LAB_SETS if name in given]
+    owned = [name.replace("_", "-") for name in LAB_SETS if name in given]
     if owned:
         raise UserError(f"{', '.join('--' + n for n in owned)} after -- would override the lab's "
-                        "own; use run_lab.py's --archs, --backends and --out")  # fmt: skip
+                        "own; use run_lab.py's --archs, --backends, --out and "
+                        "--checkpoint-dir")  # fmt: skip
+    if given.get("resume"):
+        raise UserError("--resume after -- would resume every run, and refuse the finished "
+                        "ones; resume the interrupted run alone with its train.py command and "
+                        "--resume, then scripts/compare.py the runs' metrics.json")  # fmt: skip
 
 
 def check_flags(argv: list[str]) -> None:
@@ -99,12 +113,13 @@ def run_lab(args: argparse.Namespace) -> None:
                 f"unknown backend {b!r} in --backends; available: {', '.join(BACKENDS)}"
             )
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    for cmd in commands(archs, backends, Path("runs"), args.pretrained, extra):
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    for cmd in commands(archs, backends, Path("runs"), args.pretrained, extra, checkpoints):
         check_flags(cmd[2:])  # every run's flags, before the first one trains
     check_extra(extra)  # after: an unknown flag is named with the run that refuses it
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
-    cmds = commands(archs, backends, out, args.pretrained, extra)
+    cmds = commands(archs, backends, out, args.pretrained, extra, checkpoints)
     if not cmds:
         raise UserError("nothing to run: no arch given trains in the backends given")
     for i, cmd in enumerate(cmds, 1):
@@ -143,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="torchvision's weights for vgg16, alexnet, faster_rcnn (cached)",
     )
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="checkpoint each run in DIR/<arch>-<backend> (an interrupted run resumes "
+                   "with its own train.py command and --resume)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument(
         "extra",

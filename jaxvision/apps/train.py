@@ -32,8 +32,9 @@ class Launch:
     """Flags that start the process rather than configure the run."""
 
     detector: str | None = dataclasses.field(default=None, metadata=flags.flag(
-        "fasterrcnn_mobilenet_v3_large_320_fpn or fasterrcnn_resnet50_fpn (the same as "
-        "--preset) [mobilenet_v3_320]", group=config.DETECTOR,
+        "mobilenet_v3_320 (torchvision's fasterrcnn_mobilenet_v3_large_320_fpn) or "
+        "resnet50_fpn (fasterrcnn_resnet50_fpn); the same as --preset [mobilenet_v3_320]",
+        group=config.DETECTOR,
         choices=list(DETECTORS)))  # fmt: skip
     distributed: bool = dataclasses.field(default=False, metadata=flags.flag(
         "multi-host: call jax.distributed.initialize first; without the three flags below JAX "

@@ -35,6 +35,7 @@ import os
 import shutil
 from pathlib import Path
 
+from jaxvision.core.archs import ARCHS, config_from_dict
 from jaxvision.core.config import TrainConfig
 from jaxvision.core.errors import DamagedCheckpoint, UserError, writing
 from jaxvision.core.loop import Position
@@ -92,6 +93,61 @@ def checkpoint_meta(config, data, model_cfg, position: Position, history, steps:
     }
 
 
+# What the tools read from a checkpoint's meta, and the JSON type each must have.
+META_FIELDS = {
+    "backend": str,
+    "arch": str,
+    "preset": str,
+    "model_config": dict,
+    "dataset": str,
+    "num_classes": int,
+    "image_shape": list,
+    "mean": list,
+    "std": list,
+    "position": dict,
+    "steps_per_epoch": int,
+    "history": list,
+    "config": dict,
+}
+JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
+
+
+def check_meta(meta, where: Path) -> dict:
+    """`meta`, read from checkpoint folder `where`, when it is one this version reads; else a
+    UserError naming what is not. Its manifest proves it is what was written, not that this
+    version wrote it: an older format, or one edited and sealed again, stops here as one line
+    rather than as a KeyError in whichever tool reads the field."""
+
+    def refuse(what: str):
+        return UserError(f"{where} is not a checkpoint this jaxvision reads: {what}; use one "
+                         "that train.py --checkpoint-dir wrote")  # fmt: skip
+
+    if not isinstance(meta, dict):
+        raise refuse(f"its meta is a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise refuse(f"its format is {meta.get('format')!r}, not {FORMAT!r}")
+    for key, kind in META_FIELDS.items():
+        if key not in meta:
+            raise refuse(f"its meta has no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise refuse(f"its meta's {key!r} is {meta[key]!r}, not a JSON {JSON_NAMES[kind]}")
+    if meta["arch"] not in ARCHS:
+        raise refuse(f"its arch {meta['arch']!r} is none of {', '.join(ARCHS)}")
+    shape, stats = meta["image_shape"], (meta["mean"], meta["std"])
+    if not (len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)):
+        raise refuse(f"its image_shape {shape} is not (height, width, channels)")
+    if not all(len(v) == shape[2] and all(type(x) in (int, float) for x in v) for v in stats):
+        raise refuse(f"its mean {stats[0]} and std {stats[1]} are not one number a channel")
+    try:  # the dataclasses that take these fields reject a missing or unknown one
+        config_from_dict(meta["arch"], meta["model_config"])
+        Position(**meta["position"])
+        for h in meta["history"]:
+            EpochStats(**h)
+    except (TypeError, ValueError) as e:
+        raise refuse(f"its meta does not fit this version's fields ({e})") from None
+    return meta
+
+
 def describe_position(meta: dict) -> str:
     p, steps = meta["position"], meta["steps_per_epoch"]
     if p["step"] == 0:
@@ -103,8 +159,10 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
     """Raises a UserError naming both sides when `config` cannot continue the checkpointed run;
     returns the settings that changed but may (e.g. --epochs, --lr)."""
     saved, now = meta["config"], _settings(config)
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{where} is not a jaxvision checkpoint ({FORMAT}); start a new run")
+    lacking = [k for k in (*SAME_MODEL, *SAME_DATA_ORDER, *SAME_OPTIMISER_STATE) if k not in saved]
+    if lacking:  # a checkpoint from an older version, or one made outside train.py
+        raise UserError(f"{where} cannot be resumed: its config has no {', '.join(lacking)}; "
+                        "start a new run")  # fmt: skip
     if meta["backend"] != config.backend:
         raise UserError(
             f"{where} was written by the {meta['backend']} backend; resume it with --backend "
@@ -304,7 +362,13 @@ def step_folders(directory: Path) -> list[int]:
     """The finished checkpoints' steps in `directory`, oldest first (temporary folders aside)."""
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(int(p.name) for p in directory.iterdir() if is_step(p.name) and p.is_dir())
+
+
+def is_step(name: str) -> bool:
+    """Whether a folder name is a step number: ASCII digits only ('²' and '٣' are digits to
+    `str.isdigit`, and not to `int`)."""
+    return name.isascii() and name.isdigit()
 
 
 def latest_step(directory: str | Path) -> tuple[Path, str]:
@@ -319,7 +383,7 @@ def latest_step(directory: str | Path) -> tuple[Path, str]:
         raise UserError(f"checkpoint folder {directory} does not exist; pass a --checkpoint-dir "
                         "that train.py wrote")  # fmt: skip
     steps = step_folders(directory)
-    if not steps and directory.name.isdigit():
+    if not steps and is_step(directory.name):
         directory, steps = directory.parent, [int(directory.name)]  # one checkpoint's own folder
     if not steps:
         raise UserError(f"{directory} holds no finished checkpoint; pass the folder given to "

@@ -175,8 +175,8 @@ def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) 
         print(f"error: cannot write{where}: {e.strerror}; free disk space and run again",
               file=sys.stderr)  # fmt: skip
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training, which says what it saved (`Interrupted`)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     return 0
 

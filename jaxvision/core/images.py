@@ -71,7 +71,9 @@ def read_grey(path: str | Path) -> np.ndarray:
 
 def _wide_grey(im: Image.Image) -> np.ndarray:
     """A 16-bit, 32-bit integer or float grey image -> [0, 255], scaled by its bit depth (Pillow's
-    own conversion to "L" clips them to 0 and 255)."""
+    own conversion to "L" clips them to 0 and 255). Values past 16 bits have no conventional
+    white, so such an image is scaled by its own peak: by 2**32 its ink would be a fraction of
+    a grey level, too faint to tell from a blank page."""
     a = np.asarray(im, dtype=np.float64)
     if im.mode.startswith("I;16"):
         full = 65535.0
@@ -79,7 +81,7 @@ def _wide_grey(im: Image.Image) -> np.ndarray:
         full = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
     else:  # "I": Pillow's 32-bit integer mode, which 16-bit PNGs also open as
         peak = float(a.max()) if a.size else 0.0
-        full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**32 - 1
+        full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
     return np.clip(np.nan_to_num(a) * (255.0 / full), 0.0, 255.0).astype(np.float32)
 
 

@@ -92,10 +92,6 @@ class ViTConfig:
     def patch_dim(self) -> int:
         return self.patch_size**2 * self.in_channels
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
 
 # `lab`: the lab's small ViT: a 7x7 grid of 4x4-pixel patches (49 patches + [CLS], seeds 002 and
 #   003), 2 blocks, 2 heads, sinusoidal positions, and dim 8 as in the tutorial seed 004 follows.

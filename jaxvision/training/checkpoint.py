@@ -24,7 +24,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxvision.core.archs import config_from_dict
-from jaxvision.core.checkpoint import KEEP, Checkpoints, damaged_if_not_finite, write_manifest
+from jaxvision.core.checkpoint import (
+    KEEP,
+    Checkpoints,
+    check_meta,
+    damaged_if_not_finite,
+    write_manifest,
+)
 from jaxvision.core.errors import DamagedCheckpoint
 from jaxvision.models import build_model
 from jaxvision.training.state import TrainState, with_mode
@@ -83,6 +89,7 @@ class JaxCheckpoints(Checkpoints):
 
     @staticmethod
     def open(directory: Path, read_only: bool = False):
+        directory = Path(directory).absolute()  # orbax takes absolute paths only
         if read_only:
             logging.getLogger("absl").setLevel(logging.ERROR)  # "directory is read only" notes
             options = ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -97,7 +104,8 @@ class JaxCheckpoints(Checkpoints):
 
     @staticmethod
     def read_meta(path: Path) -> dict:
-        return JaxCheckpoints.open(path.parent, read_only=True).restore_meta(int(path.name))
+        meta = JaxCheckpoints.open(path.parent, read_only=True).restore_meta(int(path.name))
+        return check_meta(meta, path)
 
     @staticmethod
     def _items(state: TrainState) -> tuple[dict, dict]:

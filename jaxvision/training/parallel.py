@@ -105,7 +105,7 @@ def check_coordinator(address: str, named: str) -> None:
     """A UserError unless `address` is host:port (an IPv6 host in brackets), which
     jax.distributed.initialize splits at the last colon (an IndexError without one)."""
     host, _, port = address.rpartition(":")
-    if not (host and port.isdigit() and 0 < int(port) < 65536):
+    if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise UserError(f"{named} {address!r} is not host:port; give process 0's address and a "
                         "free port, e.g. 10.0.0.1:1234")  # fmt: skip
 
