@@ -495,11 +495,13 @@ def test_export_between_frameworks(runs, tmp_path, digits, monkeypatch):
              "--resume"])))  # fmt: skip
 
 
-@pytest.mark.parametrize("dst", ["as-torch", "cnn.pth", "empty-folder"])
+@pytest.mark.parametrize("dst", ["as-torch", "cnn.pth", "empty-folder", "as-jax"])
 def test_an_export_stopped_midway_leaves_dst_as_it_was(runs, tmp_path, monkeypatch, dst):
     """A Ctrl-C (or any failure) during the write removes what was written, so that the same
-    command runs again; a folder that was there, empty, stays."""
+    command runs again; a folder that was there, empty, stays. JAX -> torch (a folder, a .pth)
+    and torch -> JAX (orbax's temporary folder)."""
     from jaxvision.apps import export
+    from jaxvision.training import checkpoint as jax_checkpoint
     from torch_reference import checkpoint as torch_checkpoint
 
     def stopped(path: Path):
@@ -507,16 +509,21 @@ def test_an_export_stopped_midway_leaves_dst_as_it_was(runs, tmp_path, monkeypat
         path.write_bytes(b"half")
         raise KeyboardInterrupt
 
+    src = runs["tmp"] / "straight"
+    if dst == "as-jax":  # a torch checkpoint to convert, made by the export itself
+        src = export.export(src, tmp_path / "torch-src").parent
     monkeypatch.setattr(export, "save_state_dict", lambda _, path: stopped(path))
     monkeypatch.setattr(torch_checkpoint, "write_folder", lambda d, *_: stopped(d / ".tmp-31-1"))
+    monkeypatch.setattr(jax_checkpoint, "save_weights",
+                        lambda d, *_: stopped(d / "31.orbax-checkpoint-tmp" / "x"))  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
     if dst == "empty-folder":
-        (tmp_path / dst).mkdir()
+        (out / dst).mkdir()
     with pytest.raises(KeyboardInterrupt):
-        export.export(runs["tmp"] / "straight", tmp_path / dst)
-    if dst == "empty-folder":
-        assert [p.name for p in tmp_path.iterdir()] == [dst] and not any((tmp_path / dst).iterdir())
-    else:
-        assert not any(tmp_path.iterdir())
+        export.export(src, out / dst)
+    assert [p.name for p in out.iterdir()] == (["empty-folder"] if dst == "empty-folder" else [])
+    assert dst != "empty-folder" or not any((out / dst).iterdir())
 
 
 def test_export_refuses_a_destination_it_cannot_write(runs, tmp_path, capsys):

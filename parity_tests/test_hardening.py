@@ -550,6 +550,9 @@ def no_image_shape(meta: dict):
         (lambda m: m["model_config"].update(depth=3), "does not fit this version's fields"),
         (lambda m: m.update(mean=[0.1, 0.2]), "are not one number a channel"),
         (lambda m: m["history"][0].pop("train_loss"), "does not fit this version's fields"),
+        (lambda m: m.pop("n_train"), "its meta has no 'n_train'"),
+        (lambda m: m["position"].update(epoch="3"), "(Position.epoch is '3', not int)"),
+        (lambda m: m["model_config"].update(image_size=2), "cnn needs images of at least"),
     ],
     ids=[
         "no-image-shape",
@@ -559,6 +562,9 @@ def no_image_shape(meta: dict):
         "unknown-model-field",
         "mean-per-channel",
         "history-field",
+        "no-n-train",
+        "epoch-a-string",
+        "a-size-the-model-refuses",
     ],  # fmt: skip
 )
 def test_a_sealed_checkpoint_whose_meta_this_version_cannot_read_is_one_line(
@@ -589,6 +595,11 @@ def test_a_sealed_checkpoint_whose_meta_this_version_cannot_read_is_one_line(
         assert err.startswith(f"error: {path} is not a checkpoint this jaxvision reads: ")
         assert said in err and err.count("\n") == 1, err
     assert not (tmp_path / "out.pth").exists()
+    if edit is no_image_shape:  # a new run there is refused for the folder, not for the meta
+        assert cli.main(resume[:-1]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'ckpt'} already holds checkpoints (latest "
+                              f"intact: {path}); pass --resume")  # fmt: skip
 
 
 # --- out of memory -----------------------------------------------------------------------------

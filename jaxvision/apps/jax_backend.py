@@ -90,8 +90,9 @@ def start_devices() -> None:
         jax.devices()
     except (RuntimeError, AssertionError) as e:
         platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS")
-        if not platforms:
-            raise
+        unknown = isinstance(e, AssertionError) and not str(e)  # a named platform, none found
+        if not platforms or not (unknown or "initialize backend" in str(e)):
+            raise  # a platform that started and then failed: its own error, whole
         why = str(e).splitlines()[0] if str(e) else "no such device is visible"
         raise UserError(f"JAX_PLATFORMS={platforms}: JAX cannot start it here ({why}); unset "
                         "JAX_PLATFORMS to use what this machine has, or install the platform's "

@@ -101,6 +101,7 @@ META_FIELDS = {
     "model_config": dict,
     "dataset": str,
     "num_classes": int,
+    "n_train": int,
     "image_shape": list,
     "mean": list,
     "std": list,
@@ -109,7 +110,7 @@ META_FIELDS = {
     "history": list,
     "config": dict,
 }
-JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
 
 
 def check_meta(meta, where: Path) -> dict:
@@ -123,14 +124,16 @@ def check_meta(meta, where: Path) -> dict:
                          "that train.py --checkpoint-dir wrote")  # fmt: skip
 
     if not isinstance(meta, dict):
-        raise refuse(f"its meta is a JSON {type(meta).__name__}, not an object")
+        raise refuse(
+            f"its meta is a JSON {_JSON_NAMES.get(type(meta), type(meta).__name__)}, not an object"
+        )
     if meta.get("format") != FORMAT:
         raise refuse(f"its format is {meta.get('format')!r}, not {FORMAT!r}")
     for key, kind in META_FIELDS.items():
         if key not in meta:
             raise refuse(f"its meta has no {key!r}")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise refuse(f"its meta's {key!r} is {meta[key]!r}, not a JSON {JSON_NAMES[kind]}")
+            raise refuse(f"its meta's {key!r} is {meta[key]!r}, not a JSON {_JSON_NAMES[kind]}")
     if meta["arch"] not in ARCHS:
         raise refuse(f"its arch {meta['arch']!r} is none of {', '.join(ARCHS)}")
     shape, stats = meta["image_shape"], (meta["mean"], meta["std"])
@@ -140,12 +143,26 @@ def check_meta(meta, where: Path) -> dict:
         raise refuse(f"its mean {stats[0]} and std {stats[1]} are not one number a channel")
     try:  # the dataclasses that take these fields reject a missing or unknown one
         config_from_dict(meta["arch"], meta["model_config"])
-        Position(**meta["position"])
-        for h in meta["history"]:
-            EpochStats(**h)
-    except (TypeError, ValueError) as e:
+        for cls, fields in [
+            (Position, meta["position"]),
+            *((EpochStats, h) for h in meta["history"]),
+        ]:
+            cls(**fields)
+            for f in dataclasses.fields(cls):
+                if f.name in fields and not _fits(fields[f.name], str(f.type)):
+                    raise TypeError(f"{cls.__name__}.{f.name} is {fields[f.name]!r}, not {f.type}")
+    except (TypeError, ValueError, UserError) as e:  # UserError: a config the model refuses
         raise refuse(f"its meta does not fit this version's fields ({e})") from None
     return meta
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "None": (type(None),), "dict": (dict,)}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a JSON value fits a dataclass field's annotation ('int', 'float | None', ...)."""
+    kinds = [_JSON_TYPES.get(part.strip(), (object,)) for part in annotation.split("|")]
+    return isinstance(value, sum(kinds, ())) and not isinstance(value, bool)
 
 
 def describe_position(meta: dict) -> str:
@@ -342,7 +359,10 @@ def describe_folder(backend, directory: Path) -> str:
     if not good:
         return f"none intact in {directory}{note}"
     path = directory / str(good[-1])
-    return f"{path}, {describe_position(backend.read_meta(path))}{note}"
+    try:
+        return f"{path}, {describe_position(backend.read_meta(path))}{note}"
+    except UserError:  # a meta this version cannot read: its reader says so where it matters
+        return f"{path}{note}"
 
 
 def set_aside(folder: Path) -> Path:
@@ -366,8 +386,8 @@ def step_folders(directory: Path) -> list[int]:
 
 
 def is_step(name: str) -> bool:
-    """Whether a folder name is a step number: ASCII digits only ('²' and '٣' are digits to
-    `str.isdigit`, and not to `int`)."""
+    """Whether a folder name is a step number: ASCII digits only. `str.isdigit` also takes '²',
+    which `int` refuses, and '٣', which `int` reads as 3 (the folder named '3', not this one)."""
     return name.isascii() and name.isdigit()
 
 
