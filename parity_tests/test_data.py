@@ -297,7 +297,7 @@ def test_an_idx_file_of_another_type_names_it_and_the_conversion(tmp_path, array
         data.read_idx(tmp_path / "labels", data.IMAGES_MAGIC)
 
 
-def test_host_probe_fails_fast_for_an_unresolvable_host():
+def test_host_probe_calls_an_unresolvable_host_unreachable():
     assert data.host_reachable("https://no-such-host.invalid/", timeout=1.0) is False
 
 

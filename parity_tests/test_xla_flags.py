@@ -42,8 +42,9 @@ for arch, n, side, c in (("cnn", 16, 28, 1), ("vit", 16, 28, 1), ("alexnet", 4, 
         return cross_entropy(logits, jnp.asarray(y)), logits
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     out[arch + "/logits"] = np.asarray(logits)
-    for i, g in enumerate(jax.tree.leaves(grads)):
-        out[f"{arch}/grad{i}"] = np.asarray(g)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        out[f"{arch}/grad/{name}"] = np.asarray(g)
 np.savez(sys.argv[1], **out)
 """
 
@@ -59,9 +60,21 @@ def test_ynn_compiled_models_equal_xlas_default_forward_and_gradient(tmp_path):
         results[name] = dict(np.load(path))
     fast, plain = results["fast"], results["plain"]
     assert fast.keys() == plain.keys() and len(fast) > 40
+    worst = 0.0
     for key in fast:
-        scale = max(float(np.abs(plain[key]).max()), 1.0)  # 1e-5, relative past magnitude 1
+        arch = key.split("/")[0]
+        scale = float(np.abs(plain[key]).max())
+        if ".attn.k.bias" in key:
+            # Zero in exact arithmetic (softmax ignores a constant added to a row of scores):
+            # rounding noise in both builds, far below the model's gradients.
+            largest = max(float(np.abs(v).max()) for k, v in plain.items() if k.startswith(arch))
+            assert max(scale, float(np.abs(fast[key]).max())) <= 1e-6 * largest, key
+            continue
+        # Each tensor within 1e-5 of its own largest value (84 float32 steps; measured: 3.1e-6)
+        assert scale > 0, f"{key}: all zeros, which would prove nothing"
+        worst = max(worst, float(np.abs(fast[key] - plain[key]).max()) / scale)
         np.testing.assert_allclose(fast[key], plain[key], rtol=0, atol=1e-5 * scale, err_msg=key)
+    print(f"largest difference: {worst:.2g} of its tensor's largest value")
     for arch in ("cnn", "vit", "alexnet", "vgg16"):
         assert np.abs(plain[f"{arch}/logits"]).max() > 1e-3, arch
 
