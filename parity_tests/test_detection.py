@@ -25,6 +25,7 @@ from jaxvision.core.config import TrainConfig
 from jaxvision.core.data import write_idx
 from jaxvision.core.errors import UserError
 from jaxvision.core.model_configs import FasterRCNNConfig
+from jaxvision.models import detector as detector_module
 from torch_reference import pretrained
 from torch_reference.detection import (
     as_rgb,
@@ -359,7 +360,7 @@ def test_cli_trains_the_detector_and_reports_detection_figures(tmp_path, detecto
 
 
 def test_jax_detector_trains_resumes_exactly_and_exports_to_torch(
-    tmp_path, detector_data, train_cli, sample
+    tmp_path, detector_data, train_cli, sample, monkeypatch
 ):
     """`--backend jax` from the command line: the figures torch's run reports; resumed from its
     epoch-1 checkpoint (the epoch-2 one removed), it gives epoch 2's parameters and figures bit
@@ -393,13 +394,20 @@ def test_jax_detector_trains_resumes_exactly_and_exports_to_torch(
     tm = build_detector(FasterRCNNConfig())
     tm.load_state_dict(torch.load(exported, weights_only=True))
     tm.eval()
+    # Two epochs leave the class scores near the 0.05 threshold, and whether any pass it moves
+    # with rounding (on jax 0.11.2 none of these 8 digits' did): both frameworks keep every
+    # positive score, which compares up to 100 detections per image.
+    monkeypatch.setattr(detector_module, "BOX_SCORE_THRESH", 0.0)
+    tm.roi_heads.score_thresh = 0.0
     images = sample.x_test[:8]
     want, want_scores = detect(tm, as_rgb(torch.from_numpy(images).permute(0, 3, 1, 2)))
     path, meta = read_meta(ckpt)
     fm = backends.get("jax").load_model(path, meta)
     det, _ = nnx.jit(lambda m, x: m.detect(x))(fm, np.repeat(images / np.float32(255), 3, -1))
     close("class_scores", det["class_scores"], want_scores.numpy(), FLOAT32_64PX.score)
-    assert sum(len(w["scores"]) for w in want) > 0, "no detections: nothing to compare"
+    count = sum(len(w["scores"]) for w in want)
+    print(f"{count} detections over {len(want)} images")
+    assert count > 0, "no detections: nothing to compare"
     for i, w in enumerate(want):
         n = len(w["scores"])
         assert int(det["valid"][i].sum()) == n, f"image {i}: detection count"
