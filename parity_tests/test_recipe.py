@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from flax import nnx
 
 from jaxvision.core.config import TrainConfig, lr_factor
+from jaxvision.core.data import make_dataset
 from jaxvision.core.model_configs import VIT_PRESETS
 from jaxvision.interop import convert
 from jaxvision.models.vit import ViT
 from jaxvision.training import augment as jaug
-from jaxvision.training.trainer import cross_entropy, learning_rate, make_optimizer
+from jaxvision.training.trainer import Trainer, cross_entropy, learning_rate, make_optimizer
 from torch_reference import augment as taug
 from torch_reference.models.vit import ViT as TorchViT
+from torch_reference.train import Trainer as TorchTrainer
 from torch_reference.train import make_optimizer as torch_optimizer
 from torch_reference.train import make_scheduler
 
@@ -194,10 +196,6 @@ def test_both_trainers_take_the_same_steps_with_clipping_and_the_schedule(sample
     cosine and clipping that acts at every step move every tensor by the same steps in both
     frameworks. A clip skipped, or the schedule stepped before the optimiser, moves them by more
     than 1e-2 of a step (checked below for the clip)."""
-    from jaxvision.core.data import make_dataset
-    from jaxvision.training.trainer import Trainer
-    from torch_reference.train import Trainer as TorchTrainer
-
     data = make_dataset("mnist", "subset", sample.x_train[:64], sample.y_train[:64],
                         sample.x_test[:16], sample.y_test[:16], 10)  # fmt: skip
     config = TrainConfig(arch="vit", preset="micro", epochs=2, batch_size=16, optimizer="sgd",
