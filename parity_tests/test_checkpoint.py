@@ -560,3 +560,90 @@ def test_deterministic_flag_changes_no_figure_on_cpu(runs, tmp_path, train_cli, 
         assert cli.main([*args, "--out", str(tmp_path / "plain")]) == 0
         reference = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert figures(record) == figures(reference)
+
+
+def test_resume_refuses_turning_sgd_momentum_on_or_off(sample):
+    """SGD's momentum buffers are optimiser state: a checkpoint of momentum 0.9 cannot resume at
+    0 (JAX's restore would meet another tree, and set the intact checkpoint aside as damaged),
+    nor the other way; 0.9 -> 0.5 resumes, reported as a change. An older checkpoint's config,
+    which lacks the derived key, is read the same way."""
+    saved = TrainConfig(arch="cnn", optimizer="sgd", momentum=0.9)
+    meta = {"backend": "jax", "config": checkpoint._settings(saved), "dataset": sample.name,
+            "n_train": sample.n_train}  # fmt: skip
+    older = {**meta, "config": {k: v for k, v in meta["config"].items() if k != "sgd_momentum"}}
+    where = Path("ckpt/31")
+    for m in (meta, older):
+        with pytest.raises(errors.UserError, match=r"sgd_momentum True -> False; resume with"):
+            checkpoint.check_resumable(m, dataclasses.replace(saved, momentum=0.0), sample, where)
+        changed = checkpoint.check_resumable(m, dataclasses.replace(saved, momentum=0.5), sample,
+                                             where)  # fmt: skip
+        assert changed == ["momentum 0.9 -> 0.5"]
+    off = {**meta, "config": checkpoint._settings(dataclasses.replace(saved, momentum=0.0))}
+    with pytest.raises(errors.UserError, match=r"sgd_momentum False -> True"):
+        checkpoint.check_resumable(off, saved, sample, where)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_torch_run_resumed_with_a_new_lr_and_epochs_takes_them(tmp_path, schedule):
+    """As the JAX side builds its optimiser from the run's config, the torch side keeps the
+    checkpoint's moments and step count but this run's --lr and schedule: torch's own
+    `load_state_dict` would bring back the saved lr and the schedule's old base lr."""
+    from jaxvision.core.config import lr_factor
+    from torch_reference.checkpoint import TorchCheckpoints
+    from torch_reference.train import Trainer as TorchTrainer
+    from torch_reference.train import create_model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (256, 28, 28, 1), dtype=np.uint8), np.arange(256) % 10
+    data = make_dataset("mnist", "toy", x, y, x[:50], y[:50], 10)
+    first = TrainConfig(arch="cnn", backend="torch", preset="tiny", epochs=1, batch_size=64,
+                        lr=1e-3, schedule=schedule, warmup_epochs=0.0, augment=False,
+                        checkpoint_dir=str(tmp_path), progress=False)  # fmt: skip
+    t = TorchTrainer(create_model(first, first.model_config(data)), first, data)
+    TorchCheckpoints(first, data, first.model_config(data), t).start()
+    t.train_epoch(0)
+    TorchCheckpoints(first, data, first.model_config(data), t).save(loop.Position(1), [])
+    later = dataclasses.replace(first, lr=1e-2, epochs=3, resume=True)
+    t2 = TorchTrainer(create_model(later, later.model_config(data)), later, data)
+    TorchCheckpoints(later, data, later.model_config(data), t2).start()
+    factor = 1.0 if schedule == "constant" else lr_factor(t.steps, 0, 3 * t.steps)
+    assert 0 < factor < 1 or schedule == "constant"
+    for g in t2.optimizer.param_groups:
+        assert g["lr"] == pytest.approx(1e-2 * factor, rel=1e-12), g["lr"]
+    saved, restored = t.optimizer.state_dict()["state"], t2.optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[0][k], v) for k, v in restored[0].items())
+
+
+def test_a_torch_checkpoint_with_other_optimiser_groups_is_one_line(tmp_path):
+    """A torch checkpoint whose optimiser holds other parameter groups than this version builds
+    (an older version's AdamW for fine-tuning and the detector had no decay mask) is refused in
+    one line naming it, and stays where it is: neither a traceback nor set aside as damaged."""
+    from torch_reference.checkpoint import TorchCheckpoints, write_folder
+    from torch_reference.train import Trainer as TorchTrainer
+    from torch_reference.train import create_model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (256, 28, 28, 1), dtype=np.uint8), np.arange(256) % 10
+    data = make_dataset("mnist", "toy", x, y, x[:50], y[:50], 10)
+    config = TrainConfig(arch="cnn", backend="torch", preset="tiny", epochs=2, batch_size=64,
+                         optimizer="adamw", augment=False, checkpoint_dir=str(tmp_path),
+                         progress=False)  # fmt: skip
+    t = TorchTrainer(create_model(config, config.model_config(data)), config, data)
+    TorchCheckpoints(config, data, config.model_config(data), t).start()
+    t.train_epoch(0)
+    path = TorchCheckpoints(config, data, config.model_config(data), t).save(loop.Position(1), [])
+    state = torch.load(path / checkpoint.TORCH_STATE, weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 2  # decayed, not decayed
+    state["optimizer"]["param_groups"] = [{**groups[0], "params": sorted(
+        i for g in groups for i in g["params"])}]  # fmt: skip
+    meta = json.loads((path / checkpoint.TORCH_META).read_text())
+    shutil.rmtree(path)
+    write_folder(tmp_path, int(path.name), state, meta)  # sealed again: intact, older layout
+    again = dataclasses.replace(config, resume=True)
+    t2 = TorchTrainer(create_model(again, again.model_config(data)), again, data)
+    with pytest.raises(errors.UserError, match=r"optimiser has other parameter groups .* start a "):
+        TorchCheckpoints(again, data, again.model_config(data), t2).start()
+    assert checkpoint.step_folders(tmp_path) == [int(path.name)]
+    assert not list(tmp_path.glob("*.damaged"))

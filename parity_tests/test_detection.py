@@ -4,6 +4,7 @@ Offline, so the detectors are random-initialised; torchvision's COCO weights are
 a random 91-class state_dict saved to a file, which exercises the same loading path.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -434,3 +435,21 @@ def test_cli_detector_bad_requests_exit_2(args, message, train_cli):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""  # refused up front, before any data loads
+
+
+def test_a_torch_checkpoint_of_a_pretrained_detector_loads_in_its_own_structure(tmp_path):
+    """A detector fine-tuned from COCO weights has FrozenBatchNorm2d: the torch checkpoint
+    reader builds that structure (as the JAX reader does), not the from-scratch BatchNorm2d,
+    which would load it with batch norm's eps and add 46 `num_batches_tracked` buffers that an
+    export to JAX then refuses."""
+    from torch_reference.checkpoint import load_model, write_folder
+
+    config = FasterRCNNConfig()
+    saved = build_detector(config, pretrained=True, num_classes=config.detector_classes)
+    meta = {"arch": "faster_rcnn", "model_config": dataclasses.asdict(config),
+            "config": {"pretrained": True}}  # fmt: skip
+    path = write_folder(tmp_path, 7, {"model": saved.state_dict()}, meta)
+    loaded = load_model(path, meta)
+    assert loaded.state_dict().keys() == saved.state_dict().keys()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in loaded.modules()) > 0

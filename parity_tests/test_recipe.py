@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from jaxvision.core.archs import get_config
 from jaxvision.core.config import TrainConfig, lr_factor
 from jaxvision.core.data import make_dataset
 from jaxvision.core.model_configs import VIT_PRESETS
@@ -20,6 +21,8 @@ from jaxvision.models.vit import ViT
 from jaxvision.training import augment as jaug
 from jaxvision.training.trainer import Trainer, cross_entropy, learning_rate, make_optimizer
 from torch_reference import augment as taug
+from torch_reference.detection import make_optimizer as detector_optimizer
+from torch_reference.models import build_model as torch_build
 from torch_reference.models.vit import ViT as TorchViT
 from torch_reference.train import Trainer as TorchTrainer
 from torch_reference.train import make_optimizer as torch_optimizer
@@ -188,6 +191,27 @@ def test_weight_decay_mask_is_the_same_set_of_weights():
     assert decayed_flax == decayed_torch
     assert "blocks.0.attn.q.weight" in decayed_torch and "cls_token" not in decayed_torch
     assert "norm.weight" not in decayed_torch and "head.bias" not in decayed_torch
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "faster_rcnn"])
+def test_torch_adamw_decays_the_weights_only_at_the_flags_rate_in_every_lr_group(arch):
+    """Fine-tuning with --unfreeze and the detector build torch's AdamW themselves: each lr
+    group is split as the JAX side's `decay_mask` splits it (weights of rank 2 and up decayed at
+    --weight-decay, biases and norms not), not left at torch's default decay of 0.01 on all."""
+    config = TrainConfig(arch=arch, optimizer="adamw", weight_decay=0.05, unfreeze=True,
+                         feature_lr=1e-4, lr=1e-3)  # fmt: skip
+    model = torch_build(get_config(arch))
+    build = detector_optimizer if arch == "faster_rcnn" else torch_optimizer
+    groups = build(config, model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in groups:
+        for p in g["params"]:
+            decayed = names[id(p)].endswith("weight") and p.ndim >= 2
+            assert g["weight_decay"] == (0.05 if decayed else 0.0), names[id(p)]
+            seen.add(id(p))
+    assert seen == {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted({g["lr"] for g in groups}) == [1e-4, 1e-3]
 
 
 def test_both_trainers_take_the_same_steps_with_clipping_and_the_schedule(sample):

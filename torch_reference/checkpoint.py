@@ -26,7 +26,7 @@ from jaxvision.core.checkpoint import (
     fsync,
     write_manifest,
 )
-from jaxvision.core.errors import DamagedCheckpoint
+from jaxvision.core.errors import DamagedCheckpoint, UserError
 from torch_reference.models import build_model
 
 TMP_PREFIX = ".tmp-"
@@ -76,10 +76,29 @@ class TorchCheckpoints(Checkpoints):
         optimizer = {f"optimizer/{i}/{k}": v for i, slots in state["optimizer"]["state"].items()
                      for k, v in slots.items() if isinstance(v, torch.Tensor)}  # fmt: skip
         check_finite({**state["model"], **optimizer}, self.path(step))
+        saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if saved != [len(g["params"]) for g in t.optimizer.param_groups]:
+            raise UserError(
+                f"{self.path(step)}'s optimiser has other parameter groups than this version "
+                "builds (an AdamW decay mask or --unfreeze added since); start a new run from "
+                "its weights (scripts/convert_checkpoint.py), or resume with the version that "
+                "wrote it"
+            )
         t.model.load_state_dict(state["model"])
+        # The saved state (moments, step counts), with this run's settings: torch would restore
+        # the checkpoint's --lr, --weight-decay and --momentum, and the schedule's base lrs,
+        # where the JAX side builds them from the run's config (a changed --lr or --epochs).
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in t.optimizer.param_groups]
         t.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(t.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         if t.scheduler is not None:
             t.scheduler.load_state_dict(state["scheduler"])
+            t.scheduler.base_lrs = [g["initial_lr"] for g in settings]
+            for group, base, f in zip(t.optimizer.param_groups, t.scheduler.base_lrs,
+                                      t.scheduler.lr_lambdas, strict=True):  # fmt: skip
+                group["lr"] = base * f(t.scheduler.last_epoch)
+            t.scheduler._last_lr = [g["lr"] for g in t.optimizer.param_groups]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -113,7 +132,8 @@ def save_state_dict(state_dict: dict, path: Path) -> Path:
 
 def load_model(path: Path, meta: dict) -> torch.nn.Module:
     """The torch model in checkpoint folder `path` (DIR/<step>), in eval mode."""
-    model = build_model(config_from_dict(meta["arch"], meta["model_config"]))
+    pretrained = meta["config"].get("pretrained", False)  # the detector's frozen batch norm
+    model = build_model(config_from_dict(meta["arch"], meta["model_config"]), pretrained)
     state = load_state(path)["model"]
     check_finite(state, path)
     model.load_state_dict(state)

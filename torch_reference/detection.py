@@ -27,7 +27,7 @@ from torch_reference import metrics
 from torch_reference.models.detector import build_detector, replace_box_predictor
 from torch_reference.preprocess import to_nchw
 from torch_reference.pretrained import load_into_torch, weights_name
-from torch_reference.train import Trainer
+from torch_reference.train import Trainer, optimizer_for
 
 
 def create_detector(config: TrainConfig, model_cfg, verbose: bool = True) -> nn.Module:
@@ -44,17 +44,7 @@ def create_detector(config: TrainConfig, model_cfg, verbose: bool = True) -> nn.
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """--unfreeze: the backbone's body at --feature-lr, everything else at --lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if config.unfreeze:
-        body = [p for n, p in named if n.startswith("backbone.body.")]
-        rest = [p for n, p in named if not n.startswith("backbone.body.")]
-        groups = [{"params": rest}, {"params": body, "lr": config.feature_lr}]
-    else:
-        groups = [{"params": [p for _, p in named]}]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.Adam(groups, lr=config.lr)
+    return optimizer_for(config, named, lambda n: n.startswith("backbone.body."))
 
 
 def as_rgb(x: torch.Tensor) -> torch.Tensor:

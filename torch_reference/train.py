@@ -46,26 +46,41 @@ def _is_decayed(name: str, p: torch.Tensor) -> bool:
     return name.endswith("weight") and p.ndim >= 2  # the Flax side's "kernel" mask
 
 
-def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if config.arch_spec.imagenet and config.unfreeze:  # features at their own, lower lr
-        head = [p for n, p in named if n.startswith("classifier.")]
-        features = [p for n, p in named if not n.startswith("classifier.")]
-        groups = [{"params": head}, {"params": features, "lr": config.feature_lr}]
-    elif config.optimizer == "adamw":
-        decay = [p for n, p in named if _is_decayed(n, p)]
-        rest = [p for n, p in named if not _is_decayed(n, p)]
-        groups = [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
-        ]
+def optimizer_for(config: TrainConfig, named: list, is_feature=None) -> torch.optim.Optimizer:
+    """The optimiser over `named` (name, parameter) pairs, as the JAX side builds it: with
+    --unfreeze, the parameters `is_feature(name)` picks at --feature-lr and the rest at --lr;
+    under AdamW, --weight-decay on the weights of rank 2 and up only (the Flax side's kernels,
+    `decay_mask`), in every lr group."""
+    if is_feature is not None and config.unfreeze:
+        head = [(n, p) for n, p in named if not is_feature(n)]
+        features = [(n, p) for n, p in named if is_feature(n)]
+        sets = [(head, {}), (features, {"lr": config.feature_lr})]
     else:
-        groups = [{"params": [p for _, p in named]}]
+        sets = [(named, {})]
+    groups = []
+    for members, lr in sets:
+        if config.optimizer == "adamw":
+            groups += [
+                {"params": [p for n, p in members if _is_decayed(n, p)],
+                 "weight_decay": config.weight_decay, **lr},
+                {"params": [p for n, p in members if not _is_decayed(n, p)],
+                 "weight_decay": 0.0, **lr},
+            ]  # fmt: skip
+        else:
+            groups.append({"params": [p for _, p in members], **lr})
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """A classifier's optimiser: fine-tuning with --unfreeze trains the features (all but
+    `classifier`) at --feature-lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    features = (lambda n: not n.startswith("classifier.")) if config.arch_spec.imagenet else None
+    return optimizer_for(config, named, features)
 
 
 def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):

@@ -51,15 +51,22 @@ TORCH_META = "meta.json"
 # What a resumed run must share with its checkpoint, and why.
 SAME_MODEL = ("arch", "preset")
 SAME_DATA_ORDER = ("dataset", "seed", "batch_size")
-SAME_OPTIMISER_STATE = ("optimizer", "schedule", "unfreeze", "clipped")
+SAME_OPTIMISER_STATE = ("optimizer", "schedule", "unfreeze", "clipped", "sgd_momentum")
 DATA_FLAGS = ("data_source", "data_dir", "tfds_data_dir")  # what chose the training images
 
 
 def _settings(config: TrainConfig) -> dict:
     d = dataclasses.asdict(config)
     d["preset"] = config.resolved_preset
-    d["clipped"] = config.clip_norm > 0
-    return d
+    return {**d, **_state_shape(d)}
+
+
+def _state_shape(settings: dict) -> dict:
+    """Settings whose value decides which optimiser state exists: clipping, and SGD's momentum
+    (its buffers). Derived, so that an older checkpoint's config, which has the flags behind
+    them, is read the same way."""
+    momentum = settings.get("optimizer") == "sgd" and settings["momentum"] > 0
+    return {"clipped": settings["clip_norm"] > 0, "sgd_momentum": momentum}
 
 
 def checkpoint_meta(config, data, model_cfg, position: Position, history, steps: int) -> dict:
@@ -176,6 +183,9 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
     """Raises a UserError naming both sides when `config` cannot continue the checkpointed run;
     returns the settings that changed but may (e.g. --epochs, --lr)."""
     saved, now = meta["config"], _settings(config)
+    numbers = (int, float)
+    if isinstance(saved.get("clip_norm"), numbers) and isinstance(saved.get("momentum"), numbers):
+        saved = {**saved, **_state_shape(saved)}
     lacking = [k for k in (*SAME_MODEL, *SAME_DATA_ORDER, *SAME_OPTIMISER_STATE) if k not in saved]
     if lacking:  # a checkpoint from an older version, or one made outside train.py
         raise UserError(f"{where} cannot be resumed: its config has no {', '.join(lacking)}; "
@@ -225,7 +235,8 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
             + ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
             + "; resume with the checkpoint's settings"
         )
-    ignore = {"resume", "checkpoint_dir", "out", "progress", "devices", "clipped", "notes"}
+    ignore = {"resume", "checkpoint_dir", "out", "progress", "devices", "clipped", "sgd_momentum",
+              "notes"}  # fmt: skip
     return [
         f"{k} {saved[k]} -> {now[k]}"
         for k in now

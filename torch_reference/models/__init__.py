@@ -9,10 +9,14 @@ from torch_reference.models.vgg import VGG
 from torch_reference.models.vit import ViT
 
 
-def build_model(config) -> nn.Module:
+def build_model(config, pretrained: bool = False) -> nn.Module:
     """The torch model for a model config (`jaxvision.core.archs.get_config`), as the arch
-    registry names it."""
-    return arch_of(config).load("torch_model")(config)
+    registry names it. `pretrained`: the structure pretrained weights load into, where it
+    differs (the detector's FrozenBatchNorm2d and frozen early layers)."""
+    arch = arch_of(config)
+    if arch.detector:
+        return arch.load("torch_model")(config, pretrained, config.detector_classes)
+    return arch.load("torch_model")(config)
 
 
 __all__ = ["CNN", "ViT", "VGG", "AlexNet", "build_model"]
