@@ -32,9 +32,12 @@ from conftest import (
 from jaxvision.apps import backends
 from jaxvision.apps import train as cli
 from jaxvision.core import checkpoint, errors, loop
-from jaxvision.core.config import TrainConfig
+from jaxvision.core.config import TrainConfig, lr_factor
 from jaxvision.core.data import load_dataset, make_dataset, write_idx
 from jaxvision.training.checkpoint import load_flax_model
+from torch_reference.checkpoint import TorchCheckpoints, write_folder
+from torch_reference.train import Trainer as TorchTrainer
+from torch_reference.train import create_model
 
 # The lab's recipe (a constant lr: a run's schedule does not depend on --epochs) on the 4,000 /
 # 1,000 split, whose step counts (31 per epoch at batch 128) the tests name.
@@ -583,29 +586,31 @@ def test_resume_refuses_turning_sgd_momentum_on_or_off(sample):
         checkpoint.check_resumable(off, saved, sample, where)
 
 
+def torch_run(config: TrainConfig):
+    """A torch CNN trainer on 256 random images, and its checkpoints (started: --resume
+    restores)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (256, 28, 28, 1), dtype=np.uint8), np.arange(256) % 10
+    data = make_dataset("mnist", "toy", x, y, x[:50], y[:50], 10)
+    model_cfg = config.model_config(data)
+    trainer = TorchTrainer(create_model(config, model_cfg), config, data)
+    checkpoints = TorchCheckpoints(config, data, model_cfg, trainer)
+    checkpoints.start()
+    return trainer, checkpoints
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_a_torch_run_resumed_with_a_new_lr_and_epochs_takes_them(tmp_path, schedule):
     """As the JAX side builds its optimiser from the run's config, the torch side keeps the
     checkpoint's moments and step count but this run's --lr and schedule: torch's own
     `load_state_dict` would bring back the saved lr and the schedule's old base lr."""
-    from jaxvision.core.config import lr_factor
-    from torch_reference.checkpoint import TorchCheckpoints
-    from torch_reference.train import Trainer as TorchTrainer
-    from torch_reference.train import create_model
-
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 255, (256, 28, 28, 1), dtype=np.uint8), np.arange(256) % 10
-    data = make_dataset("mnist", "toy", x, y, x[:50], y[:50], 10)
     first = TrainConfig(arch="cnn", backend="torch", preset="tiny", epochs=1, batch_size=64,
                         lr=1e-3, schedule=schedule, warmup_epochs=0.0, augment=False,
                         checkpoint_dir=str(tmp_path), progress=False)  # fmt: skip
-    t = TorchTrainer(create_model(first, first.model_config(data)), first, data)
-    TorchCheckpoints(first, data, first.model_config(data), t).start()
+    t, checkpoints = torch_run(first)
     t.train_epoch(0)
-    TorchCheckpoints(first, data, first.model_config(data), t).save(loop.Position(1), [])
-    later = dataclasses.replace(first, lr=1e-2, epochs=3, resume=True)
-    t2 = TorchTrainer(create_model(later, later.model_config(data)), later, data)
-    TorchCheckpoints(later, data, later.model_config(data), t2).start()
+    checkpoints.save(loop.Position(1), [])
+    t2, _ = torch_run(dataclasses.replace(first, lr=1e-2, epochs=3, resume=True))
     factor = 1.0 if schedule == "constant" else lr_factor(t.steps, 0, 3 * t.steps)
     assert 0 < factor < 1 or schedule == "constant"
     for g in t2.optimizer.param_groups:
@@ -619,20 +624,12 @@ def test_a_torch_checkpoint_with_other_optimiser_groups_is_one_line(tmp_path):
     """A torch checkpoint whose optimiser holds other parameter groups than this version builds
     (an older version's AdamW for fine-tuning and the detector had no decay mask) is refused in
     one line naming it, and stays where it is: neither a traceback nor set aside as damaged."""
-    from torch_reference.checkpoint import TorchCheckpoints, write_folder
-    from torch_reference.train import Trainer as TorchTrainer
-    from torch_reference.train import create_model
-
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 255, (256, 28, 28, 1), dtype=np.uint8), np.arange(256) % 10
-    data = make_dataset("mnist", "toy", x, y, x[:50], y[:50], 10)
     config = TrainConfig(arch="cnn", backend="torch", preset="tiny", epochs=2, batch_size=64,
                          optimizer="adamw", augment=False, checkpoint_dir=str(tmp_path),
                          progress=False)  # fmt: skip
-    t = TorchTrainer(create_model(config, config.model_config(data)), config, data)
-    TorchCheckpoints(config, data, config.model_config(data), t).start()
+    t, checkpoints = torch_run(config)
     t.train_epoch(0)
-    path = TorchCheckpoints(config, data, config.model_config(data), t).save(loop.Position(1), [])
+    path = checkpoints.save(loop.Position(1), [])
     state = torch.load(path / checkpoint.TORCH_STATE, weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert len(groups) == 2  # decayed, not decayed
@@ -641,9 +638,7 @@ def test_a_torch_checkpoint_with_other_optimiser_groups_is_one_line(tmp_path):
     meta = json.loads((path / checkpoint.TORCH_META).read_text())
     shutil.rmtree(path)
     write_folder(tmp_path, int(path.name), state, meta)  # sealed again: intact, older layout
-    again = dataclasses.replace(config, resume=True)
-    t2 = TorchTrainer(create_model(again, again.model_config(data)), again, data)
     with pytest.raises(errors.UserError, match=r"optimiser has other parameter groups .* start a "):
-        TorchCheckpoints(again, data, again.model_config(data), t2).start()
+        torch_run(dataclasses.replace(config, resume=True))
     assert checkpoint.step_folders(tmp_path) == [int(path.name)]
     assert not list(tmp_path.glob("*.damaged"))
