@@ -182,6 +182,50 @@ def test_evaluate_scores_a_checkpoint_on_the_official_test_set(trained, tmp_path
     assert other["test_loss"] == pytest.approx(record["test_loss"], rel=1e-6)
 
 
+def test_evaluate_loss_is_the_training_runs_and_stays_exact_past_float32_underflow(
+    trained, tmp_path
+):
+    """evaluate.py scores the cross-entropy as training does, from the logits: on the run's own
+    checkpoint and test set it gives the run's test loss; with the head's weights scaled 1,000x,
+    digits whose true class is thousands of logits behind (their probability underflows float32,
+    which once capped a digit's loss near 708) get their whole loss, in both backends, against a
+    float64 torch reference."""
+    import torch
+    import torch.nn.functional as F
+
+    from jaxvision.apps import backends, evaluate
+    from torch_reference.models import build_model
+    from torch_reference.preprocess import standardize, to_nchw
+
+    tmp = trained[0]
+    run = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert evaluate.main(["--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "own"),
+                          "--quiet"]) == 0  # fmt: skip
+    own = json.loads((tmp_path / "own" / "metrics.json").read_text())
+    assert own["test_accuracy"] == pytest.approx(run["test_accuracy"], abs=1e-6)  # float32
+    assert own["test_loss"] == pytest.approx(run["test_loss"], rel=1e-5)
+
+    source, path, meta = backends.for_checkpoint(tmp / "ckpt")
+    state_dict = source.torch_state_dict(source.load_model(path, meta))
+    head = [k for k, v in state_dict.items() if k.endswith(".weight") and v.ndim == 2][-1]
+    for k in (head, head.replace(".weight", ".bias")):
+        state_dict[k] = state_dict[k] * 1000
+    reference = build_model(source.load_model(path, meta).config).double().eval()
+    reference.load_state_dict({k: v.double() for k, v in state_dict.items()})
+    x, y = data.load_official_mnist_test()
+    with torch.no_grad():
+        images = standardize(to_nchw(x, "cpu").double() / 255, meta["mean"], meta["std"])
+        losses = F.cross_entropy(reference(images), torch.from_numpy(y), reduction="none")
+    assert losses.max() > 1000  # far past float32's smallest probability, exp(-104)
+    for name in ("jax", "torch"):
+        backends.get(name).write_weights(tmp_path / name, int(path.name), state_dict, meta)
+        assert evaluate.main(["--checkpoint", str(tmp_path / name), "--quiet",
+                              "--out", str(tmp_path / f"{name}-out")]) == 0  # fmt: skip
+        record = json.loads((tmp_path / f"{name}-out" / "metrics.json").read_text())
+        assert record["backend"] == name
+        assert record["test_loss"] == pytest.approx(losses.mean().item(), rel=1e-5), name
+
+
 def test_evaluate_tells_its_test_set_against_the_checkpoints_training_images(
     trained, tmp_path, capsys, sample
 ):

@@ -214,10 +214,10 @@ class Trainer:
 
 
 @torch.inference_mode()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std,
-                  batch_size: int = EVAL_BATCH_SIZE):  # fmt: skip
-    """Eval-mode class probabilities (N, K) of (N, H, W, C) uint8 images, normalised as the
-    model was trained (`mean`, `std`: the training set's statistics)."""
+def predict_log_proba(model: torch.nn.Module, images: np.ndarray, mean, std,
+                      batch_size: int = EVAL_BATCH_SIZE):  # fmt: skip
+    """Eval-mode class log-probabilities (N, K) of (N, H, W, C) uint8 images, log-softmax of the
+    logits, normalised as the model was trained (`mean`, `std`: the training set's statistics)."""
     model.eval()
     device = next(model.parameters()).device
     arch = arch_of(model.config)
@@ -225,7 +225,7 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std,
     for i in range(0, len(images), batch_size):
         x = to_nchw(images[i : i + batch_size], device).float() / 255.0
         x = model_input(x, arch, model.config, mean, std)
-        out.append(torch.softmax(model(x), dim=-1).cpu().numpy())
+        out.append(torch.log_softmax(model(x), dim=-1).cpu().numpy())
     return np.concatenate(out)
 
 

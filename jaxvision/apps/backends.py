@@ -70,8 +70,9 @@ class Backend(Protocol):
         """The model in checkpoint folder DIR/<step>, in eval mode."""
 
     def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
-        """f((N, H, W, C) uint8 images) -> (N, K) probabilities, with the checkpoint's model and
-        its own normalisation, `batch_size` images a call."""
+        """f((N, H, W, C) uint8 images) -> (N, K) log-probabilities (log-softmax, so that a
+        cross-entropy stays exact where a float32 probability underflows), with the checkpoint's
+        model and its own normalisation, `batch_size` images a call."""
 
     def torch_state_dict(self, model) -> dict:
         """The model's weights as a torch state_dict (the format both frameworks exchange)."""

@@ -26,13 +26,13 @@ from jaxvision.core.errors import UserError, exit_code
 from jaxvision.core.results import describe_host, probe_writable, write_metrics
 
 
-def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
-    """accuracy, macro F1 (scikit-learn's), mean cross-entropy, confusion matrix."""
-    preds = probs.argmax(-1)
+def scores(labels: np.ndarray, log_probs: np.ndarray, num_classes: int) -> dict:
+    """accuracy, macro F1 (scikit-learn's), mean cross-entropy (from the log-probabilities: as
+    training scores it, with no cap where a probability underflows), confusion matrix."""
+    preds = log_probs.argmax(-1)
     cm = figures.confusion_matrix(labels, preds, num_classes)
     f1 = float(f1_score(labels, preds, average="macro"))
-    picked = probs[np.arange(len(labels)), labels].astype(np.float64)
-    loss = float(-np.log(np.maximum(picked, np.finfo(np.float64).tiny)).mean())
+    loss = float(-log_probs[np.arange(len(labels)), labels].astype(np.float64).mean())
     return {
         "test_accuracy": float((preds == labels).mean()),
         "test_f1_macro": f1,
@@ -104,7 +104,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         )
     # normalised with the checkpoint's statistics
     classify = backend.classifier(path, meta, args.batch_size)
-    probs = classify(ds.x_test)
+    log_probs = classify(ds.x_test)
     record = {
         "checkpoint": str(path),
         "arch": meta["arch"],
@@ -115,7 +115,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "data": ds.source,
         "n_test": ds.n_test,
         "test_set": ds.test_set,
-        **scores(ds.y_test, probs, ds.num_classes),
+        **scores(ds.y_test, log_probs, ds.num_classes),
         "host": describe_host(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -124,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     title = f"{meta['arch']} ({meta['preset']}), {backend.name}, {ds.name}: {path}"
     cm = np.asarray(record["confusion_matrix"])
     figures.save_confusion(cm, ds.classes, out / "confusion.png", title)
-    preds, confidence = probs.argmax(-1), probs.max(-1)
+    preds, confidence = log_probs.argmax(-1), np.exp(log_probs.max(-1))
     index = figures.worst_mistakes(ds.y_test, preds, confidence)
     figures.save_mistakes(ds.x_test, ds.y_test, preds, confidence, index, ds.classes,
                           out / "mistakes.png", title)  # fmt: skip

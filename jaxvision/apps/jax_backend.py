@@ -176,7 +176,7 @@ class JaxBackend:
         return trainer.predictor(model, meta["mean"], meta["std"], batch_size)
 
     def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
-        return trainer.predictor(model, data.mean, data.std)(images)
+        return np.exp(trainer.predictor(model, data.mean, data.std)(images))
 
     def torch_state_dict(self, model: nnx.Module) -> dict:
         from jaxvision.interop import convert  # torch: see the module's docstring

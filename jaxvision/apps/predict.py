@@ -39,10 +39,14 @@ class Classifier:
         self.fit = "item" if meta["dataset"] == "fashion_mnist" else "digit"
         self._forward = backend.classifier(self.path, meta)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) or (N, H, W, 1) uint8 prepared images -> (N, K) class probabilities."""
+    def log_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) or (N, H, W, 1) uint8 prepared images -> (N, K) class log-probabilities."""
         images = np.asarray(images, np.uint8).reshape(len(images), self.size, self.size, 1)
         return self._forward(images)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) or (N, H, W, 1) uint8 prepared images -> (N, K) class probabilities."""
+        return np.exp(self.log_probabilities(images))
 
 
 def predict_files(classifier: Classifier, files: list[str], fit: str = "auto"):

@@ -76,10 +76,10 @@ class TorchBackend:
 
     def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
         model = self.load_model(path, meta)
-        return lambda x: train.predict_proba(model, x, meta["mean"], meta["std"], batch_size)
+        return lambda x: train.predict_log_proba(model, x, meta["mean"], meta["std"], batch_size)
 
     def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
-        return train.predict_proba(model, images, data.mean, data.std)
+        return np.exp(train.predict_log_proba(model, images, data.mean, data.std))
 
     def torch_state_dict(self, model: torch.nn.Module) -> dict:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -335,8 +335,9 @@ class Trainer:
 
 
 def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
-    """f((N, H, W, C) uint8 images) -> their eval-mode class probabilities (N, K), normalised as
-    the model was trained (`mean`, `std`: the training set's statistics). One compilation: for
+    """f((N, H, W, C) uint8 images) -> their eval-mode class log-probabilities (N, K), log-softmax
+    of the logits (exact where a probability underflows float32), normalised as the model was
+    trained (`mean`, `std`: the training set's statistics). One compilation: for
     the N images when N <= `batch_size`, else for `batch_size` (the last batch padded). The
     weights are put on this process's first device once."""
     graphdef, state = nnx.split(with_mode(model, train=False))
@@ -347,9 +348,9 @@ def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
     @jax.jit
     def forward(state, x):  # (B, H, W, C) uint8 -> (B, K)
         x = model_input(x.astype(jnp.float32) / 255.0, arch, model.config, mean, std)
-        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+        return jax.nn.log_softmax(nnx.merge(graphdef, state)(x), axis=-1)
 
-    def probabilities(images: np.ndarray) -> np.ndarray:
+    def log_probabilities(images: np.ndarray) -> np.ndarray:
         if len(images) <= batch_size:
             return np.asarray(forward(state, images))
         out = []
@@ -362,7 +363,7 @@ def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
             out.append(np.asarray(forward(state, batch))[:n])
         return np.concatenate(out)
 
-    return probabilities
+    return log_probabilities
 
 
 def attention_weights(model: nnx.Module, images: np.ndarray, data: Dataset):
