@@ -603,6 +603,89 @@ def test_a_sealed_checkpoint_whose_meta_this_version_cannot_read_is_one_line(
                               f"intact: {path}); pass --resume")  # fmt: skip
 
 
+def sealed_with_arrays(backend: str, ckpt: Path, folder: Path, edit) -> Path:
+    """A copy of `ckpt`'s latest checkpoint in `folder` whose arrays `edit(model, train)` changed
+    (two {name: array} dicts, the optimiser state under train's "optimizer"), sealed by a
+    manifest as train.py seals one: another version's checkpoint, as far as this one can tell."""
+    latest = ckpt / str(checkpoint.step_folders(ckpt)[-1])
+    meta = backends.get(backend).read_meta(latest)
+    if backend == "torch":
+        import torch
+
+        from torch_reference.checkpoint import write_folder
+
+        state = torch.load(latest / checkpoint.TORCH_STATE, weights_only=True)
+        moments = {f"{i}/{k}": v for i, slots in state["optimizer"]["state"].items()
+                   for k, v in slots.items() if v.ndim}  # fmt: skip
+        edit(state["model"], moments)
+        for name, v in moments.items():
+            i, k = name.split("/")
+            state["optimizer"]["state"][int(i)][k] = v
+        return write_folder(folder, int(latest.name), state, meta)
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxvision.training.checkpoint import JaxCheckpoints
+
+    items = ocp.args.Composite(model=ocp.args.StandardRestore(), train=ocp.args.StandardRestore())
+    saved = JaxCheckpoints.open(ckpt, read_only=True).manager.restore(int(latest.name), args=items)
+    model, train = dict(saved.model), dict(saved.train)
+    flat = {"/".join(str(k.key) for k in keys): v
+            for keys, v in jax.tree.flatten_with_path(train["opt_state"])[0]}  # fmt: skip
+    moments = {k: v for k, v in flat.items() if v.ndim}
+    edit(model, moments)
+    leaves = [moments.get(k, v) for k, v in flat.items()]
+    train["opt_state"] = jax.tree.unflatten(jax.tree.structure(train["opt_state"]), leaves)
+    JaxCheckpoints.open(folder).save(int(latest.name), model, train, meta)
+    return folder / latest.name
+
+
+def renamed_layer(model: dict, moments: dict):
+    for k in [k for k in model if k.split(".")[0] == "fc1"]:
+        model[k.replace("fc1", "fc9", 1)] = model.pop(k)
+
+
+def transposed_moment(model: dict, moments: dict):
+    name = next(k for k, v in moments.items() if v.ndim == 2 and v.shape[0] != v.shape[1])
+    moments[name] = moments[name].T
+
+
+@pytest.mark.parametrize("edit", [renamed_layer, transposed_moment])
+def test_a_sealed_checkpoint_whose_arrays_this_version_does_not_build_is_one_line(
+    run, tmp_path, capsys, edit
+):
+    """A checkpoint whose model (or optimiser state) another version wrote: its manifest proves
+    it intact, so it is refused in one line (exit 2) by every tool that reads it, naming the
+    variables; not called damaged and set aside (orbax's tree mismatch), nor torch's
+    load_state_dict error (or, for a moment, a shape error at the first step)."""
+    from jaxvision.apps import evaluate
+
+    backend, ckpt = run
+    path = sealed_with_arrays(backend, ckpt, tmp_path / "ckpt", edit)
+    resume = [*TINY, "--backend", backend, "--epochs", "3", "--out", str(tmp_path / "out"),
+              "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"]  # fmt: skip
+    tools = [(cli.main, resume)]
+    if edit is renamed_layer:
+        tools += [(evaluate.main, ["--checkpoint", str(path), "--out", str(tmp_path / "ev")]),
+                  (export.main, [str(path), str(tmp_path / "out.pth")])]  # fmt: skip
+        said = {"jax": "its model holds fc9/bias, fc9/kernel, which this version's cnn has not, "
+                       "and lacks fc1/bias, fc1/kernel",
+                "torch": "its model holds fc9.bias, fc9.weight, which this version's cnn has "
+                         "not, and lacks fc1.bias, fc1.weight"}[backend]  # fmt: skip
+    else:
+        said = "its optimiser state has "
+    for main, args in tools:
+        assert main(args) == 2, main
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} is not a checkpoint this jaxvision reads: {said}")
+        assert err.count("\n") == 1, err
+    if edit is transposed_moment:
+        assert re.search(r"of shape \((\d+), (\d+)\), not \(\2, \1\); use one", err), err
+    assert checkpoint.step_folders(tmp_path / "ckpt") == [int(path.name)]  # not set aside
+    checkpoint.verify(path)
+    assert not (tmp_path / "out.pth").exists() and not (tmp_path / "ev").exists()
+
+
 # --- out of memory -----------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from jaxvision.core.checkpoint import (
     TORCH_META,
     TORCH_STATE,
     Checkpoints,
+    check_fits,
     check_meta,
     damaged_if_not_finite,
     fsync,
@@ -84,6 +85,15 @@ class TorchCheckpoints(Checkpoints):
                 "its weights (scripts/convert_checkpoint.py), or resume with the version that "
                 "wrote it"
             )
+        check_model_fits(state["model"], t.model, self.path(step), self.config.arch)
+        # moments shaped as their parameters (torch would find out at the first step)
+        shapes = [p.shape for group in t.optimizer.param_groups for p in group["params"]]
+        moments = {
+            k: (int(k.split("/")[1]), tuple(v.shape)) for k, v in optimizer.items() if v.ndim
+        }
+        check_fits({k: shape for k, (_, shape) in moments.items()},
+                   {k: tuple(shapes[i]) for k, (i, _) in moments.items() if i < len(shapes)},
+                   self.path(step), "optimiser state", self.config.arch)  # fmt: skip
         t.model.load_state_dict(state["model"])
         # The saved state (moments, step counts), with this run's settings: torch would restore
         # the checkpoint's --lr, --weight-decay and --momentum, and the schedule's base lrs,
@@ -136,8 +146,17 @@ def load_model(path: Path, meta: dict) -> torch.nn.Module:
     model = build_model(config_from_dict(meta["arch"], meta["model_config"]), pretrained)
     state = load_state(path)["model"]
     check_finite(state, path)
+    check_model_fits(state, model, path, meta["arch"])
     model.load_state_dict(state)
     return model.eval()
+
+
+def check_model_fits(state_dict: dict, model: torch.nn.Module, path: Path, arch: str) -> None:
+    """`check_fits`: one line, not torch's load_state_dict error, for checkpoint `path`'s model
+    weights that this version's `arch` model does not take."""
+    saved = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_fits(saved, wanted, path, "model", arch)
 
 
 def check_finite(state_dict: dict, path: Path) -> None:

@@ -120,6 +120,32 @@ META_FIELDS = {
 _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
 
 
+def not_ours(where: Path, what: str) -> UserError:
+    """The one line for a sealed checkpoint folder `where` that this version cannot read, `what`
+    saying why; a UserError, not damage: its manifest proved the files are what was written."""
+    return UserError(f"{where} is not a checkpoint this jaxvision reads: {what}; use one that "
+                     "train.py --checkpoint-dir wrote")  # fmt: skip
+
+
+def check_fits(saved: dict, wanted: dict, where: Path, item: str, arch: str) -> None:
+    """`not_ours` when checkpoint `where`'s `item` (its model, its optimiser state: {name:
+    shape}) is not what this version builds for `arch` (`wanted`): a checkpoint of another
+    version, or one edited and sealed again, is refused before a framework reads it (orbax
+    would call it damaged, torch raise), naming the first differences."""
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    extra = sorted(k for k in saved if k not in wanted)
+    missing = sorted(k for k in wanted if k not in saved)
+    reshaped = sorted(k for k in saved if k in wanted and tuple(saved[k]) != tuple(wanted[k]))
+    parts = [f"holds {few(extra)}, which this version's {arch} has not"] if extra else []
+    parts += [f"lacks {few(missing)}"] if missing else []
+    parts += [f"has {k} of shape {tuple(saved[k])}, not {tuple(wanted[k])}" for k in reshaped[:1]]
+    if parts:
+        raise not_ours(where, f"its {item} " + ", and ".join(parts))
+
+
 def check_meta(meta, where: Path) -> dict:
     """`meta`, read from checkpoint folder `where`, when it is one this version reads; else a
     UserError naming what is not. Its manifest proves it is what was written, not that this
@@ -127,8 +153,7 @@ def check_meta(meta, where: Path) -> dict:
     rather than as a KeyError in whichever tool reads the field."""
 
     def refuse(what: str):
-        return UserError(f"{where} is not a checkpoint this jaxvision reads: {what}; use one "
-                         "that train.py --checkpoint-dir wrote")  # fmt: skip
+        return not_ours(where, what)
 
     if not isinstance(meta, dict):
         raise refuse(

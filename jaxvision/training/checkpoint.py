@@ -21,12 +21,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from jaxvision.core.archs import config_from_dict
 from jaxvision.core.checkpoint import (
     KEEP,
     Checkpoints,
+    check_fits,
     check_meta,
     damaged_if_not_finite,
     write_manifest,
@@ -66,6 +68,24 @@ def _key_name(k) -> str:
         if hasattr(k, attr):
             return str(getattr(k, attr))
     raise TypeError(f"unsupported pytree path entry {k!r}")
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{variable name ("fc1/kernel"): shape} of a nested tree of arrays, abstract arrays or
+    orbax's saved metadata."""
+    return {
+        "/".join(_key_name(k) for k in keys).removesuffix("/value"): tuple(leaf.shape)
+        for keys, leaf in jax.tree.flatten_with_path(tree)[0]
+    }
+
+
+def _saved_shapes(folder: Path, item: str) -> dict[str, tuple] | None:
+    """`_shapes` of item `item` in checkpoint folder `folder`, from orbax's metadata; None when
+    that cannot be read."""
+    try:
+        return _shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(folder / item)))
+    except Exception:  # noqa: BLE001  (orbax raises many kinds; the restore reports damage)
+        return None
 
 
 def _abstract(nested: dict):
@@ -127,7 +147,8 @@ class JaxCheckpoints(Checkpoints):
     def _restore(self, step: int) -> None:
         state = self.trainer.state
         model, train = self._items(state)
-        model, train = self.manager.restore_state(step, _abstract(model), _abstract(train))
+        model, train = self.manager.restore_state(step, _abstract(model), _abstract(train),
+                                                  arch=self.config.arch)  # fmt: skip
         check_finite({"model": model, "optimizer": train["opt_state"]}, self.path(step))
         self.trainer.state = TrainState(
             params=from_nested(model, state.params),
@@ -152,7 +173,7 @@ def load_flax_model(path: Path, meta: dict):
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), pretrained=pretrained))
     target = to_nested(nnx.state(model))
     manager = JaxCheckpoints.open(path.parent, read_only=True)
-    restored, _ = manager.restore_state(int(path.name), _abstract(target))
+    restored, _ = manager.restore_state(int(path.name), _abstract(target), arch=meta["arch"])
     check_finite(restored, path)
     nnx.update(model, from_nested(restored, nnx.state(model)))
     return with_mode(model, train=False)
@@ -288,10 +309,20 @@ class _Manager:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         return self._restore(step, args).meta
 
-    def restore_state(self, step: int, model, train=None):
+    def restore_state(self, step: int, model, train=None, *, arch: str):
+        """The model's (and the training state's) arrays into the abstract trees `model` and
+        `train`, after checking that the saved trees are theirs: `check_fits`, one line for a
+        checkpoint `arch`'s model in this version does not fit, where orbax's mismatch would
+        read as damage."""
+        where = Path(self.manager.directory) / str(step)
         items = dict(model=ocp.args.StandardRestore(model))
         if train is not None:
             items["train"] = ocp.args.StandardRestore(train)
+        for item, what in (("model", "model"), ("train", "optimiser state")):
+            saved = _saved_shapes(where, item) if item in items else None
+            if saved is not None:  # unreadable metadata: the restore below says so, as damage
+                wanted = _shapes({"model": model, "train": train}[item])
+                check_fits(saved, wanted, where, what, arch)
         out = self._restore(step, ocp.args.Composite(**items))
         return out.model, (out.train if train is not None else None)
 
