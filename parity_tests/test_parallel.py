@@ -110,6 +110,18 @@ def test_eight_devices_from_the_command_line(train_cli, tmp_path):
     assert "--batch-size 100 does not split evenly over 8 devices" in p.stderr
 
 
+def test_a_log_every_longer_than_the_epoch_trains_on_a_split_host(train_cli, tmp_path):
+    """--log-every 1000 leaves 250 steps without a host sync: the trainer still waits on a step
+    every MAX_IN_FLIGHT, since with 150 or so queued, XLA:CPU's collectives over a host split
+    into devices stalled until XLA aborted the process (exit 134, after 66 s)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    p = train_cli("--arch", "cnn", "--preset", "tiny", "--epochs", "1", "--no-progress",
+                  "--data-source", "sample-split", "--batch-size", "16", "--log-every", "1000",
+                  "--out", str(tmp_path), env=env, timeout=180)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| cpu x2 |" in p.stdout
+
+
 def test_cpu_devices_left_to_the_default_take_the_most_that_divide_the_batch():
     cpus = jax.devices()[:1] * 8  # the count is all that is read
     assert parallel.auto_device_count(128, cpus) == 8
