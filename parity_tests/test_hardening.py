@@ -300,6 +300,17 @@ def test_official_test_digits_saved_as_png_come_back_unchanged():
         ({"seed": 2**64}, "--seed must be in [0, 2**32)"),
         ({"image_size": 14}, "--image-size does not apply here: --arch cnn trains at the data's"),
         ({"arch": "vit", "weights": "x.pth"}, "--weights does not apply here: --arch vit trains"),
+        (
+            {"arch": "alexnet", "pretrained": False, "weights": "x.pth"},
+            "--weights does not apply here: this run starts from random weights (--no-pretrained); "
+            "drop --no-pretrained to start from x.pth",
+        ),
+        (
+            {"arch": "alexnet", "recipe": "lab-cpu", "weights": "x.pth"},
+            "--weights does not apply here: this run starts from random weights (recipe lab-cpu's "
+            "default); add --pretrained to start from x.pth",
+        ),
+        ({"arch": "vgg16", "image_size": 10**20}, "--image-size must be in [1, 4096], got 1000"),
         ({"momentum": 0.5}, "--momentum does not apply here: it is SGD's; this run's optimizer"),
         ({"backend": "torch", "scan": True}, "--scan does not apply here: it is the JAX"),
         ({"box_margin": 2}, "--box-margin does not apply here: it is faster_rcnn's"),

@@ -306,6 +306,36 @@ def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys)
     assert "error: the test images are 14x14x1, but" in err and "trained on 28x28x1" in err
 
 
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--dataset", "fashion_mnist"],
+         "--dataset fashion_mnist is not {ckpt}'s dataset (mnist), whose classes it was trained "
+         "on; drop --dataset"),
+        (["--data-dir", "{tmp}", "--data-source", "synthetic"],
+         "--data-dir is for IDX files; it cannot be combined with --data-source synthetic"),
+    ],
+    ids=["another-dataset", "data-dir-and-source"],
+)  # fmt: skip
+def test_evaluate_refuses_a_test_set_it_would_not_score_as_asked(
+    trained, tmp_path, capsys, flags, said
+):
+    """Another dataset with as many classes (once scored as if its classes were the
+    checkpoint's), and --data-dir beside another --data-source (once the IDX files silently
+    won): one line each, before any test image loads."""
+    from jaxvision.apps import evaluate
+
+    data.write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
+    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10, dtype=np.uint8))
+    ckpt = trained[0] / "ckpt"
+    path = ckpt / str(max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()))
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    code = evaluate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {said.format(ckpt=path)}\n", err
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_refuses_an_unwritable_out_before_scoring(trained, tmp_path, capsys, monkeypatch):
     from jaxvision.apps import evaluate
 

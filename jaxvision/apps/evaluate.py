@@ -82,6 +82,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     name = args.dataset or meta["dataset"]
     if name not in data.DATASETS:
         raise UserError(f"unknown --dataset {name!r}; available: {', '.join(data.DATASETS)}")
+    if name != meta["dataset"]:  # the same count of classes, but not the same classes
+        raise UserError(f"--dataset {name} is not {path}'s dataset ({meta['dataset']}), whose "
+                        "classes it was trained on; drop --dataset")  # fmt: skip
+    if args.data_dir and args.data_source not in (None, "idx"):
+        raise UserError("--data-dir is for IDX files; it cannot be combined with --data-source "
+                        f"{args.data_source}")  # fmt: skip
     if args.data_dir:  # a folder whose t10k-* files are the test set; train files are not needed
         x, y, source = data.load_test_split(data.DATASETS[name], args.data_dir, "--data-dir")
         ds = data.make_dataset(name, source, x, y, x, y, data.DATASETS[name].num_classes,
@@ -90,7 +96,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(f"test set: {len(y):,} images: {ds.test_set}")
     else:
         ds = told_against_training(
-            data.load_dataset(name, source=args.data_source, verbose=not args.quiet), path, meta
+            data.load_dataset(name, source=args.data_source or "sample", verbose=not args.quiet),
+            path,
+            meta,
         )
     if list(ds.x_test.shape[1:]) != list(meta["image_shape"]):
         raise UserError(
@@ -145,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a --checkpoint-dir; its latest checkpoint is used")  # fmt: skip
     p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
-    p.add_argument("--data-source", default="sample", choices=data.SOURCES,
+    p.add_argument("--data-source", default=None, choices=data.SOURCES,
                    help="sample: MNIST's official 10,000 test digits, shipped with jaxvision; "
                    "see train.py --help for the others (default: sample)")  # fmt: skip
     p.add_argument(

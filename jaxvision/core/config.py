@@ -21,6 +21,7 @@ from jaxvision.core.recipes import RECIPE_FIELDS
 BACKENDS = ("jax", "torch")
 BACKEND_NAMES = {"jax": "JAX", "torch": "PyTorch"}
 DATA_PARALLEL = {"jax": True, "torch": False}  # trains over several devices (--devices)
+MAX_IMAGE_SIZE = 4096  # past it, a size is a typo: MNIST's 28 px upsampled 146 times
 SCANS = {"jax": True, "torch": False}  # runs --log-every steps per compiled call (--scan)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -236,6 +237,11 @@ class TrainConfig:
             for name, default in DETECTOR_DEFAULTS.items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, default)
+        if "weights" in given and not self.pretrained:
+            why, fix = (("--no-pretrained", "drop --no-pretrained") if "pretrained" in given
+                        else (f"recipe {self.recipe}'s default", "add --pretrained"))  # fmt: skip
+            raise UserError(f"--weights does not apply here: this run starts from random weights "
+                            f"({why}); {fix} to start from {self.weights}")  # fmt: skip
         self._fit_recipe(given)
         self._validate(arch)
         # metrics.json records what is used: settings that do not apply are None.
@@ -338,8 +344,8 @@ class TrainConfig:
                             f"{self.target_accuracy:g}")  # fmt: skip
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise UserError(f"--image-size must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
         if self.image_size is not None and (arch.imagenet or arch.detector):
             # The arch's own size limits, before any data loads: its model config is sized by
             # --image-size alone (`model_config`).
