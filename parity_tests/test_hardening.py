@@ -496,6 +496,45 @@ def test_resume_takes_the_newest_intact_checkpoint_and_sets_damage_aside(run, tm
     checkpoint.verify(copy / str(second))
 
 
+def test_a_checkpoint_this_user_may_not_read_is_one_line_and_not_damage(
+    run, tmp_path, capsys, monkeypatch
+):
+    """A folder or manifest the operating system will not let this user read (here: the
+    PermissionError it raises, since root reads anything) is one line naming it, exit 2: not a
+    traceback, and not damage, which --resume would set aside."""
+    backend, ckpt = run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    steps = checkpoint.step_folders(copy)
+    manifest = copy / str(steps[-1]) / checkpoint.MANIFEST
+    locked = {copy: Path.iterdir, manifest: Path.read_text}
+
+    def deny(method):
+        def call(self, *args, **kw):
+            if self in locked and locked[self] is method:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return method(self, *args, **kw)
+
+        return call
+
+    digit = tmp_path / "digit.png"
+    Image.new("L", (28, 28), 0).save(digit)
+    resume = [*TINY, "--backend", backend, "--epochs", "3", "--out", str(tmp_path / "out"),
+              "--checkpoint-dir", str(copy), "--resume"]  # fmt: skip
+    for where, method in locked.items():
+        monkeypatch.setattr(Path, method.__name__, deny(method))
+        for main, args in ((predict.main, ["--checkpoint", str(copy), str(digit)]),
+                           (cli.main, resume)):  # fmt: skip
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"error: permission denied: {where} cannot be read or listed by this "
+                "user; give it access (chmod), or pass another path\n"
+            ), err
+        monkeypatch.setattr(Path, method.__name__, method)
+    assert checkpoint.step_folders(copy) == steps  # none set aside
+
+
 def test_non_finite_parameters_are_damage_not_a_learning_rate_problem(run, tmp_path, capsys):
     backend, ckpt = run
     copy = tmp_path / "ckpt"

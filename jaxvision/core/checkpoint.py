@@ -37,7 +37,7 @@ from pathlib import Path
 
 from jaxvision.core.archs import ARCHS, config_from_dict
 from jaxvision.core.config import TrainConfig
-from jaxvision.core.errors import DamagedCheckpoint, UserError, writing
+from jaxvision.core.errors import DamagedCheckpoint, UserError, denied, writing
 from jaxvision.core.loop import Position
 from jaxvision.core.results import EpochStats
 
@@ -519,6 +519,8 @@ def verify(folder: Path) -> None:
     except FileNotFoundError:
         raise DamagedCheckpoint(f"{folder} has no {MANIFEST}: its save did not finish, or it is "
                                 "not a jaxvision checkpoint") from None  # fmt: skip
+    except PermissionError as e:  # intact, as far as anyone can tell: not damage
+        raise UserError(denied(e)) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise DamagedCheckpoint(f"{path} is damaged (not a readable manifest)") from None
     try:
@@ -541,6 +543,8 @@ def verify(folder: Path) -> None:
             if _sha256(f) != want["sha256"]:
                 raise DamagedCheckpoint(f"{f} does not match its SHA-256 in {MANIFEST} (bit "
                                         "rot or an edit)")  # fmt: skip
+        except PermissionError as e:
+            raise UserError(denied(e)) from None
         except OSError as e:
             raise DamagedCheckpoint(f"{f} cannot be read ({e.strerror or e})") from None
     if signature is not None:

@@ -158,16 +158,27 @@ def writing(
         raise WriteFailed(f"cannot write {path} ({why}); {fix}") from e
 
 
+def denied(e: PermissionError) -> str:
+    """A PermissionError as one line that names the path and the fix."""
+    where = e.filename or "a file"
+    return (f"permission denied: {where} cannot be read or listed by this user; give it access "
+            "(chmod), or pass another path")  # fmt: skip
+
+
 def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) -> int:
     """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
-    stderr (out of memory included: `out_of_memory_fix` says what to lower), 1 after one line for
-    a full disk's OSError that no caller named, 130 after a Ctrl-C that nothing caught."""
+    stderr (out of memory included: `out_of_memory_fix` says what to lower), 2 after one line for
+    a file or folder this user may not read, 1 after one for a full disk's OSError that no caller
+    named, 130 after a Ctrl-C that nothing caught."""
     try:
         with out_of_memory(out_of_memory_fix):
             body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except PermissionError as e:  # a file or folder this user may not read or list
+        print(f"error: {denied(e)}", file=sys.stderr)
+        return 2
     except OSError as e:  # a full disk that no caller named the file of
         if e.errno not in DISK_FULL:
             raise
