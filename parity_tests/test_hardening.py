@@ -134,6 +134,15 @@ def test_train_and_test_shapes_are_checked_at_load():
                           np.zeros((2, 14, 14, 1), np.uint8), np.zeros(2), 10)  # fmt: skip
 
 
+@pytest.mark.filterwarnings("error")  # numpy's "Mean of empty slice" came first
+def test_idx_images_of_no_pixels_are_one_line(tmp_path):
+    for prefix, n in (("train", 20), ("t10k", 5)):
+        data.write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((n, 0, 0), np.uint8))
+        data.write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.zeros(n, np.uint8))
+    with pytest.raises(DataError, match=r"the train images are 0x0x1: no pixels$"):
+        data.load_dataset("mnist", source="idx", data_dir=tmp_path, verbose=False)
+
+
 # --- the image reader --------------------------------------------------------------------------
 
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F"]
