@@ -321,6 +321,8 @@ def test_official_test_digits_saved_as_png_come_back_unchanged():
         ),
         ({"arch": "vgg16", "image_size": 10**20}, "--image-size must be in [1, 4096], got 1000"),
         ({"momentum": 0.5}, "--momentum does not apply here: it is SGD's; this run's optimizer"),
+        ({"checkpoint_dir": ""}, "--checkpoint-dir is empty; give a value, or leave the flag out"),
+        ({"out": " "}, "--out is empty; give a value, or leave the flag out for its default"),
         ({"backend": "torch", "scan": True}, "--scan does not apply here: it is the JAX"),
         ({"box_margin": 2}, "--box-margin does not apply here: it is faster_rcnn's"),
         ({"schedule": "constant", "warmup_epochs": 2.0}, "--warmup-epochs does not apply here"),

@@ -229,6 +229,10 @@ class TrainConfig:
         arch = get_arch(self.arch)
         recipe = arch.recipe(self.recipe)
         given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        for name in sorted(given):  # an unset shell variable: "--checkpoint-dir $CKPT"
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                raise UserError(f"--{name.replace('_', '-')} is empty; give a value, or leave "
+                                "the flag out for its default")  # fmt: skip
         self._check_applies(arch, given)
         for name in RECIPE_FIELDS:  # unset fields: the recipe's
             if getattr(self, name) is None:
