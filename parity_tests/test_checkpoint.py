@@ -474,9 +474,9 @@ def test_export_between_frameworks(runs, tmp_path, digits, monkeypatch):
     x, _ = digits
     path, meta = read_meta(runs["tmp"] / "straight")
     flax_model = load_flax_model(path, meta)
-    export.export(runs["tmp"] / "straight", tmp_path / "cnn.pth")
+    export.export(runs["tmp"] / "straight", tmp_path / "cnn.PTH")  # a file, whatever the case
     torch_model = build_model(get_config("cnn", "tiny", num_classes=10)).eval()
-    torch_model.load_state_dict(torch.load(tmp_path / "cnn.pth", weights_only=True))
+    torch_model.load_state_dict(torch.load(tmp_path / "cnn.PTH", weights_only=True))
     with torch.no_grad():
         theirs = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(theirs, np.asarray(flax_model(x)), rtol=1e-5, atol=1e-5)

@@ -494,9 +494,11 @@ def test_resume_takes_the_newest_intact_checkpoint_and_sets_damage_aside(run, tm
     (copy / str(second) / checkpoint.MANIFEST).unlink()  # a save that never finished
     (copy / str(second + 100)).mkdir()  # a stray empty numbered folder
     args = [*TINY, "--backend", backend, "--epochs", "2", "--out", str(tmp_path / "out"),
-            "--checkpoint-dir", str(copy), "--resume"]  # fmt: skip
+            "--checkpoint-dir", str(copy), "--resume", "--lr", "0.0025"]  # fmt: skip
     assert cli.main(args) == 0
     out = capsys.readouterr().out
+    assert f"resumed from {copy / str(first)} (after epoch 1)\n" in out  # under --no-progress
+    assert "  changed since the checkpoint: lr 0.003 -> 0.0025\n" in out
     assert f"skipping damaged checkpoint: {copy / str(second)} has no MANIFEST.json" in out
     assert f"moved it to {copy / f'{second}.damaged'}" in out
     assert f"{copy / str(second + 100)} has no MANIFEST.json" in out

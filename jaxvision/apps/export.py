@@ -32,13 +32,13 @@ def export(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise UserError(f"{dst} already exists; give a new path")
-    if dst.suffix in (".pth", ".pt"):
+    if dst.suffix.lower() in (".pth", ".pt"):
         results.probe_writable_file(dst, "DST")
     else:
         results.probe_writable(dst, "DST")
     with _removed_if_unfinished(dst), writing(dst, "free disk space, or give another DST"):
         state_dict = source.torch_state_dict(source.load_model(path, meta))
-        if dst.suffix in (".pth", ".pt"):
+        if dst.suffix.lower() in (".pth", ".pt"):
             return save_state_dict(state_dict, dst)
         meta = {**meta, "items": ["model", "meta"], "converted_from": str(path)}
         return backends.other(source.name).write_weights(dst, int(path.name), state_dict, meta)

@@ -349,11 +349,10 @@ class Checkpoints:
             except DamagedCheckpoint as e:  # intact files, non-finite numbers: try the next
                 aside = set_aside(where)
                 print(f"skipping damaged checkpoint: {e}; moved it to {aside}", flush=True)
-        if self.config.progress:
-            print(f"resumed from {where} ({describe_position(meta)})")
-            changed = check_resumable(meta, self.config, self.data, where)
-            if changed:
-                print("  changed since the checkpoint: " + ", ".join(changed))
+        print(f"resumed from {where} ({describe_position(meta)})")  # --no-progress too
+        changed = check_resumable(meta, self.config, self.data, where)
+        if changed:  # a recipe's default among them, which the user did not type
+            print("  changed since the checkpoint: " + ", ".join(changed))
         return Position(**meta["position"]), [EpochStats(**h) for h in meta["history"]]
 
     def save(self, position: Position, history: list[EpochStats]) -> Path:
