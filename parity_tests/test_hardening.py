@@ -229,6 +229,13 @@ def test_a_faint_float_image_prepares_without_overflow(tmp_path, peak):
     assert out.max() == (255 if scalable else 0), (peak, float(grey.max()))
 
 
+@pytest.mark.filterwarnings("error")  # numpy's "All-NaN slice encountered" leaked to stderr
+def test_an_all_nan_float_image_is_blank_without_a_warning(tmp_path):
+    Image.fromarray(np.full((28, 28), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    grey = images.read_grey(tmp_path / "nan.tif")
+    assert images.is_blank(grey) and images.prepare(grey).max() == 0
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     """A dark-on-light 16-bit scan keeps its grey levels (Pillow's own conversion to 8 bits
     leaves only 0 and 255)."""

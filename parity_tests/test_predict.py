@@ -270,6 +270,7 @@ def test_a_jax_platform_this_machine_cannot_start_is_one_line_in_every_tool(trai
         ("train.py", ["--arch", "cnn", "--epochs", "1", "--out", str(tmp_path / "run")], ABSENT),
         ("predict.py", ["--checkpoint", ckpt, str(digit)], ABSENT),
         ("evaluate.py", ["--checkpoint", ckpt, "--out", str(tmp_path / "ev")], "cpux"),
+        ("profile_detector.py", ["--images", "1", "--repeats", "1"], ABSENT),
     ]
     for name, args, platform in commands:
         r = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO,

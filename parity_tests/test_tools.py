@@ -136,6 +136,18 @@ def test_benchmark_bad_requests_are_one_line_exit_2(args, message):
     assert r.stderr.count("\n") == 1, r.stderr
 
 
+def test_benchmark_out_of_memory_names_both_flags_that_size_its_data():
+    """The benchmark's data holds --batch-size x --steps images: a fix naming only the batch
+    size was wrong when --steps was the typo."""
+    r = script("benchmark.py", "--archs", "cnn", "--backends", "torch", "--preset", "tiny",
+               "--batch-size", "500", "--steps", "100000000", "--repeats", "1",
+               timeout=120)  # fmt: skip
+    last = r.stderr.splitlines()[-1]  # after the progress lines
+    assert r.returncode == 1 and r.stderr.count("error: ") == 1, r.stderr
+    assert last.startswith("error: 1 configuration(s) failed: cnn / torch: out of memory: ")
+    assert "; use a smaller --batch-size (500) or --steps (100000000)" in last
+
+
 def _metrics(arch, backend, accuracy, seconds, params):
     return {
         "arch": arch,

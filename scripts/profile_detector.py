@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from jaxvision.apps.jax_backend import use_default_xla_flags  # noqa: E402
+from jaxvision.apps.jax_backend import start_devices, use_default_xla_flags  # noqa: E402
 from jaxvision.core.archs import get_arch  # noqa: E402
 
 use_default_xla_flags(get_arch("faster_rcnn"))  # before JAX touches a device
@@ -160,6 +160,7 @@ def profile(args: argparse.Namespace) -> None:
         raise UserError("--images and --repeats must be at least 1")
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
+    start_devices()  # a JAX_PLATFORMS this machine cannot start: one line
     fm, tm = twin_models(args.checkpoint, args.seed)
     images, labels = (a[: args.images] for a in data.load_official_mnist_test())
     where = args.checkpoint or f"untrained, seed {args.seed}"

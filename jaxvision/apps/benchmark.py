@@ -138,7 +138,8 @@ def _worker(spec: Spec, conn) -> None:
         conn.send(("memory", (*memory, setting(bench), bench.matmul_peak())))
     except Exception as e:  # reported in the table; the other workers go on
         if what := failed_allocation(e):
-            message = f"out of memory: {what}; use a smaller --batch-size ({spec.batch_size})"
+            message = (f"out of memory: {what}; use a smaller --batch-size ({spec.batch_size}) "
+                       f"or --steps ({spec.steps}): the data is batch x steps images")  # fmt: skip
         else:
             first = str(e).splitlines()[0] if str(e) else ""
             message = f"{type(e).__name__}: {first}"

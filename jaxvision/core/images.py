@@ -78,7 +78,8 @@ def _wide_grey(im: Image.Image) -> np.ndarray:
     if im.mode.startswith("I;16"):
         full = 65535.0
     elif im.mode == "F":
-        full = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        # NaN pixels are 0 (below); all-NaN is a blank page, not numpy's "All-NaN slice"
+        full = 1.0 if np.nan_to_num(a, nan=-np.inf).max(initial=-np.inf) <= 1.0 else 255.0
     else:  # "I": Pillow's 32-bit integer mode, which 16-bit PNGs also open as
         peak = float(a.max()) if a.size else 0.0
         full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
