@@ -215,6 +215,9 @@ def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, message):
         ("params", "6794"),
         ("params", 0),
         ("train_time_s", float("nan")),
+        ("train_time_s", 0),
+        ("n_train", "60k"),
+        ("n_test", 0),
         ("train_loss", True),
         ("arch", 3),
     ],  # fmt: skip

@@ -63,7 +63,7 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
         missing = [k for k in NEEDED if k not in record]
         if missing:
             raise UserError(f"{path}: not a train.py metrics.json (missing {', '.join(missing)})")
-        wrong = [k for k in NEEDED if not _valid(k, record[k])]
+        wrong = [k for k in (*NEEDED, *COUNTS) if k in record and not _valid(k, record[k])]
         if wrong:
             shown = ", ".join(f"{k}: {json.dumps(record[k])}" for k in wrong)
             raise UserError(f"{path}: a damaged metrics.json ({shown}); train that run again")
@@ -72,14 +72,19 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
     return runs
 
 
+COUNTS = ("n_train", "n_test")  # optional (older records lack them); a table cell when present
+
+
 def _valid(key: str, value) -> bool:
     """Whether a NEEDED value has the type (and range) train.py writes."""
     if key in ("arch", "backend", "dataset"):
         return isinstance(value, str) and bool(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return False
-    if key == "params":
+    if key in ("params", *COUNTS):
         return isinstance(value, int) and value > 0
+    if key == "train_time_s":  # a log axis: a time of 0 has no place on it
+        return value > 0
     return value >= 0 and (value <= 1 or key not in ("test_accuracy", "test_f1_macro"))
 
 
