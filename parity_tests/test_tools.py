@@ -272,6 +272,30 @@ def test_run_lab_refuses_flags_that_one_arch_would_refuse_before_training(tmp_pa
     assert not (tmp_path / "lab").exists()  # nothing trained
 
 
+def test_run_lab_refuses_what_a_later_run_would_refuse_before_the_first_trains(
+    tmp_path, capsys, monkeypatch
+):
+    """Pretrained weights not on disk (the second run's), or an --out that cannot be written: one
+    line naming the run, before the CNN trains (it was the run's own error line after the earlier
+    runs had trained, then run_lab's second)."""
+    from jaxvision.apps import lab
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    code = lab.main(["--pretrained", "--archs", "cnn,alexnet", "--backends", "jax",
+                     "--out", str(tmp_path / "lab")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: train.py --arch alexnet --backend jax: no pretrained alexnet "
+                          f"weights: expected {tmp_path / 'no-weights'}")  # fmt: skip
+    (tmp_path / "a-file").write_text("")
+    assert lab.main(["--archs", "cnn", "--out", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: train.py --arch cnn --backend jax: --out ") and err.count("\n") == 1
+    ), err
+    assert not (tmp_path / "lab").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from jaxvision.apps import train
-from jaxvision.core import flags, report
+from jaxvision.core import flags, report, results
 from jaxvision.core.archs import ARCHS
 from jaxvision.core.config import BACKENDS, TrainConfig
 from jaxvision.core.errors import RunFailed, UserError, exit_code
@@ -93,9 +93,16 @@ def check_extra(extra: list[str]) -> None:
 
 def check_flags(argv: list[str]) -> None:
     """A UserError naming the run when train.py would refuse its flags (a flag after `--` that
-    does not apply to one of the archs, say)."""
+    does not apply to one of the archs, say), and, where the run has its --out, what it would
+    refuse before its data loads: an --out it cannot write, pretrained weights not on disk."""
     try:
-        train.config_from_args(_train_parser().parse_args(argv))
+        config = train.config_from_args(_train_parser().parse_args(argv))
+        if config.out:
+            results.probe_writable(Path(config.out), "--out")
+            if config.pretrained:  # torch's loader: the JAX backend converts its file
+                from torch_reference.pretrained import find_weights, weights_name
+
+                find_weights(weights_name(config.arch, config.preset), config.weights)
     except UserError as e:
         raise UserError(f"train.py {' '.join(argv[:4])}: {e}") from None
 
@@ -114,12 +121,12 @@ def run_lab(args: argparse.Namespace) -> None:
             )
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    for cmd in commands(archs, backends, Path("runs"), args.pretrained, extra, checkpoints):
-        check_flags(cmd[2:])  # every run's flags, before the first one trains
-    check_extra(extra)  # after: an unknown flag is named with the run that refuses it
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
     cmds = commands(archs, backends, out, args.pretrained, extra, checkpoints)
+    for cmd in cmds:
+        check_flags(cmd[2:])  # every run's, before the first one trains
+    check_extra(extra)  # after: an unknown flag is named with the run that refuses it
     if not cmds:
         raise UserError("nothing to run: no arch given trains in the backends given")
     for i, cmd in enumerate(cmds, 1):
