@@ -514,6 +514,10 @@ def test_resume_takes_the_newest_intact_checkpoint_and_sets_damage_aside(run, tm
     assert (copy / f"{second}.damaged").is_dir() and (copy / f"{second + 100}.damaged").is_dir()
     assert checkpoint.step_folders(copy) == [first, second]  # epoch 2, saved again
     checkpoint.verify(copy / str(second))
+    one = str(copy / str(first))  # a checkpoint's own folder, given as the --checkpoint-dir
+    assert cli.main([*args[:-5], "--checkpoint-dir", one, "--resume"]) == 2
+    said = f"{one} is one checkpoint's folder; pass the folder that holds it: --checkpoint-dir"
+    assert capsys.readouterr().err == f"error: --resume: {said} {copy}\n"
 
 
 def test_a_checkpoint_this_user_may_not_read_is_one_line_and_not_damage(

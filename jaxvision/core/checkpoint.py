@@ -306,6 +306,11 @@ class Checkpoints:
                 )
             return None, None
         if not good and not damaged:
+            if is_step(directory.name) and (directory / MANIFEST).exists():
+                raise UserError(
+                    f"--resume: {directory} is one checkpoint's folder; pass the folder that "
+                    f"holds it: --checkpoint-dir {directory.parent}"
+                )
             raise UserError(f"--resume: no checkpoint in {directory}; check the path, or drop "
                             "--resume to start a new run there")  # fmt: skip
         if not good:
