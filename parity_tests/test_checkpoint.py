@@ -9,6 +9,7 @@ scripts/train.py in a subprocess.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -584,6 +585,28 @@ def test_resume_refuses_turning_sgd_momentum_on_or_off(sample):
     off = {**meta, "config": checkpoint._settings(dataclasses.replace(saved, momentum=0.0))}
     with pytest.raises(errors.UserError, match=r"sgd_momentum False -> True"):
         checkpoint.check_resumable(off, saved, sample, where)
+
+
+def test_resume_refuses_a_detector_checkpoint_of_the_other_batch_norm(sample):
+    """The detector fine-tuned from COCO's weights has frozen batch norm, the one trained from
+    scratch batch norm: another model, which the restore would meet as another tree (once: "not
+    a checkpoint this jaxvision reads"). --pretrained must match, named in one line."""
+    scratch = TrainConfig(arch="faster_rcnn", pretrained=False)
+    meta = {"backend": "jax", "config": checkpoint._settings(scratch), "dataset": sample.name,
+            "n_train": sample.n_train}  # fmt: skip
+    where = Path("ckpt/12")
+    with pytest.raises(errors.UserError, match=re.escape(
+            f"{where} holds a faster_rcnn trained from scratch (batch norm), but this run is "
+            "fine-tuned from COCO's weights; resume with --no-pretrained")):  # fmt: skip
+        checkpoint.check_resumable(meta, dataclasses.replace(scratch, pretrained=True), sample,
+                                   where)  # fmt: skip
+    coco = {**meta, "config": checkpoint._settings(dataclasses.replace(scratch, pretrained=True))}
+    with pytest.raises(errors.UserError, match=r"COCO's weights \(frozen batch norm\), but this "
+                                               r"run is trained from scratch; resume with "
+                                               r"--pretrained$"):  # fmt: skip
+        checkpoint.check_resumable(coco, scratch, sample, where)
+    assert checkpoint.check_resumable(coco, dataclasses.replace(scratch, pretrained=True), sample,
+                                      where) == []  # fmt: skip
 
 
 def torch_run(config: TrainConfig):

@@ -139,7 +139,9 @@ def test_idx_images_of_no_pixels_are_one_line(tmp_path):
     for prefix, n in (("train", 20), ("t10k", 5)):
         data.write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((n, 0, 0), np.uint8))
         data.write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.zeros(n, np.uint8))
-    with pytest.raises(DataError, match=r"the train images are 0x0x1: no pixels$"):
+    with pytest.raises(
+        DataError, match=r"the train images are 0x0x1: no pixels; give images of at least 1x1$"
+    ):
         data.load_dataset("mnist", source="idx", data_dir=tmp_path, verbose=False)
 
 
@@ -514,10 +516,12 @@ def test_resume_takes_the_newest_intact_checkpoint_and_sets_damage_aside(run, tm
     assert (copy / f"{second}.damaged").is_dir() and (copy / f"{second + 100}.damaged").is_dir()
     assert checkpoint.step_folders(copy) == [first, second]  # epoch 2, saved again
     checkpoint.verify(copy / str(second))
-    one = str(copy / str(first))  # a checkpoint's own folder, given as the --checkpoint-dir
-    assert cli.main([*args[:-5], "--checkpoint-dir", one, "--resume"]) == 2
+    one = str(copy / str(first))  # a checkpoint's own folder, given as the --checkpoint-dir:
     said = f"{one} is one checkpoint's folder; pass the folder that holds it: --checkpoint-dir"
-    assert capsys.readouterr().err == f"error: --resume: {said} {copy}\n"
+    for resume in (["--resume"], []):  # a new run would have written its steps inside it
+        assert cli.main([*args[:-5], "--checkpoint-dir", one, *resume]) == 2
+        assert capsys.readouterr().err == f"error: --checkpoint-dir {said} {copy}\n"
+    checkpoint.verify(copy / str(first))
 
 
 def test_a_checkpoint_this_user_may_not_read_is_one_line_and_not_damage(
@@ -552,8 +556,8 @@ def test_a_checkpoint_this_user_may_not_read_is_one_line_and_not_damage(
             assert main(args) == 2
             err = capsys.readouterr().err
             assert err == (
-                f"error: permission denied: {where} cannot be read or listed by this "
-                "user; give it access (chmod), or pass another path\n"
+                f"error: permission denied: this user may not access {where}; give it "
+                "access (chmod), or pass another path\n"
             ), err
         monkeypatch.setattr(Path, method.__name__, method)
     assert checkpoint.step_folders(copy) == steps  # none set aside
@@ -747,7 +751,7 @@ def test_a_sealed_checkpoint_whose_arrays_this_version_does_not_build_is_one_lin
                 "torch": "its model holds fc9.bias, fc9.weight, which this version's cnn has "
                          "not, and lacks fc1.bias, fc1.weight"}[backend]  # fmt: skip
     else:
-        said = "its optimiser state has "
+        said = {"jax": "its training state has ", "torch": "its optimiser state has "}[backend]
     for main, args in tools:
         assert main(args) == 2, main
         err = capsys.readouterr().err

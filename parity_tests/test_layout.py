@@ -82,6 +82,7 @@ LAZY = {
     "matplotlib", "matplotlib.pyplot", "matplotlib.ticker",  # drawing (attention, report)
     "tensorflow_datasets", "tensorflow", "absl.logging",  # TFDS, only with --data-source tfds
     "jaxvision.interop", "torch_reference.checkpoint",  # torch, in a JAX run: pretrained, export
+    "torch_reference.pretrained",  # torch, in run_lab.py: whether each run's weights are on disk
 }  # fmt: skip
 
 

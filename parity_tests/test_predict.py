@@ -315,15 +315,18 @@ def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys)
          "on; drop --dataset"),
         (["--data-dir", "{tmp}", "--data-source", "synthetic"],
          "--data-dir is for IDX files; it cannot be combined with --data-source synthetic"),
+        (["--data-dir", ""], "--data-dir is empty; give a value, or leave the flag out; see "
+                             "evaluate.py --help"),
     ],
-    ids=["another-dataset", "data-dir-and-source"],
+    ids=["another-dataset", "data-dir-and-source", "empty-data-dir"],
 )  # fmt: skip
 def test_evaluate_refuses_a_test_set_it_would_not_score_as_asked(
     trained, tmp_path, capsys, flags, said
 ):
     """Another dataset with as many classes (once scored as if its classes were the
-    checkpoint's), and --data-dir beside another --data-source (once the IDX files silently
-    won): one line each, before any test image loads."""
+    checkpoint's), --data-dir beside another --data-source (once the IDX files silently won),
+    an empty --data-dir (once the default test set): one line each, before any test image loads;
+    --data-source auto is the folder's, as in train.py."""
     from jaxvision.apps import evaluate
 
     data.write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
@@ -331,10 +334,18 @@ def test_evaluate_refuses_a_test_set_it_would_not_score_as_asked(
     ckpt = trained[0] / "ckpt"
     path = ckpt / str(max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()))
     flags = [f.format(tmp=tmp_path) for f in flags]
-    code = evaluate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), *flags])
+    try:
+        code = evaluate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), *flags])
+    except SystemExit as e:  # a usage error
+        code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err == f"error: {said.format(ckpt=path)}\n", err
     assert not (tmp_path / "ev").exists()
+    if "--data-source" in flags:
+        flags[-1] = "auto"
+        assert evaluate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), "--quiet",
+                              *flags]) == 0  # fmt: skip
+        assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_test"] == 10
 
 
 def test_evaluate_refuses_an_unwritable_out_before_scoring(trained, tmp_path, capsys, monkeypatch):

@@ -279,8 +279,10 @@ def test_run_lab_refuses_what_a_later_run_would_refuse_before_the_first_trains(
     line naming the run, before the CNN trains (it was the run's own error line after the earlier
     runs had trained, then run_lab's second)."""
     from jaxvision.apps import lab
+    from torch_reference import pretrained
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    monkeypatch.setattr(pretrained, "host_reachable", lambda url, timeout=3.0: False)  # offline
     code = lab.main(["--pretrained", "--archs", "cnn,alexnet", "--backends", "jax",
                      "--out", str(tmp_path / "lab")])  # fmt: skip
     err = capsys.readouterr().err
@@ -294,6 +296,10 @@ def test_run_lab_refuses_what_a_later_run_would_refuse_before_the_first_trains(
         err.startswith("error: train.py --arch cnn --backend jax: --out ") and err.count("\n") == 1
     ), err
     assert not (tmp_path / "lab").exists()
+    # --dry-run lists the commands: it neither fetches weights nor creates a folder
+    assert lab.main(["--pretrained", "--archs", "alexnet", "--dry-run", "--out",
+                     str(tmp_path / "lab")]) == 0  # fmt: skip
+    assert "--arch alexnet" in capsys.readouterr().out and not (tmp_path / "lab").exists()
 
 
 @pytest.mark.parametrize(
@@ -304,6 +310,8 @@ def test_run_lab_refuses_what_a_later_run_would_refuse_before_the_first_trains(
         (["--epochs", "1"], "unrecognized arguments: --epochs (train.py's flags go after --, "),
         (["--", "--checkpoint-dir", "c"], "--checkpoint-dir after -- would override the lab's"),
         (["--checkpoint-dir", "c", "--", "--resume"], "--resume after -- would resume every run"),
+        (["--checkpoint-dir", ""], "--checkpoint-dir is empty; give a value, or leave the flag"),
+        (["--archs", " "], "--archs is empty; give a value, or leave the flag out"),
     ],
 )
 def test_run_lab_refuses_flags_it_sets_itself_and_points_train_flags_after_the_dashes(

@@ -85,7 +85,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if name != meta["dataset"]:  # the same count of classes, but not the same classes
         raise UserError(f"--dataset {name} is not {path}'s dataset ({meta['dataset']}), whose "
                         "classes it was trained on; drop --dataset")  # fmt: skip
-    if args.data_dir and args.data_source not in (None, "idx"):
+    if args.data_dir and args.data_source not in (None, "auto", "idx"):  # auto: the folder
         raise UserError("--data-dir is for IDX files; it cannot be combined with --data-source "
                         f"{args.data_source}")  # fmt: skip
     if args.data_dir:  # a folder whose t10k-* files are the test set; train files are not needed
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    p.refuse_empty(args, "checkpoint", "dataset", "data_dir", "out")
     fix = f"use a smaller --batch-size (this run: {args.batch_size})"
     return exit_code(lambda: evaluate(args), out_of_memory_fix=fix)

@@ -91,13 +91,13 @@ def check_extra(extra: list[str]) -> None:
                         "--resume, then scripts/compare.py the runs' metrics.json")  # fmt: skip
 
 
-def check_flags(argv: list[str]) -> None:
+def check_flags(argv: list[str], dry_run: bool = False) -> None:
     """A UserError naming the run when train.py would refuse its flags (a flag after `--` that
-    does not apply to one of the archs, say), and, where the run has its --out, what it would
-    refuse before its data loads: an --out it cannot write, pretrained weights not on disk."""
+    does not apply to one of the archs, say), and, unless `dry_run`, what it would refuse before
+    its data loads: an --out it cannot write, pretrained weights it cannot find (or fetch)."""
     try:
         config = train.config_from_args(_train_parser().parse_args(argv))
-        if config.out:
+        if not dry_run:
             results.probe_writable(Path(config.out), "--out")
             if config.pretrained:  # torch's loader: the JAX backend converts its file
                 from torch_reference.pretrained import find_weights, weights_name
@@ -125,7 +125,7 @@ def run_lab(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
     cmds = commands(archs, backends, out, args.pretrained, extra, checkpoints)
     for cmd in cmds:
-        check_flags(cmd[2:])  # every run's, before the first one trains
+        check_flags(cmd[2:], args.dry_run)  # every run's, before the first one trains
     check_extra(extra)  # after: an unknown flag is named with the run that refuses it
     if not cmds:
         raise UserError("nothing to run: no arch given trains in the backends given")
@@ -178,4 +178,5 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # most likely train.py's flags, given before the `--`
         p.error(f"unrecognized arguments: {' '.join(unknown)} (train.py's flags go after --, "
                 f"e.g. run_lab.py -- {unknown[0]} ...)")  # fmt: skip
+    p.refuse_empty(args, "archs", "out", "checkpoint_dir")
     return exit_code(lambda: run_lab(args))

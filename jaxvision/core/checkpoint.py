@@ -235,6 +235,14 @@ def check_resumable(meta: dict, config: TrainConfig, data, where: Path) -> list[
             f"{both(SAME_MODEL, now)}; pass the checkpoint's --arch/--preset, or another "
             "--checkpoint-dir"
         )
+    if ARCHS[saved["arch"]].detector and saved.get("pretrained") != now["pretrained"]:
+        kind = {True: "fine-tuned from COCO's weights (frozen batch norm)",
+                False: "trained from scratch (batch norm)"}  # fmt: skip
+        raise UserError(
+            f"{where} holds a faster_rcnn {kind[bool(saved.get('pretrained'))]}, but this run "
+            f"is {kind[bool(now['pretrained'])].split(' (')[0]}; resume with "
+            f"{'--pretrained' if saved.get('pretrained') else '--no-pretrained'}"
+        )
     if (meta["dataset"], meta["n_train"]) != (data.name, data.n_train) or any(
         saved[k] != now[k] for k in SAME_DATA_ORDER
     ):
@@ -290,6 +298,11 @@ class Checkpoints:
         directory = Path(config.checkpoint_dir).absolute()
         if directory.exists() and not directory.is_dir():
             raise UserError(f"--checkpoint-dir {directory} is a file; give a folder")
+        if is_step(directory.name) and (directory / MANIFEST).exists():
+            raise UserError(
+                f"--checkpoint-dir {directory} is one checkpoint's folder; pass the folder that "
+                f"holds it: --checkpoint-dir {directory.parent}"
+            )
         good, damaged = intact_steps(directory)
         if not config.resume:
             if damaged and not good:  # nothing --resume could continue from
@@ -306,11 +319,6 @@ class Checkpoints:
                 )
             return None, None
         if not good and not damaged:
-            if is_step(directory.name) and (directory / MANIFEST).exists():
-                raise UserError(
-                    f"--resume: {directory} is one checkpoint's folder; pass the folder that "
-                    f"holds it: --checkpoint-dir {directory.parent}"
-                )
             raise UserError(f"--resume: no checkpoint in {directory}; check the path, or drop "
                             "--resume to start a new run there")  # fmt: skip
         if not good:

@@ -142,7 +142,7 @@ class TrainConfig:
         TRAINING,
     )
     log_every: int = _field(
-        10, "steps between progress-bar loss updates and NaN checks (the only host syncs)",
+        10, "steps between progress-bar loss updates and NaN checks (the only loss fetches)",
         TRAINING,
     )  # fmt: skip
     # fine-tuning

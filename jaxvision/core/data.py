@@ -163,7 +163,8 @@ def make_dataset(name, source, x_train, y_train, x_test, y_test, num_classes, *,
             raise DataError(f"{source}: {split} has {len(x)} images but {len(y)} labels")
         if 0 in x.shape[1:]:
             raise DataError(f"{source}: the {split} images are "
-                            f"{'x'.join(map(str, x.shape[1:]))}: no pixels")  # fmt: skip
+                            f"{'x'.join(map(str, x.shape[1:]))}: no pixels; give images of at "
+                            "least 1x1")  # fmt: skip
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise DataError(
                 f"{source}: {split} label {int(y.max() if y.max() >= num_classes else y.min())} "

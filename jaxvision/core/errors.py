@@ -104,8 +104,9 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # tensorstore's (orbax's)
 
 
 # What a write fails with when the disk fills up: no space, a quota, a file-size limit. Other
-# OSErrors (a permission, a missing folder, a bug's EINVAL) keep their traceback: `train.py`
-# probes its output folders up front, so those are not a full disk's doing.
+# OSErrors (a missing folder, a bug's EINVAL) keep their traceback: `train.py` probes its output
+# folders up front, so those are not a full disk's doing. A path this user may not access is one
+# line (`exit_code`).
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -159,16 +160,15 @@ def writing(
 
 
 def denied(e: PermissionError) -> str:
-    """A PermissionError as one line that names the path and the fix."""
-    where = e.filename or "a file"
-    return (f"permission denied: {where} cannot be read or listed by this user; give it access "
-            "(chmod), or pass another path")  # fmt: skip
+    """A PermissionError of a path as one line that names it and the fix."""
+    return (f"permission denied: this user may not access {e.filename}; give it access (chmod), "
+            "or pass another path")  # fmt: skip
 
 
 def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) -> int:
     """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
     stderr (out of memory included: `out_of_memory_fix` says what to lower), 2 after one line for
-    a file or folder this user may not read, 1 after one for a full disk's OSError that no caller
+    a file or folder this user may not access, 1 after one for a full disk's OSError that no caller
     named, 130 after a Ctrl-C that nothing caught."""
     try:
         with out_of_memory(out_of_memory_fix):
@@ -176,7 +176,9 @@ def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) 
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except PermissionError as e:  # a file or folder this user may not read or list
+    except PermissionError as e:  # a file or folder this user may not access
+        if e.filename is None:  # a process, a signal, an affinity: not the user's path
+            raise
         print(f"error: {denied(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk that no caller named the file of

@@ -24,6 +24,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
+    def refuse_empty(self, args: argparse.Namespace, *names: str) -> None:
+        """A usage error for flag `names` given as an empty string (an unset shell variable:
+        `--out "$OUT"`), which would otherwise read as not given."""
+        for name in names:
+            value = getattr(args, name)
+            if isinstance(value, str) and not value.strip():
+                self.error(f"--{name.replace('_', '-')} is empty; give a value, or leave the "
+                           "flag out")  # fmt: skip
+
 
 # Field metadata key: see `flag`.
 KEY = "flag"

@@ -141,10 +141,11 @@ class LossTracker:
     """The running mean of an epoch's step losses, for the progress bar and the NaN check.
 
     Step losses stay on the device; every `log_every` steps they are fetched in one go (the only
-    host sync inside an epoch), checked for NaN/inf, and shown on the bar. A resumed epoch starts
-    from its checkpointed `Position`. After a Ctrl-C or SIGTERM (in a `--distributed` run: at
-    the dispatch its `SyncPoint` names), `add` checks the pending losses and raises
-    `StopRequested`.
+    fetch inside an epoch; the JAX trainer also waits, without fetching, so that no more than
+    its MAX_IN_FLIGHT steps are queued), checked for NaN/inf, and shown on the bar. A resumed
+    epoch starts from its checkpointed `Position`. After a Ctrl-C or SIGTERM (in a
+    `--distributed` run: at the dispatch its `SyncPoint` names), `add` checks the pending losses
+    and raises `StopRequested`.
     """
 
     def __init__(self, config: TrainConfig, epoch: int, steps: int, fetch, bar=None,

@@ -318,7 +318,7 @@ class _Manager:
         items = dict(model=ocp.args.StandardRestore(model))
         if train is not None:
             items["train"] = ocp.args.StandardRestore(train)
-        for item, what in (("model", "model"), ("train", "optimiser state")):
+        for item, what in (("model", "model"), ("train", "training state")):
             saved = _saved_shapes(where, item) if item in items else None
             if saved is not None:  # unreadable metadata: the restore below says so, as damage
                 wanted = _shapes({"model": model, "train": train}[item])

@@ -37,8 +37,8 @@ from jaxvision.training.state import TrainState, with_mode
 
 # Training steps dispatched ahead of the host at most, whatever --log-every is: with 150 or so
 # queued, XLA:CPU's collectives on a host split into devices wait for each other until XLA
-# aborts the process (jax 0.10.2, 2 devices, --log-every 1000). Waiting on one step's loss
-# every MAX_IN_FLIGHT steps costs a dispatch's latency, not a fetch.
+# aborts the process (jax 0.10.2, 2 devices, --log-every 1000). Every MAX_IN_FLIGHT / 2 steps
+# the host waits (fetching nothing) for the step as many back, so half a queue stays in flight.
 MAX_IN_FLIGHT = 32
 
 
@@ -314,7 +314,7 @@ class Trainer:
         perm = parallel.replicate(self.epoch_order(epoch).astype(np.int32), self.mesh)
         jax.block_until_ready(perm)
         tracker = LossTracker(cfg, epoch, steps, jax.device_get, bar, start)
-        step = start.step
+        step, waypoint = start.step, None
         with jax.set_mesh(self.mesh):
             while step < steps:
                 # a chunk ends where the per-step loop would fetch losses: every log_every steps
@@ -324,8 +324,10 @@ class Trainer:
                     self.state, loss = self._chunk_jit(*args, n)
                 else:
                     self.state, loss = self._train_step(*args)
-                    if (step + 1 - start.step) % MAX_IN_FLIGHT == 0:
-                        loss.block_until_ready()  # waits; fetches nothing
+                    if (step + 1 - start.step) % (MAX_IN_FLIGHT // 2) == 0:
+                        if waypoint is not None:  # half the queue back: the device stays fed
+                            waypoint.block_until_ready()  # waits; fetches nothing
+                        waypoint = loss
                 tracker.add(loss, n)
                 step += n
         jax.block_until_ready(self.state)
