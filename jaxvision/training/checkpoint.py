@@ -91,7 +91,7 @@ def _saved_shapes(folder: Path, item: str) -> dict[str, tuple] | None:
 def _abstract(nested: dict):
     """Shapes, dtypes and placements to restore into (one device for a model `nnx.eval_shape`
     made, which has none)."""
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = jax.sharding.make_single_device_sharding(jax.devices()[0])
 
     def spec(a):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None) or one)
