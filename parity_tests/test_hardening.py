@@ -280,6 +280,31 @@ def test_a_decompression_bomb_is_a_per_file_error(tmp_path, side):
         images.read_grey(path)
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF"])
+def test_a_file_of_several_frames_is_a_per_file_error(tmp_path, fmt):
+    """An animated GIF, PNG or WebP, or a multi-page TIFF, holds no one image: refused, naming
+    the frame count, not classified by whichever frame Pillow opens first. One frame reads."""
+    blank, ink = Image.new("L", (20, 20), 0), Image.new("L", (20, 20), 0)
+    ink.paste(255, (8, 4, 12, 16))
+    path = tmp_path / f"two.{fmt.lower()}"
+    blank.save(path, fmt, save_all=True, append_images=[ink])
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: holds 2 frames "):
+        images.read_grey(path)
+    ink.save(tmp_path / f"one.{fmt.lower()}", fmt, save_all=True)
+    assert not images.is_blank(images.read_grey(tmp_path / f"one.{fmt.lower()}"))
+
+
+def test_a_cameras_multi_picture_jpeg_reads_its_photo(tmp_path):
+    """MPO, the JPEG a camera writes with a second picture: frame 0 is the photo, so it reads."""
+    photo, other = Image.new("L", (20, 20), 255), Image.new("L", (20, 20), 0)
+    photo.paste(0, (8, 4, 12, 16))  # a dark stroke on white paper
+    photo.save(tmp_path / "cam.mpo", "MPO", save_all=True, append_images=[other])
+    with Image.open(tmp_path / "cam.mpo") as im:
+        assert (im.format, im.n_frames) == ("MPO", 2)
+    grey = images.read_grey(tmp_path / "cam.mpo")
+    assert grey[10, 10] < 50 and grey[0, 0] > 200
+
+
 def test_blank_images_are_recognised(tmp_path):
     Image.new("L", (1, 1), 0).save(tmp_path / "dot.png")
     Image.new("RGBA", (40, 40), (10, 200, 30, 0)).save(tmp_path / "clear.png")

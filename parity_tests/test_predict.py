@@ -315,8 +315,8 @@ def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys)
          "on; drop --dataset"),
         (["--data-dir", "{tmp}", "--data-source", "synthetic"],
          "--data-dir is for IDX files; it cannot be combined with --data-source synthetic"),
-        (["--data-dir", ""], "--data-dir is empty; give a value, or leave the flag out; see "
-                             "evaluate.py --help"),
+        (["--data-dir", ""], "--data-dir is empty; give a value, or leave the flag out for its "
+                             "default; see evaluate.py --help"),
     ],
     ids=["another-dataset", "data-dir-and-source", "empty-data-dir"],
 )  # fmt: skip

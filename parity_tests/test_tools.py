@@ -419,3 +419,15 @@ def test_gpu_checks_det_finds_a_one_bit_difference_and_summary_reads_the_marks(
     assert gpu_checks.summary(tmp_path, out) == 0
     text = (out / "summary.md").read_text()
     assert "| vit | jax | 2.7 s of training, eval not logged (ep 2) | not reached |" in text
+
+
+def test_gpu_checks_names_a_missing_work_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    """gpu_checks.py det / summary given a folder that is not there: one error line, exit 2."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import gpu_checks
+
+    gone = tmp_path / "gone"
+    for argv in (["det", str(gone)], ["summary", str(tmp_path), str(gone)]):
+        assert gpu_checks.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {gone} is not a folder") and err.count("\n") == 1

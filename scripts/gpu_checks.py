@@ -51,7 +51,8 @@ def env(require_gpu: bool) -> int:
     if require_gpu and not (devices[0].platform == "gpu" and cuda):
         print(
             "error: JAX or torch sees no GPU on this machine; the GPU checks stop here "
-            "(QUICK=1 rehearses them on a CPU)"
+            "(QUICK=1 rehearses them on a CPU)",
+            file=sys.stderr,
         )
         return 3
     return 0
@@ -286,13 +287,23 @@ def summary(work: Path, out: Path) -> int:
     return 0
 
 
+def _folders(*paths: str) -> list[Path] | None:
+    """`paths` as folders, or None after one error line naming the first that is not one."""
+    for p in paths:
+        if not Path(p).is_dir():
+            print(f"error: {p} is not a folder; give the WORK (and OUT) folder that "
+                  "gpu_checks.sh made", file=sys.stderr)  # fmt: skip
+            return None
+    return [Path(p) for p in paths]
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["env"]:
         return env(require_gpu=os.environ.get("REQUIRE_GPU", "1") == "1")
-    if argv[:1] == ["det"] and len(argv) == 2:
-        return det(Path(argv[1]))
-    if argv[:1] == ["summary"] and len(argv) == 3:
-        return summary(Path(argv[1]), Path(argv[2]))
+    commands = {"det": (det, 1), "summary": (summary, 2)}
+    if argv[:1] and argv[0] in commands and len(argv) == 1 + commands[argv[0]][1]:
+        folders = _folders(*argv[1:])
+        return 2 if folders is None else commands[argv[0]][0](*folders)
     print(f"error: unknown command {' '.join(argv)!r}; see the top of {__file__}", file=sys.stderr)
     return 2
 

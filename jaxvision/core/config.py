@@ -15,7 +15,7 @@ import math
 from jaxvision.core.archs import ARCHS, DEFAULT_RECIPE, get_arch, get_config, model_config
 from jaxvision.core.data import DATASETS, SOURCES, Dataset
 from jaxvision.core.errors import UserError
-from jaxvision.core.flags import flag
+from jaxvision.core.flags import empty, flag
 from jaxvision.core.recipes import RECIPE_FIELDS
 
 BACKENDS = ("jax", "torch")
@@ -230,9 +230,8 @@ class TrainConfig:
         recipe = arch.recipe(self.recipe)
         given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
         for name in sorted(given):  # an unset shell variable: "--checkpoint-dir $CKPT"
-            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
-                raise UserError(f"--{name.replace('_', '-')} is empty; give a value, or leave "
-                                "the flag out for its default")  # fmt: skip
+            if message := empty(name, getattr(self, name)):
+                raise UserError(message)
         self._check_applies(arch, given)
         for name in RECIPE_FIELDS:  # unset fields: the recipe's
             if getattr(self, name) is None:

@@ -28,10 +28,16 @@ class Parser(argparse.ArgumentParser):
         """A usage error for flag `names` given as an empty string (an unset shell variable:
         `--out "$OUT"`), which would otherwise read as not given."""
         for name in names:
-            value = getattr(args, name)
-            if isinstance(value, str) and not value.strip():
-                self.error(f"--{name.replace('_', '-')} is empty; give a value, or leave the "
-                           "flag out")  # fmt: skip
+            if message := empty(name, getattr(args, name)):
+                self.error(message)
+
+
+def empty(name: str, value) -> str | None:
+    """The usage error for field `name`'s flag given as an empty (or blank) string, else None."""
+    if isinstance(value, str) and not value.strip():
+        flag_name = name.replace("_", "-")
+        return f"--{flag_name} is empty; give a value, or leave the flag out for its default"
+    return None
 
 
 # Field metadata key: see `flag`.

@@ -2,7 +2,9 @@
 From any PNG or JPG to the training data's 28x28 grey, light on dark:
   1. Read; apply the EXIF orientation; composite transparency onto white; colour -> luminance
      (ITU-R 601-2, Pillow's "L"); 16-bit and 32-bit grey scaled to [0, 255], not clipped.
-     Images over MAX_PIXELS pixels are refused (a decompression bomb would exhaust memory).
+     Images over MAX_PIXELS pixels are refused (a decompression bomb would exhaust memory), as
+     are files of several frames (an animated GIF, PNG or WebP, a multi-page TIFF), which hold
+     no one image to classify; a camera's multi-picture JPEG (MPO) is its first, the photo.
   2. Polarity: the median of the border pixels is the background. A light background (above
      mid-grey) means dark ink on light paper, and the image is inverted, since MNIST digits are
      light on dark. An image then already in MNIST's form (28x28 on a black border, full
@@ -48,6 +50,10 @@ def read_grey(path: str | Path) -> np.ndarray:
             if w * h > MAX_PIXELS:
                 raise UserError(f"{path}: {w:,}x{h:,} pixels is over the limit of {MAX_PIXELS:,} "
                                 "(a decompression bomb guard); downscale it first")  # fmt: skip
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":  # MPO: a camera's JPEG, frame 0 the photo
+                raise UserError(f"{path}: holds {frames} frames (an animation or pages); "
+                                "save the one to classify as its own image")  # fmt: skip
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
                 return _wide_grey(im)
