@@ -801,6 +801,9 @@ def under_limit(limit: str, value: int, *args: str, **kw) -> subprocess.Complete
         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # glibc's arenas grow with the host's cores
+    # no persistent compilation cache, should the caller have one: a write the limit cuts short
+    # leaves a truncated entry, and JAX's warnings about it in this and later runs' stderr
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
                           **kw)  # fmt: skip

@@ -171,7 +171,9 @@ def test_every_config_field_with_help_is_a_flag_with_its_default_shown():
             continue
         assert "--" + f.name.replace("_", "-") in text, f.name  # one declaration, one flag
     assert not_flags == ["notes"]  # what __post_init__ adjusted, not a setting
-    assert "[cnn: 40, vit: 150, vgg16: 3, alexnet: 3, faster_rcnn: 3]" in " ".join(text.split())
+    flat = " ".join(text.split())
+    assert "[cnn: 40, vit: 150, vgg16: 3, alexnet: 3, faster_rcnn: 3]" in flat
+    assert "[vgg16: 224, alexnet: 224, faster_rcnn: 64]" in flat  # not cnn's "None"
     args = build_parser().parse_args(["--arch", "vit", "--no-augment", "--head-lr", "0.01"])
     assert flags.values(args, TrainConfig) == {"arch": "vit", "augment": False, "lr": 0.01}
 

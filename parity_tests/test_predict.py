@@ -1,6 +1,7 @@
 """scripts/predict.py on real digits from the bundled sample, saved as image files of several
 sizes, colours and both polarities, classified by a CNN checkpoint trained here."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, write_split
 from PIL import Image
 
 from jaxvision.apps import predict
@@ -305,6 +306,32 @@ def test_evaluate_refuses_a_test_set_of_another_shape(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "error: the test images are 14x14x1, but" in err and "trained on 28x28x1" in err
+
+
+def test_evaluate_finds_a_non_mnist_checkpoints_test_set_as_train_py_does(
+    sample, tmp_path, capsys, monkeypatch
+):
+    """With no data flag, a Fashion-MNIST checkpoint is scored on Fashion-MNIST wherever
+    train.py's `auto` finds it (here: a Debian package's folder), not refused because the
+    shipped test set is MNIST's; an MNIST checkpoint still gets the shipped one (tests above)."""
+    from jaxvision.apps import evaluate
+
+    system = write_split(tmp_path / "debian", sample, n_train=200, n_test=40)
+    spec = dataclasses.replace(data.DATASETS["fashion_mnist"], system_dir=str(system))
+    monkeypatch.setitem(data.DATASETS, "fashion_mnist", spec)
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["--arch", "cnn", "--preset", "tiny", "--dataset", "fashion_mnist",
+                     "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"),
+                     "--checkpoint-dir", str(ckpt)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    record = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (record["dataset"], record["data_source"], record["n_test"]) == (
+        "fashion_mnist",
+        "idx",
+        40,
+    )
+    assert str(system) in record["data"]
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,12 @@ def scores(labels: np.ndarray, log_probs: np.ndarray, num_classes: int) -> dict:
     }
 
 
+def default_source(dataset: str) -> str:
+    """MNIST: the official test set shipped with jaxvision; any other dataset: wherever train.py's
+    `auto` finds it (a Debian package's folder, a prepared TFDS copy), or its one-line error."""
+    return "sample" if dataset == "mnist" else "auto"
+
+
 def told_against_training(ds: data.Dataset, path: Path, meta: dict) -> data.Dataset:
     """`ds`, its test split described against the checkpoint's training images rather than
     against `ds`'s own training split, which the checkpoint may not have trained on. A split
@@ -96,7 +102,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(f"test set: {len(y):,} images: {ds.test_set}")
     else:
         ds = told_against_training(
-            data.load_dataset(name, source=args.data_source or "sample", verbose=not args.quiet),
+            data.load_dataset(
+                name, source=args.data_source or default_source(name), verbose=not args.quiet
+            ),  # fmt: skip
             path,
             meta,
         )
@@ -151,11 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "without training: accuracy, macro F1, loss, confusion matrix.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a --checkpoint-dir; its latest checkpoint is used")  # fmt: skip
-    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+                   help="a --checkpoint-dir (its latest checkpoint is used), or one checkpoint's "
+                   "folder in it, DIR/<step>")  # fmt: skip
+    p.add_argument("--dataset", default=None,
+                   help="the checkpoint's dataset, the default; another is refused")  # fmt: skip
     p.add_argument("--data-source", default=None, choices=data.SOURCES,
                    help="sample: MNIST's official 10,000 test digits, shipped with jaxvision; "
-                   "see train.py --help for the others (default: sample)")  # fmt: skip
+                   "see train.py --help for the others (default: sample for an MNIST "
+                   "checkpoint, auto for any other)")  # fmt: skip
     p.add_argument(
         "--data-dir", default=None, help="test on the t10k-* IDX files in this folder (only those)"
     )

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert a checkpoint's weights to the other framework: JAX -> torch "
         "(a .pth state_dict or a checkpoint folder), torch -> JAX (an orbax checkpoint folder).",
     )
-    p.add_argument("src", metavar="SRC", help="a --checkpoint-dir that train.py wrote")
+    p.add_argument("src", metavar="SRC", help="a --checkpoint-dir that train.py wrote (its latest "
+                   "checkpoint), or one checkpoint's folder in it, DIR/<step>")  # fmt: skip
     p.add_argument("dst", metavar="DST", help="model.pth, or a new folder")
     args = p.parse_args(argv)
     return exit_code(lambda: print(f"wrote {export(args.src, args.dst)}"))

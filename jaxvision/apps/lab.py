@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Train every arch in both backends (CPU-sized settings), then write the "
         "comparison report (markdown, CSV, PNG).",
     )
-    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated archs")
-    p.add_argument("--backends", default="jax,torch", help="comma-separated backends")
+    p.add_argument("--archs", default=",".join(ARCHS),
+                   help=f"comma-separated archs [{','.join(ARCHS)}]")  # fmt: skip
+    p.add_argument("--backends", default="jax,torch", help="comma-separated backends [jax,torch]")
     p.add_argument("--out", default=None, help="output folder [runs/lab-<time>/]")
     p.add_argument(
         "--pretrained",

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         "(markdown, CSV) and a plot of accuracy against training time.",
     )
     p.add_argument("runs", nargs="*", help="metrics.json files, or run folders holding one")
-    p.add_argument("--out", default="report", help="folder for comparison.md/.csv/.png")
+    p.add_argument("--out", default="report", help="folder for comparison.md/.csv/.png [report]")
     args = p.parse_args(argv)
 
     def report():

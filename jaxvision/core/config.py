@@ -34,7 +34,7 @@ EVAL_BATCH_SIZE = 100
 # Help groups, in the order --help shows them.
 MODEL = "model"
 DATA = "data"
-TRAINING = "training (unset: the recipe's value, shown in brackets per arch)"
+TRAINING = "training (unset: the recipe's value; brackets: the default recipe's, per arch)"
 FINE_TUNING = "fine-tuning (vgg16, alexnet, faster_rcnn)"
 DETECTOR = "detector (faster_rcnn)"
 DEVICES = "devices (JAX backend)"
@@ -167,8 +167,8 @@ class TrainConfig:
     feature_lr: float | None = _field(
         None, "the features' learning rate with --unfreeze", FINE_TUNING
     )
-    dtype: str = _field("float32", "compute dtype; parameters stay float32", FINE_TUNING,
-                        choices=DTYPES)  # fmt: skip
+    dtype: str = _field("float32", "compute dtype, every arch but faster_rcnn; parameters stay "
+                        "float32", TRAINING, choices=DTYPES)  # fmt: skip
     # Faster R-CNN
     box_margin: int | None = _field(
         None, "pixels added around each digit's ink box (the detection target) [0]", DETECTOR
@@ -421,11 +421,12 @@ class TrainConfig:
 
 
 def recipe_defaults(field: dataclasses.Field) -> str | None:
-    """'[cnn: 40, vit: 150, ...]': a recipe field's default recipe value per arch, for --help."""
+    """'[cnn: 40, vit: 150, ...]': a recipe field's default recipe value per arch, for --help;
+    an arch whose value is None (--image-size, --feature-lr: not its flag) is left out."""
     if field.name not in RECIPE_FIELDS:
         return None
-    return "[" + ", ".join(f"{a.name}: {getattr(a.recipe(), field.name)}"
-                           for a in ARCHS.values()) + "]"  # fmt: skip
+    values = [(a.name, getattr(a.recipe(), field.name)) for a in ARCHS.values()]
+    return "[" + ", ".join(f"{name}: {v}" for name, v in values if v is not None) + "]"
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
