@@ -104,7 +104,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         ds = told_against_training(
             data.load_dataset(
                 name, source=args.data_source or default_source(name), verbose=not args.quiet
-            ),  # fmt: skip
+            ),
             path,
             meta,
         )
