@@ -122,7 +122,7 @@ class DetectorTrainer(Trainer):
         self.labels_train = torch.from_numpy(data.y_train.astype(np.int64) + 1).to(device)
         self.x_test = to_nchw(data.x_test, device)
         self.y_test = torch.from_numpy(data.y_test).to(device)
-        if self.skipped_train and config.progress:
+        if self.skipped_train:  # a note, not progress: --no-progress keeps it
             print(f"skipped {self.skipped_train} blank training images (no ink, so no box)")
         return len(self.train_index)
 

@@ -45,7 +45,7 @@ class DetectorTrainer(Trainer):
         self.train_index = np.flatnonzero(ink)  # blank images have no box: skipped
         self.skipped_train = int(data.n_train - len(self.train_index))
         super().__init__(model, config, data, mesh)
-        if self.skipped_train and config.progress:
+        if self.skipped_train:  # a note, not progress: --no-progress keeps it
             print(f"skipped {self.skipped_train} blank training images (no ink, so no box)")
         pad = self.n_eval_batches * self.eval_batch - data.n_test
         self.y_train = (self.y_train, parallel.replicate(boxes, self.mesh))  # (N,), (N, 4)
