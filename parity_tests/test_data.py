@@ -65,6 +65,12 @@ def test_wrong_magic_number(tmp_path, sample):
         data.load_dataset("mnist", data_dir=tmp_path, verbose=False)
 
 
+def test_a_data_dir_under_an_unknown_users_home_is_one_line():
+    """`~nobody-here/x` stays as typed (it was a RuntimeError from Path.expanduser)."""
+    with pytest.raises(DataError, match=r"^--data-dir ~nobody-here/x does not exist or is not a"):
+        data.load_dataset("mnist", data_dir="~nobody-here/x", verbose=False)
+
+
 def test_not_an_idx_file(tmp_path, sample):
     write_split(tmp_path, sample)
     (tmp_path / FILES[2]).write_bytes(b"<html>404 Not Found</html>")

@@ -337,6 +337,25 @@ def test_official_test_digits_saved_as_png_come_back_unchanged():
         ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
         ({"clip_norm": float("nan")}, "--clip-norm must be a finite number >= 0"),
         ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+        # float32's range: 1e39 overflows, 1e-320 flushes to zero (nothing trained, exit 0)
+        (
+            {"lr": 1e39},
+            "--lr 1e+39 is outside float32's range, which training computes in: "
+            "give a value in [1.175e-38, 3.403e+38]",
+        ),
+        (
+            {"clip_norm": 1e-320},
+            "--clip-norm 9.99989e-321 is outside float32's range, which "
+            "training computes in: give 0 or a value in [1.175e-38, ",
+        ),
+        (
+            {"log_every": 2**31},
+            "--log-every must be between 1 and 2,147,483,647 (2**31 - 1), got 2147483648",
+        ),
+        (
+            {"arch": "faster_rcnn", "box_margin": 10**20},
+            "--box-margin must be in [0, 2,147,483,647] pixels",
+        ),
         ({"label_smoothing": 1.0}, "--label-smoothing must be a finite number >= 0 and below 1"),
         ({"arch": "vgg16", "unfreeze": True, "feature_lr": -1.0}, "--feature-lr must be"),
         ({"seed": -1}, "--seed must be in [0, 2**32)"),
@@ -434,6 +453,47 @@ def test_unwritable_outputs_fail_before_any_data_is_loaded(tmp_path, train_cli):
         assert r.stderr.count("\n") == 1 and "dataset" not in r.stdout
 
 
+def test_a_folder_where_a_command_writes_a_file_is_refused_before_any_data_is_loaded(
+    tmp_path, train_cli
+):
+    """A folder named mistakes.png in --out: one line now, not a traceback after training."""
+    out = tmp_path / "run"
+    (out / "mistakes.png").mkdir(parents=True)
+    r = train_cli("--arch", "cnn", "--epochs", "1", "--out", str(out))
+    assert r.returncode == 2 and "dataset" not in r.stdout
+    assert r.stderr == (f"error: --out {out} holds a folder named mistakes.png, where this "
+                        "command writes a file; move it, or choose another --out\n")  # fmt: skip
+    results.probe_writable(out, "--out", ["metrics.json", "confusion.png"])  # not those
+    for names in (["attention.png"], ["comparison.md", "comparison.csv", "comparison.png"]):
+        (out / names[-1]).mkdir()
+        with pytest.raises(UserError, match=f"holds a folder named {names[-1]}, where"):
+            results.probe_writable(out, "--out", names)
+
+
+def test_a_path_that_is_not_utf8_prints_escaped_not_as_a_crash():
+    """A file name from another system's encoding, printed under a strict UTF-8 stdout (a
+    UTF-8 locale's): escaped as stderr escapes it. It was a UnicodeEncodeError after the work."""
+    code = ("import sys; from jaxvision.core.errors import exit_code; "
+            "sys.exit(exit_code(lambda: print('wrote caf\\udce9.png')))")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=60,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"wrote caf\\udce9.png\n", b"")
+
+
+def test_a_checkpoint_folder_orbax_cannot_open_is_refused_before_any_data_is_loaded(
+    tmp_path, train_cli
+):
+    """orbax's tensorstore cannot open a path that is not UTF-8: it was a pybind11 traceback at
+    the first save, after an epoch of training."""
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/ck\xe9")
+    r = train_cli("--arch", "cnn", "--epochs", "1", "--checkpoint-dir", folder)
+    assert r.returncode == 2 and "dataset" not in r.stdout
+    assert r.stderr == (f"error: {tmp_path}/ck\\udce9: the JAX backend's checkpoints (orbax) "
+                        "need a folder path that is valid UTF-8; rename it, or choose another "
+                        "folder\n")  # fmt: skip
+    assert not os.path.exists(folder)
+
+
 def test_metrics_that_cannot_be_written_go_to_stderr(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -481,6 +541,34 @@ def damage(folder, rng, how: str):
         return victim
     victim.write_bytes(bytes(raw))
     return victim
+
+
+def test_a_classifier_reports_each_batch_as_it_is_done(run):
+    """evaluate.py's progress bar: `on_batch` gets each batch's count, and changes nothing."""
+    backend, path, meta = backends.for_checkpoint(run[1])
+    classify = backend.classifier(path, meta, batch_size=64)
+    x = data.load_official_mnist_test()[0][:150]
+    counts = []
+    np.testing.assert_array_equal(classify(x, on_batch=counts.append), classify(x))
+    classify(x[:10], on_batch=counts.append)
+    assert counts == [64, 64, 22, 10]
+
+
+def test_run_lab_refuses_a_later_runs_checkpoint_folder_before_the_first_trains(
+    run, tmp_path, capsys
+):
+    """A run's --checkpoint-dir that already holds checkpoints (of either backend): one line
+    naming the run. The torch run's was refused by its train.py after the JAX run had trained."""
+    from jaxvision.apps import lab
+
+    shutil.copytree(run[1], tmp_path / "ckpt" / "cnn-torch")
+    code = lab.main(["--archs", "cnn", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                     "--out", str(tmp_path / "lab")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: train.py --arch cnn --backend torch: {tmp_path / 'ckpt'}/"
+                          "cnn-torch already holds checkpoints (latest intact: ")  # fmt: skip
+    assert not (tmp_path / "lab" / "cnn-jax").exists()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))

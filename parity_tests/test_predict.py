@@ -171,12 +171,14 @@ def test_evaluate_scores_a_checkpoint_on_the_official_test_set(trained, tmp_path
     assert (tmp_path / "ev" / "confusion.png").exists() and (
         tmp_path / "ev" / "mistakes.png"
     ).exists()
-    assert "accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "/10000 [" in captured.err  # the progress bar
     # another --batch-size, another compiled program: the loss to float32 rounding, and the same
     # predictions but for a top-two pair within rounding, which either may order (one moves two
     # counts of the confusion matrix; here none did)
     assert evaluate.main(["--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "ev1000"),
-                          "--quiet", "--batch-size", "1000"]) == 0  # fmt: skip
+                          "--quiet", "--batch-size", "1000", "--no-progress"]) == 0  # fmt: skip
+    assert capsys.readouterr().err == ""
     other = json.loads((tmp_path / "ev1000" / "metrics.json").read_text())
     moved = np.abs(np.subtract(other["confusion_matrix"], record["confusion_matrix"])).sum()
     assert moved <= 2, moved

@@ -189,7 +189,7 @@ def test_time_to_target_counts_training_and_evaluation_up_to_the_first_hit():
         (["--arch", "resnet"], "unknown --arch 'resnet'; available: cnn"),
         (["--backend", "tensorflow"], "unknown --backend 'tensorflow'; available: jax, torch"),
         (["--preset", "huge"], "unknown --preset 'huge' for cnn; available: lab, tiny"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be between 1 and 2,147,483,647 (2**31 - 1)"),
         (["--target-accuracy", "99"], "--target-accuracy is a fraction in (0, 1], e.g. 0.99"),
         (["--dataset", "fashion_mnist", "--data-source", "sample-split"], "MNIST digits only"),
     ],

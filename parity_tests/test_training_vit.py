@@ -103,3 +103,10 @@ def test_scanned_chunks_train_exactly_like_the_per_step_loop(sample):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert scan_eval["loss"] == loop_eval["loss"]
     np.testing.assert_array_equal(scan_eval["preds"], loop_eval["preds"])
+    # A --log-every past the epoch scans the epoch's 10 steps, not 2**31 - 1 (24 GB, then killed)
+    config = TrainConfig(arch="vit", epochs=1, batch_size=64, log_every=2**31 - 1, scan=True)
+    model = JaxBackend().create_model(config, config.model_config(data), jax.random.key(0))
+    trainer = Trainer(model, config, data)
+    with jax.set_mesh(trainer.mesh):
+        _, chunk_losses = jax.eval_shape(trainer._chunk, *trainer._example_args(), 0)
+    assert chunk_losses.shape == (10,)

@@ -215,9 +215,10 @@ class Trainer:
 
 @torch.inference_mode()
 def predict_log_proba(model: torch.nn.Module, images: np.ndarray, mean, std,
-                      batch_size: int = EVAL_BATCH_SIZE):  # fmt: skip
+                      batch_size: int = EVAL_BATCH_SIZE, on_batch=None):  # fmt: skip
     """Eval-mode class log-probabilities (N, K) of (N, H, W, C) uint8 images, log-softmax of the
-    logits, normalised as the model was trained (`mean`, `std`: the training set's statistics)."""
+    logits, normalised as the model was trained (`mean`, `std`: the training set's statistics).
+    `on_batch(n)`, if given, is called with each batch's count of images once it is done."""
     model.eval()
     device = next(model.parameters()).device
     arch = arch_of(model.config)
@@ -226,6 +227,8 @@ def predict_log_proba(model: torch.nn.Module, images: np.ndarray, mean, std,
         x = to_nchw(images[i : i + batch_size], device).float() / 255.0
         x = model_input(x, arch, model.config, mean, std)
         out.append(torch.log_softmax(model(x), dim=-1).cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(x))
     return np.concatenate(out)
 
 

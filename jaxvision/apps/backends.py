@@ -72,7 +72,8 @@ class Backend(Protocol):
     def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
         """f((N, H, W, C) uint8 images) -> (N, K) log-probabilities (log-softmax, so that a
         cross-entropy stays exact where a float32 probability underflows), with the checkpoint's
-        model and its own normalisation, `batch_size` images a call."""
+        model and its own normalisation, `batch_size` images a call; f's `on_batch(n)`, if
+        given, is called with each batch's count of images once it is done."""
 
     def torch_state_dict(self, model) -> dict:
         """The model's weights as a torch state_dict (the format both frameworks exchange)."""

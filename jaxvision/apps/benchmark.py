@@ -34,7 +34,7 @@ from jaxvision.apps import backends
 from jaxvision.core import data, flags
 from jaxvision.core.archs import ARCHS, get_arch
 from jaxvision.core.bench import peak_host_mb
-from jaxvision.core.config import BACKEND_NAMES, TrainConfig
+from jaxvision.core.config import BACKEND_NAMES, MAX_INT, TrainConfig
 from jaxvision.core.errors import (
     RunFailed,
     UserError,
@@ -364,8 +364,9 @@ def benchmark(args: argparse.Namespace) -> None:
                 f"unknown backend {b!r} in --backends; available: {', '.join(BACKENDS)}"
             )
     for name in ("batch_size", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 1 <= getattr(args, name) <= MAX_INT:
+            raise UserError(f"--{name.replace('_', '-')} must be between 1 and {MAX_INT:,} "
+                            f"(2**31 - 1), got {getattr(args, name)}")  # fmt: skip
     specs = [
         Spec(a, b, args.batch_size, args.steps, args.image_size, args.preset, recipe=args.recipe)
         for a in archs

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
 
 from jaxvision.apps import backends
 from jaxvision.core import data, figures, flags
@@ -84,7 +85,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
     backend, path, meta = backends.for_classifier_checkpoint(args.checkpoint, "evaluate.py")
     out = Path(args.out)
-    probe_writable(out, "--out")  # before the test set is scored, not after
+    probe_writable(out, "--out", ("metrics.json", "confusion.png", "mistakes.png"))  # not after
+    # the test set is scored
     name = args.dataset or meta["dataset"]
     if name not in data.DATASETS:
         raise UserError(f"unknown --dataset {name!r}; available: {', '.join(data.DATASETS)}")
@@ -120,7 +122,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         )
     # normalised with the checkpoint's statistics
     classify = backend.classifier(path, meta, args.batch_size)
-    log_probs = classify(ds.x_test)
+    with tqdm(total=ds.n_test, desc="scoring", unit="img", disable=not args.progress,
+              leave=False, mininterval=0.5) as bar:  # fmt: skip
+        log_probs = classify(ds.x_test, on_batch=bar.update)
     record = {
         "checkpoint": str(path),
         "arch": meta["arch"],
@@ -175,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured on CPU; a GPU may want more)")  # fmt: skip
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation)")
     p.add_argument("--quiet", action="store_true", help="no dataset line")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (stderr) while the test set is scored")  # fmt: skip
     return p
 
 

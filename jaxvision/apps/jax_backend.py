@@ -106,6 +106,8 @@ class JaxBackend:
         use_default_xla_flags()
 
     def check(self, config: TrainConfig) -> None:
+        if config.checkpoint_dir:  # before the data loads, not at the first save
+            checkpoint.utf8_folder(config.checkpoint_dir)
         if config.pretrained:
             from jaxvision.interop import pretrained  # torch: see the module's docstring
 

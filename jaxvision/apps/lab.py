@@ -24,6 +24,7 @@ from pathlib import Path
 from jaxvision.apps import train
 from jaxvision.core import flags, report, results
 from jaxvision.core.archs import ARCHS
+from jaxvision.core.checkpoint import Checkpoints
 from jaxvision.core.config import BACKENDS, TrainConfig
 from jaxvision.core.errors import RunFailed, UserError, exit_code
 
@@ -98,7 +99,10 @@ def check_flags(argv: list[str], dry_run: bool = False) -> None:
     try:
         config = train.config_from_args(_train_parser().parse_args(argv))
         if not dry_run:
-            results.probe_writable(Path(config.out), "--out")
+            results.probe_writable(Path(config.out), "--out", train.output_files(config))
+            if config.checkpoint_dir:  # a folder that holds checkpoints: refused before any run
+                results.probe_writable(Path(config.checkpoint_dir), "--checkpoint-dir")
+                Checkpoints.check_folder(config)
             if config.pretrained:  # torch's loader: the JAX backend converts its file
                 from torch_reference.pretrained import find_weights, weights_name
 
@@ -111,6 +115,9 @@ def run_lab(args: argparse.Namespace) -> None:
     """Trains every requested arch and backend, then writes the report."""
     archs = [a for a in args.archs.split(",") if a]
     backends = [b for b in args.backends.split(",") if b]
+    for name, given in (("--archs", archs), ("--backends", backends)):
+        if twice := sorted({x for x in given if given.count(x) > 1}):
+            raise UserError(f"{name} names {', '.join(twice)} more than once; give each once")
     for a in archs:
         if a not in ARCHS:
             raise UserError(f"unknown arch {a!r} in --archs; available: {', '.join(ARCHS)}")
@@ -123,6 +130,8 @@ def run_lab(args: argparse.Namespace) -> None:
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"lab-{stamp}"
+    if not args.dry_run:
+        results.probe_writable(out, "--out", report.REPORT_FILES)
     cmds = commands(archs, backends, out, args.pretrained, extra, checkpoints)
     for cmd in cmds:
         check_flags(cmd[2:], args.dry_run)  # every run's, before the first one trains

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jaxvision.core import flags
 from jaxvision.core.errors import exit_code
-from jaxvision.core.report import load_runs, write_report
+from jaxvision.core.report import REPORT_FILES, load_runs, write_report
 from jaxvision.core.results import probe_writable
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report():
         runs = load_runs(args.runs)
-        probe_writable(Path(args.out), "--out")
+        probe_writable(Path(args.out), "--out", REPORT_FILES)
         paths = write_report(runs, Path(args.out))
         print(paths["md"].read_text(), end="")
         for path in paths.values():

@@ -76,7 +76,9 @@ class TorchBackend:
 
     def classifier(self, path: Path, meta: dict, batch_size: int = EVAL_BATCH_SIZE):
         model = self.load_model(path, meta)
-        return lambda x: train.predict_log_proba(model, x, meta["mean"], meta["std"], batch_size)
+        mean, std = meta["mean"], meta["std"]
+        return lambda x, on_batch=None: train.predict_log_proba(model, x, mean, std, batch_size,
+                                                                on_batch)  # fmt: skip
 
     def predict_proba(self, model, images: np.ndarray, data: Dataset) -> np.ndarray:
         return np.exp(train.predict_log_proba(model, images, data.mean, data.std))

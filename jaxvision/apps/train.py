@@ -140,6 +140,14 @@ def write_torch_weights(config: TrainConfig, result: results.RunResult, out_dir:
         return backends.get(config.backend).save_torch_weights(result.model, path)
 
 
+def output_files(config: TrainConfig) -> list[str]:
+    """The files a run writes in --out."""
+    names = ["metrics.json", "confusion.png"]
+    names += [] if config.arch_spec.detector else ["mistakes.png"]
+    names += ["attention.png"] if config.save_attention else []
+    return names + (["model.pth"] if config.save_weights else [])
+
+
 def out_of_memory_fix(config: TrainConfig) -> str:
     """What a run that ran out of memory can ask for less of, with the values it asked for."""
     fix = (f"use a smaller --batch-size (this run: {config.batch_size}) or --eval-batch-size "
@@ -161,7 +169,7 @@ def train(config: TrainConfig) -> dict:
         raise UserError(f"--save-attention draws a ViT's attention; --arch {config.arch} has none")
     out_dir = Path(config.out) if config.out else results.default_out_dir(config)
     if backend.is_primary():  # unwritable outputs fail now, not after training
-        results.probe_writable(out_dir, "--out")
+        results.probe_writable(out_dir, "--out", output_files(config))
         if (out_dir / "metrics.json").exists():
             print(f"note: --out {out_dir} already holds a run; this run replaces its "
                   "metrics.json and the figures it writes")  # fmt: skip

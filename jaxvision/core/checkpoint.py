@@ -295,6 +295,37 @@ class Checkpoints:
         newest intact checkpoint's folder and meta. Raises a UserError, before any model is built,
         when the folder and the flags disagree. --resume moves damaged checkpoints aside to
         `<step>.damaged`, with a line each; it never deletes them."""
+        good, damaged = cls.check_folder(config)
+        if not config.resume:
+            return None, None
+        directory = Path(config.checkpoint_dir).absolute()
+        if not good and not damaged:
+            raise UserError(f"--resume: no checkpoint in {directory}; check the path, or drop "
+                            "--resume to start a new run there")  # fmt: skip
+        if not good:
+            raise DamagedCheckpoint(
+                f"--resume: no intact checkpoint in {directory} ("
+                + "; ".join(damaged.values())
+                + "); start a new run in another --checkpoint-dir"
+            )
+        for step, why in damaged.items():  # out of the step numbering: kept, never pruned
+            aside = set_aside(directory / str(step))
+            print(f"skipping damaged checkpoint: {why}; moved it to {aside}", flush=True)
+        where = directory / str(good[-1])
+        meta = cls.read_meta(where)
+        check_resumable(meta, config, data, where)
+        if meta["position"]["epoch"] >= config.epochs:
+            raise UserError(
+                f"{where} has already trained {meta['position']['epoch']} of --epochs "
+                f"{config.epochs}; pass a larger --epochs to train on"
+            )
+        return where, meta
+
+    @classmethod
+    def check_folder(cls, config: TrainConfig) -> tuple[list[int], dict[int, str]]:
+        """`plan`'s checks that need no data (`run_lab.py` makes them before its first run): a
+        UserError when --checkpoint-dir is a file or one checkpoint's folder, or, without
+        --resume, already holds checkpoints. Returns its (intact, damaged) steps."""
         directory = Path(config.checkpoint_dir).absolute()
         if directory.exists() and not directory.is_dir():
             raise UserError(f"--checkpoint-dir {directory} is a file; give a folder")
@@ -317,28 +348,7 @@ class Checkpoints:
                     f"{describe_folder(cls, directory)}); "
                     "pass --resume to continue that run, or choose another --checkpoint-dir"
                 )
-            return None, None
-        if not good and not damaged:
-            raise UserError(f"--resume: no checkpoint in {directory}; check the path, or drop "
-                            "--resume to start a new run there")  # fmt: skip
-        if not good:
-            raise DamagedCheckpoint(
-                f"--resume: no intact checkpoint in {directory} ("
-                + "; ".join(damaged.values())
-                + "); start a new run in another --checkpoint-dir"
-            )
-        for step, why in damaged.items():  # out of the step numbering: kept, never pruned
-            aside = set_aside(directory / str(step))
-            print(f"skipping damaged checkpoint: {why}; moved it to {aside}", flush=True)
-        where = directory / str(good[-1])
-        meta = cls.read_meta(where)
-        check_resumable(meta, config, data, where)
-        if meta["position"]["epoch"] >= config.epochs:
-            raise UserError(
-                f"{where} has already trained {meta['position']['epoch']} of --epochs "
-                f"{config.epochs}; pass a larger --epochs to train on"
-            )
-        return where, meta
+        return good, damaged
 
     def __init__(self, config: TrainConfig, data, model_cfg, steps: int):
         self.config, self.data, self.model_cfg, self.steps = config, data, model_cfg, steps
@@ -410,6 +420,8 @@ def describe_folder(backend, directory: Path) -> str:
     try:
         return f"{path}, {describe_position(backend.read_meta(path))}{note}"
     except UserError:  # a meta this version cannot read: its reader says so where it matters
+        return f"{path}{note}"
+    except NotImplementedError:  # `Checkpoints` itself, where no backend is loaded (run_lab.py)
         return f"{path}{note}"
 
 

@@ -62,6 +62,12 @@ FLOAT_RANGES = (
     ("label_smoothing", 0.0, 1.0),
 )
 POSITIVE = {"lr", "feature_lr"}  # > 0; the others >= their bound
+# Training computes these (but --warmup-epochs, a step count) in float32, where a larger value
+# overflows and a smaller non-zero one is flushed to zero (XLA's CPU flushes float32's
+# subnormals): float32's largest and smallest normal numbers.
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+# Counts and sizes become int32 on the device (step counters, scan lengths, indices).
+MAX_INT = 2**31 - 1
 DETECTOR_DEFAULTS = {"box_margin": 0, "score_threshold": 0.5}
 
 
@@ -326,10 +332,9 @@ class TrainConfig:
                 f"unknown --optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}"
             )
         for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
+            if not 1 <= getattr(self, name) <= MAX_INT:
+                raise UserError(f"--{name.replace('_', '-')} must be between 1 and {MAX_INT:,} "
+                                f"(2**31 - 1), got {getattr(self, name)}")  # fmt: skip
         for name, low, high in FLOAT_RANGES:
             value = getattr(self, name)
             if value is None:
@@ -342,6 +347,11 @@ class TrainConfig:
                     + (f" and below {high:g}" if high is not None else "")
                     + f", got {value}"
                 )
+            if name != "warmup_epochs" and value and not FLOAT32_TINY <= value <= FLOAT32_MAX:
+                zero = "" if name in POSITIVE else "0 or "
+                raise UserError(f"--{name.replace('_', '-')} {value:g} is outside float32's range, "
+                                f"which training computes in: give {zero}a value in "
+                                f"[{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}]")  # fmt: skip
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise UserError(f"--target-accuracy is a fraction in (0, 1], e.g. 0.99 for 99%; got "
                             f"{self.target_accuracy:g}")  # fmt: skip
@@ -366,7 +376,7 @@ class TrainConfig:
                 f"--weight-decay {self.weight_decay:g} needs --optimizer adamw "
                 f"(decoupled decay), not {self.optimizer}"
             )
-        if self.devices < 0:
+        if not 0 <= self.devices <= MAX_INT:
             raise UserError(f"--devices must be at least 1 (or 0 for all), got {self.devices}")
         if self.devices > 1 and not DATA_PARALLEL[self.backend]:
             raise UserError(
@@ -392,8 +402,10 @@ class TrainConfig:
             raise UserError(f"--dtype {self.dtype} is not supported for faster_rcnn; use float32")
         if not 0 <= self.score_threshold <= 1:  # NaN fails too
             raise UserError(f"--score-threshold must be in [0, 1], got {self.score_threshold}")
-        if self.box_margin < 0:
-            raise UserError(f"--box-margin must be >= 0 pixels, got {self.box_margin}")
+        if not 0 <= self.box_margin <= MAX_INT:
+            raise UserError(
+                f"--box-margin must be in [0, {MAX_INT:,}] pixels, got {self.box_margin}"
+            )
 
     @property
     def arch_spec(self):

@@ -461,7 +461,7 @@ def find_idx_files(
 ) -> dict[str, tuple[Path, Path]]:
     """Finds the IDX files of `splits` (both: four files; ("test",): the two t10k-* files) in
     `data_dir`, `data_dir/raw` or `data_dir/<Name>/raw`."""
-    root = Path(data_dir).expanduser()
+    root = Path(os.path.expanduser(data_dir))  # "~nobody/x" stays as given: Path's would raise
     if not root.is_dir():
         raise DataError(f"{flag} {root} does not exist or is not a folder")
     candidates = [root, root / "raw", root / spec.torchvision_dir / "raw"]

@@ -169,7 +169,13 @@ def exit_code(body: Callable[[], object], out_of_memory_fix: str = GENERIC_FIX) 
     """Runs a command's body: 0 when it returns, a UserError's code after one `error:` line on
     stderr (out of memory included: `out_of_memory_fix` says what to lower), 2 after one line for
     a file or folder this user may not access, 1 after one for a full disk's OSError that no caller
-    named, 130 after a Ctrl-C that nothing caught."""
+    named, 130 after a Ctrl-C that nothing caught.
+
+    A path that is not valid UTF-8 (a file name from another system) prints with its odd bytes
+    escaped, `caf\\udce9.png`, as stderr already does, instead of failing the command: stdout
+    is set to the same `backslashreplace`."""
+    with contextlib.suppress(AttributeError, ValueError):  # a test's capture, a closed stream
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         with out_of_memory(out_of_memory_fix):
             body()

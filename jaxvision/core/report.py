@@ -183,6 +183,9 @@ def plot(table: list[dict], path: Path, title: str = "") -> Path:
     return path
 
 
+REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.png")
+
+
 def write_report(runs: list[dict], out_dir: Path, title: str = "") -> dict[str, Path]:
     """comparison.md, comparison.csv and comparison.png in `out_dir`; returns their paths."""
     table = rows(runs)
@@ -191,10 +194,11 @@ def write_report(runs: list[dict], out_dir: Path, title: str = "") -> dict[str, 
     md = to_markdown(table)
     if hosts:
         md += "\n\nMeasured on " + "; ".join(hosts) + "."
-    paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv"}
+    md_name, csv_name, png_name = REPORT_FILES
+    paths = {"md": out_dir / md_name, "csv": out_dir / csv_name}
     with writing(paths["md"]):
         paths["md"].write_text(md + "\n")
     with writing(paths["csv"]):
         paths["csv"].write_text(to_csv(table))
-    paths["png"] = plot(table, out_dir / "comparison.png", title)
+    paths["png"] = plot(table, out_dir / png_name, title)
     return paths

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -181,10 +182,15 @@ def write_metrics(record: dict, out_dir: Path) -> Path:
     return path
 
 
-def probe_writable(folder: Path, flag: str) -> None:
+def probe_writable(folder: Path, flag: str, files: Iterable[str] = ()) -> None:
     """A UserError now, before any data is loaded or step taken, when `folder` could not be
-    created or written. Creates nothing: it writes and removes a file in `folder`, or in the
+    created or written, or already holds a folder by the name of one of the `files` the command
+    will write there. Creates nothing: it writes and removes a file in `folder`, or in the
     nearest folder above it that exists."""
+    for name in files:
+        if (folder / name).is_dir():
+            raise UserError(f"{flag} {folder} holds a folder named {name}, where this command "
+                            f"writes a file; move it, or choose another {flag}")  # fmt: skip
     existing = folder.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

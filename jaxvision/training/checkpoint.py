@@ -33,7 +33,7 @@ from jaxvision.core.checkpoint import (
     damaged_if_not_finite,
     write_manifest,
 )
-from jaxvision.core.errors import DamagedCheckpoint
+from jaxvision.core.errors import DamagedCheckpoint, UserError
 from jaxvision.models import build_model
 from jaxvision.training.state import TrainState, with_mode
 
@@ -109,7 +109,7 @@ class JaxCheckpoints(Checkpoints):
 
     @staticmethod
     def open(directory: Path, read_only: bool = False):
-        directory = Path(directory).absolute()  # orbax takes absolute paths only
+        directory = utf8_folder(directory)
         if read_only:
             logging.getLogger("absl").setLevel(logging.ERROR)  # "directory is read only" notes
             options = ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -278,6 +278,19 @@ def _join_new_threads(before: set, timeout: float = 10.0) -> None:
                 time.sleep(0.01)
         except RuntimeError:
             time.sleep(0.01)
+
+
+def utf8_folder(directory: Path | str) -> Path:
+    """`directory` as the absolute path orbax takes; a UserError when that is not valid UTF-8 (a
+    name from another system's encoding), which orbax's tensorstore cannot open."""
+    directory = Path(directory).absolute()
+    try:
+        str(directory).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(directory).encode("utf-8", "backslashreplace").decode()
+        why = "the JAX backend's checkpoints (orbax) need a folder path that is valid UTF-8"
+        raise UserError(f"{shown}: {why}; rename it, or choose another folder") from None
+    return directory
 
 
 class _CheckpointManager(ocp.CheckpointManager):

@@ -235,9 +235,10 @@ class Trainer:
         return dataclasses.replace(state, params=params, rest=rest, opt_state=opt_state), loss
 
     def _chunk(self, state: TrainState, x_all, y_all, perm, step, global_step, n):
-        """Steps `step` .. `step + n - 1` as one scan of `log_every` iterations, the ones past `n`
-        skipped: one compiled function serves every chunk an epoch needs. Returns the state and
-        the (log_every,) losses, of which the first `n` are real."""
+        """Steps `step` .. `step + n - 1` as one scan of `log_every` iterations (at most an
+        epoch's: no chunk is longer), the ones past `n` skipped: one compiled function serves
+        every chunk an epoch needs. Returns the state and the (iterations,) losses, of which the
+        first `n` are real."""
 
         def body(state, i):
             def run(state):
@@ -246,7 +247,7 @@ class Trainer:
             skip = lambda state: (state, jnp.zeros((), jnp.float32))  # noqa: E731
             return jax.lax.cond(i < n, run, skip, state)
 
-        return jax.lax.scan(body, state, jnp.arange(self.config.log_every))
+        return jax.lax.scan(body, state, jnp.arange(min(self.config.log_every, self.steps)))
 
     def _eval(self, state: TrainState, x_pad, y_pad):
         model = nnx.merge(self.eval_graphdef, *self._cast(state.params, state.frozen), state.rest)
@@ -349,7 +350,8 @@ def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
     of the logits (exact where a probability underflows float32), normalised as the model was
     trained (`mean`, `std`: the training set's statistics). One compilation: for
     the N images when N <= `batch_size`, else for `batch_size` (the last batch padded). The
-    weights are put on this process's first device once."""
+    weights are put on this process's first device once. f's `on_batch(n)`, if given, is called
+    with each batch's count of images once it is done (a progress bar's update)."""
     graphdef, state = nnx.split(with_mode(model, train=False))
     # A mesh-replicated state, fetched and put on one local device, needs no other process.
     state = jax.device_put(jax.device_get(state), jax.local_devices()[0])
@@ -360,9 +362,12 @@ def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
         x = model_input(x.astype(jnp.float32) / 255.0, arch, model.config, mean, std)
         return jax.nn.log_softmax(nnx.merge(graphdef, state)(x), axis=-1)
 
-    def log_probabilities(images: np.ndarray) -> np.ndarray:
+    def log_probabilities(images: np.ndarray, on_batch=None) -> np.ndarray:
+        on_batch = on_batch or (lambda n: None)
         if len(images) <= batch_size:
-            return np.asarray(forward(state, images))
+            out = np.asarray(forward(state, images))
+            on_batch(len(images))
+            return out
         out = []
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size]
@@ -371,6 +376,7 @@ def predictor(model: nnx.Module, mean, std, batch_size: int = EVAL_BATCH_SIZE):
                 [batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)]
             )
             out.append(np.asarray(forward(state, batch))[:n])
+            on_batch(n)
         return np.concatenate(out)
 
     return log_probabilities
