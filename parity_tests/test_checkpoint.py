@@ -547,6 +547,15 @@ def test_export_refuses_a_destination_it_cannot_write(runs, tmp_path, capsys):
         assert export.main([src, str(dst)]) == 2, dst
         err = capsys.readouterr().err
         assert err.startswith(f"error: DST {dst}") and err.endswith(message + "\n"), err
+    # a device was a NotADirectoryError; a folder in the checkpoint folder became a "damaged"
+    # checkpoint there, which the next --resume set aside
+    assert export.main([src, "/dev/null"]) == 2
+    assert capsys.readouterr().err == "error: /dev/null already exists; give a new path\n"
+    inside = runs["tmp"] / "straight" / "99"
+    assert export.main([src, str(inside)]) == 2 and not inside.exists()
+    assert capsys.readouterr().err == (f"error: DST {inside} is inside {runs['tmp'] / 'straight'}, "
+                                       "the checkpoint folder being converted; give a path "
+                                       "outside it\n")  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -454,15 +454,16 @@ def test_unwritable_outputs_fail_before_any_data_is_loaded(tmp_path, train_cli):
 
 
 def test_a_folder_where_a_command_writes_a_file_is_refused_before_any_data_is_loaded(
-    tmp_path, train_cli
+    tmp_path, capsys
 ):
     """A folder named mistakes.png in --out: one line now, not a traceback after training."""
     out = tmp_path / "run"
     (out / "mistakes.png").mkdir(parents=True)
-    r = train_cli("--arch", "cnn", "--epochs", "1", "--out", str(out))
-    assert r.returncode == 2 and "dataset" not in r.stdout
-    assert r.stderr == (f"error: --out {out} holds a folder named mistakes.png, where this "
-                        "command writes a file; move it, or choose another --out\n")  # fmt: skip
+    assert cli.main(["--arch", "cnn", "--epochs", "1", "--out", str(out)]) == 2
+    out_text, err = capsys.readouterr()
+    assert "dataset" not in out_text
+    assert err == (f"error: --out {out} holds a folder named mistakes.png, where this command "
+                   "writes a file; move it, or choose another --out\n")  # fmt: skip
     results.probe_writable(out, "--out", ["metrics.json", "confusion.png"])  # not those
     for names in (["attention.png"], ["comparison.md", "comparison.csv", "comparison.png"]):
         (out / names[-1]).mkdir()
@@ -481,16 +482,17 @@ def test_a_path_that_is_not_utf8_prints_escaped_not_as_a_crash():
 
 
 def test_a_checkpoint_folder_orbax_cannot_open_is_refused_before_any_data_is_loaded(
-    tmp_path, train_cli
+    tmp_path, capsys
 ):
     """orbax's tensorstore cannot open a path that is not UTF-8: it was a pybind11 traceback at
     the first save, after an epoch of training."""
     folder = os.fsdecode(os.fsencode(tmp_path) + b"/ck\xe9")
-    r = train_cli("--arch", "cnn", "--epochs", "1", "--checkpoint-dir", folder)
-    assert r.returncode == 2 and "dataset" not in r.stdout
-    assert r.stderr == (f"error: {tmp_path}/ck\\udce9: the JAX backend's checkpoints (orbax) "
-                        "need a folder path that is valid UTF-8; rename it, or choose another "
-                        "folder\n")  # fmt: skip
+    assert cli.main(["--arch", "cnn", "--epochs", "1", "--checkpoint-dir", folder]) == 2
+    captured = capsys.readouterr()
+    assert "dataset" not in captured.out
+    assert captured.err == (f"error: {tmp_path}/ck\\udce9: the JAX backend's checkpoints "
+                            "(orbax) need a folder path that is valid UTF-8; rename it, or "
+                            "choose another folder\n")  # fmt: skip
     assert not os.path.exists(folder)
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from jaxvision.apps import predict
 from jaxvision.apps import train as cli
 from jaxvision.core import data, images
+from jaxvision.core.errors import UserError
 
 N = 100  # official test digits, every 100th: all classes
 
@@ -106,6 +107,32 @@ def test_polarity_and_size_do_not_change_the_prepared_image(sample):
     diff = np.abs(images.prepare(big).astype(int) - light_on_dark.astype(int))
     assert diff.mean() < 12  # a resampled copy of the same 20x20-boxed, mass-centred digit
     assert images.prepare(np.full((50, 40), 255.0)).max() == 0  # a blank page stays blank
+
+
+def test_a_pipe_given_as_an_image_is_refused_not_waited_on(tmp_path):
+    """A named pipe (or a device) in the file list: one error, where Pillow waited for a writer."""
+    import threading
+
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    said = []
+
+    def read():
+        try:
+            images.read_grey(str(fifo))
+        except UserError as e:
+            said.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # waiting on the pipe: give it its end of file, then fail
+        with open(fifo, "wb"):
+            pass
+        reader.join(30)
+        pytest.fail("read_grey waited on a named pipe")
+    assert said == [f"{fifo}: not a regular file (a pipe or a device, which could wait forever); "
+                    "give an image file"]  # fmt: skip
 
 
 def test_cli_prints_per_file_and_json_and_survives_a_bad_file(trained, tmp_path, capsys):
@@ -288,6 +315,19 @@ def test_a_jax_platform_this_machine_cannot_start_is_one_line_in_every_tool(trai
         if platform == "cpux":
             assert "Unable to initialize backend 'cpux'" in r.stderr
     assert not any((tmp_path / p).exists() for p in ("run", "ev"))
+
+
+def test_xla_flags_that_keep_jax_from_starting_are_one_line(tmp_path):
+    """The user's XLA_FLAGS asking for 0 CPU devices: it was two chained tracebacks."""
+    flags = "--xla_force_host_platform_device_count=0"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--arch", "cnn",
+                        "--epochs", "1", "--out", str(tmp_path / "run")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "XLA_FLAGS": flags})  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: JAX cannot start under XLA_FLAGS='{flags}' (Unable to ")
+    assert r.stderr.endswith("); correct or unset XLA_FLAGS\n") and "plugin" not in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_refuses_a_batch_size_below_one_before_loading(tmp_path, capsys):

@@ -198,11 +198,16 @@ def test_compare_builds_table_csv_and_png_from_two_runs(tmp_path):
         (None, "no such file"),
         ("{not json", "not a readable metrics.json"),
         ('{"arch": "cnn"}', "not a train.py metrics.json (missing backend, dataset"),
+        ("[" * 100_000, "not a readable metrics.json (maximum recursion depth"),  # RecursionError
+        ('{"params": ' + "9" * 5000 + "}", "not a readable metrics.json (Exceeds the limit"),
+        ("fifo", "not a regular file; pass a metrics.json that train.py wrote"),  # it waited
     ],
 )
 def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, message):
     path = tmp_path / "metrics.json"
-    if content is not None:
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content is not None:
         path.write_text(content)
     r = script("compare.py", str(path), "--out", str(tmp_path / "rep"), timeout=120)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -221,17 +226,26 @@ def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, message):
         ("n_test", 0),
         ("train_loss", True),
         ("arch", 3),
+        ("host", 5),  # a TypeError
+        ("device", ["a"]),
+        ("preset", {}),
+        ("n_test", "missing"),  # n_train alone: a KeyError
     ],  # fmt: skip
 )
 def test_compare_names_a_damaged_field_in_one_line(tmp_path, capsys, field, value):
     from jaxvision.apps import report
 
     record = {**_metrics("cnn", "jax", 0.974, 22.1, 421642), field: value}
+    if value == "missing":
+        record = {**record, "n_train": 5000}
+        del record[field]
+        value = "missing"
     (tmp_path / "metrics.json").write_text(json.dumps(record))
     assert report.main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
+    shown = value if value == "missing" else json.dumps(value)
     assert err == (f"error: {tmp_path / 'metrics.json'}: a damaged metrics.json ({field}: "
-                   f"{json.dumps(value)}); train that run again\n")  # fmt: skip
+                   f"{shown}); train that run again\n")  # fmt: skip
     assert not (tmp_path / "rep").exists()
 
 

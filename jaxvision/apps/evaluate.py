@@ -85,8 +85,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
     backend, path, meta = backends.for_classifier_checkpoint(args.checkpoint, "evaluate.py")
     out = Path(args.out)
-    probe_writable(out, "--out", ("metrics.json", "confusion.png", "mistakes.png"))  # not after
-    # the test set is scored
+    # before the test set is scored, not after
+    probe_writable(out, "--out", ("metrics.json", "confusion.png", "mistakes.png"))
     name = args.dataset or meta["dataset"]
     if name not in data.DATASETS:
         raise UserError(f"unknown --dataset {name!r}; available: {', '.join(data.DATASETS)}")

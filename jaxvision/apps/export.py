@@ -30,8 +30,11 @@ def export(src: str | Path, dst: str | Path) -> Path:
         raise UserError(f"{path} holds a {arch.name} model, which exists in one framework only; "
                         "there is nothing to convert it to")  # fmt: skip
     dst = Path(dst)
-    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):  # only an empty folder
         raise UserError(f"{dst} already exists; give a new path")
+    if dst.resolve().is_relative_to(path.parent.resolve()):  # a step there would be "damaged"
+        raise UserError(f"DST {dst} is inside {path.parent}, the checkpoint folder being "
+                        "converted; give a path outside it")  # fmt: skip
     if dst.suffix.lower() in (".pth", ".pt"):
         results.probe_writable_file(dst, "DST")
     else:

@@ -85,15 +85,22 @@ def use_default_xla_flags(arch: archs.Arch | None = None) -> None:
 def start_devices() -> None:
     """Starts JAX's backends now, when the XLA_FLAGS of this run are set. A JAX_PLATFORMS that
     names a platform this machine cannot start (`cuda` without a GPU, a typo) is one line here,
-    not an AssertionError or a RuntimeError from JAX's first use of a device."""
+    not an AssertionError or a RuntimeError from JAX's first use of a device. So is a backend
+    that the user's XLA_FLAGS keep from starting (`--xla_force_host_platform_device_count=0`)."""
     try:
         jax.devices()
     except (RuntimeError, AssertionError) as e:
         platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS")
         unknown = isinstance(e, AssertionError) and not str(e)  # a named platform, none found
+        why = str(e).splitlines()[0] if str(e) else "no such device is visible"
+        user_flags = os.environ.get("XLA_FLAGS", "")
+        user_flags = "" if user_flags == os.environ.get(OURS) else user_flags  # not our default
+        if not platforms and user_flags and "initialize backend" in str(e):
+            said = why.split(" (you may need")[0]  # JAX's advice is about plugins, not flags
+            raise UserError(f"JAX cannot start under XLA_FLAGS={user_flags!r} ({said}); correct "
+                            "or unset XLA_FLAGS") from None  # fmt: skip
         if not platforms or not (unknown or "initialize backend" in str(e)):
             raise  # a platform that started and then failed: its own error, whole
-        why = str(e).splitlines()[0] if str(e) else "no such device is visible"
         raise UserError(f"JAX_PLATFORMS={platforms}: JAX cannot start it here ({why}); unset "
                         "JAX_PLATFORMS to use what this machine has, or install the platform's "
                         "jax plugin (CUDA: pip install -e '.[gpu]')") from None  # fmt: skip

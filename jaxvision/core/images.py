@@ -25,6 +25,7 @@ checkpoint (a converted checkpoint runs in the other one).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,10 @@ BLANK_PEAK = 8.0  # of 255: an image whose ink peaks below this above its backgr
 
 def read_grey(path: str | Path) -> np.ndarray:
     """An image file -> (H, W) float32 luminance in [0, 255]. Raises UserError if unreadable."""
+    is_name = isinstance(path, str | os.PathLike)
+    if is_name and os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: not a regular file (a pipe or a device, which could wait "
+                        "forever); give an image file")  # fmt: skip
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below

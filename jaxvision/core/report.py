@@ -49,6 +49,8 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
     runs = []
     for p in map(Path, paths):
         path = p / "metrics.json" if p.is_dir() else p
+        if path.exists() and not path.is_file():  # a pipe would wait forever, a device fill memory
+            raise UserError(f"{path}: not a regular file; pass a metrics.json that train.py wrote")
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:
@@ -56,16 +58,19 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
                 raise UserError(f"{p} holds no metrics.json, but its folders do; pass them: "
                                 f"{p / '*'}") from None  # fmt: skip
             raise UserError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's and Unicode's
             raise UserError(f"{path}: not a readable metrics.json ({e})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}: not a metrics.json (a JSON object is expected)")
         missing = [k for k in NEEDED if k not in record]
         if missing:
             raise UserError(f"{path}: not a train.py metrics.json (missing {', '.join(missing)})")
-        wrong = [k for k in (*NEEDED, *COUNTS) if k in record and not _valid(k, record[k])]
+        wrong = [k for k in (*NEEDED, *COUNTS, *TEXTS) if k in record and not _valid(k, record[k])]
+        if ("n_train" in record) != ("n_test" in record):  # the table cell shows both
+            wrong += [k for k in COUNTS if k not in record]
         if wrong:
-            shown = ", ".join(f"{k}: {json.dumps(record[k])}" for k in wrong)
+            shown = ", ".join(f"{k}: {json.dumps(record[k]) if k in record else 'missing'}"
+                              for k in wrong)  # fmt: skip
             raise UserError(f"{path}: a damaged metrics.json ({shown}); train that run again")
         record["_path"] = str(path)
         runs.append(record)
@@ -73,12 +78,15 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
 
 
 COUNTS = ("n_train", "n_test")  # optional (older records lack them); a table cell when present
+TEXTS = ("preset", "device", "host")  # optional; a string, or (preset) null
 
 
 def _valid(key: str, value) -> bool:
     """Whether a NEEDED value has the type (and range) train.py writes."""
     if key in ("arch", "backend", "dataset"):
         return isinstance(value, str) and bool(value)
+    if key in TEXTS:
+        return isinstance(value, str) or (key == "preset" and value is None)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return False
     if key in ("params", *COUNTS):
